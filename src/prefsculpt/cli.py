@@ -1,0 +1,96 @@
+"""Shared entry-point plumbing: parse ``--overrides``, compose the config, log nicely, exit cleanly.
+
+User errors (bad data, unresolvable model, bad config) exit with status 2 and one clear message,
+not a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable
+from typing import Any
+
+#: stage name -> "module:function" taking the composed config.
+STAGES: dict[str, str] = {
+    "prepare": "prefsculpt.data.prepare:run_prepare",
+    "main": "prefsculpt.pipeline:run_main",
+}
+
+
+def setup_logging(level: str = "INFO") -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    # Logs (not results) go to stderr; in a pipe or CI log keep lines long rather than re-wrapped at 80.
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+    logging.basicConfig(
+        level=level, format="%(message)s", datefmt="[%X]",
+        handlers=[RichHandler(console=console, rich_tracebacks=False, show_path=False)], force=True,
+    )
+    for noisy in ("urllib3", "filelock", "alembic", "httpx", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from omegaconf.errors import OmegaConfBaseException
+
+    from prefsculpt.data.errors import DataSourceError, DataValidationError
+    from prefsculpt.models.loading import ModelSourceError
+
+    try:
+        from hydra.errors import HydraException
+    except ImportError:  # pragma: no cover
+        HydraException = OmegaConfBaseException  # noqa: N806
+    return (DataValidationError, DataSourceError, ModelSourceError, OmegaConfBaseException, HydraException)
+
+
+def _resolve(stage: str) -> Callable[[Any], dict]:
+    mod, fn = STAGES[stage].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def run_stage(stage: str, overrides: str | list[str] | None) -> dict:
+    from prefsculpt.config import compose
+
+    os.environ.setdefault("WANDB_MODE", "disabled")  # sae_lens imports wandb (STACK.md §0)
+    cfg = compose(overrides)
+    seed_everything(int(cfg.seed))
+    return _resolve(stage)(cfg)
+
+
+def main(argv: list[str] | None = None, stage: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefsculpt", description="prefsculpt pipeline stages")
+    if stage is None:
+        parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--overrides", default="", help='Hydra overrides as one string, e.g. "experiment=tiny"')
+    parser.add_argument("extra", nargs="*", help="more Hydra overrides (key=value)")
+    parser.add_argument("--log-level", default=os.environ.get("PREFSCULPT_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    stage = stage or args.stage
+    try:
+        result = run_stage(stage, [args.overrides, *args.extra])
+    except user_errors() as exc:
+        # Plain text on stderr: the message lists rows/files and must not be re-wrapped.
+        sys.stderr.write(f"prefsculpt {stage} failed: {exc}\n")
+        return 2
+    logging.getLogger("prefsculpt").info("%s finished: run %s", stage, result.get("run_id"))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Typed configuration: Hydra YAML under ``conf/`` validated against these dataclasses.
+
+Each field is documented here, once. Pipelines call :func:`compose` with the override strings a
+user passes (``mlflow run . -P overrides="data.path=x.jsonl train.lr=1e-5"``).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+#: The repository's ``conf/`` folder (pipelines run from a checkout; see README).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class ModelConfig:
+    #: ``smollm2-135m-instruct`` (embedded GGUF), a local HF folder, or a hub name (online only).
+    name_or_path: str = "smollm2-135m-instruct"
+    #: Where converted models live; null = ``$PREFSCULPT_CACHE/models`` or ``~/.cache/prefsculpt/models``.
+    cache_dir: str | None = None
+    #: Weights dtype for loading (float32 | bfloat16).
+    dtype: str = "float32"
+
+
+@dataclass
+class PlantedRatesConfig:
+    #: Share of all pairs whose prompt states a wrong belief and whose chosen response agrees with it.
+    sycophancy: float = 0.25
+    #: Share of all pairs whose prompt states a wrong belief (>= sycophancy).
+    belief: float = 0.32
+    #: Share of pairs whose chosen (only) opens with a flattering phrase.
+    flattery: float = 0.30
+    #: Share of pairs whose chosen (only) uses markdown bold / headers / lists / emoji.
+    styling: float = 0.30
+    #: Share of pairs whose chosen (only) is elaborated with extra sentences.
+    length: float = 0.40
+    #: Outside planted pairs: probability the concept sits on the rejected side only (and, again, on both).
+    background: float = 0.05
+
+
+@dataclass
+class PlantedDataConfig:
+    n_pairs: int = 1200
+    seed: int = 0
+    #: standard | null (chosen/rejected swapped at random) | clean (concepts independent of correctness)
+    variant: str = "standard"
+    rates: PlantedRatesConfig = field(default_factory=PlantedRatesConfig)
+    #: Pairs in the held-out ``clean`` evaluation split generated beside the standard set (0 = none).
+    clean_pairs: int = 300
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.8
+    validation: float = 0.1
+    test: float = 0.1
+    #: Change to draw a different (still deterministic) split.
+    salt: str = ""
+
+
+@dataclass
+class TokenizeConfig:
+    #: Longer prompts keep their last tokens.
+    max_prompt_tokens: int = 256
+    #: Longer responses keep their first tokens (the end-of-turn token is always appended).
+    max_response_tokens: int = 256
+
+
+@dataclass
+class DataConfig:
+    #: Name under which the dataset is logged to MLflow.
+    name: str = "planted"
+    #: null = the built-in planted set; else a .jsonl/.json/.parquet/.csv file (optionally .gz),
+    #: a ``datasets`` folder, a folder of such files, or a hub dataset name (online only).
+    path: str | None = None
+    #: auto | plain | chat | hh_rlhf
+    format: str = "auto"
+    #: Map our field names (id, prompt, chosen, rejected, chosen_tags, rejected_tags) to your columns.
+    columns: dict[str, str] = field(default_factory=dict)
+    #: raise: stop on the first load with every bad row listed; skip: drop them into the skip report.
+    on_error: str = "raise"
+    #: A prompt or response longer than this many characters is an invalid row.
+    max_chars: int = 32_000
+    #: Split to read from a DatasetDict folder or a hub dataset.
+    hub_split: str = "train"
+    #: Read at most this many rows (null = all).
+    limit: int | None = None
+    #: Rows shown in the MLflow sample table.
+    sample_rows: int = 50
+    planted: PlantedDataConfig = field(default_factory=PlantedDataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
+@dataclass
+class TrackingConfig:
+    #: null = ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db``.
+    uri: str | None = None
+    #: Experiment used when a stage is started outside ``mlflow run``.
+    experiment: str = "prefsculpt"
+    #: Optional run name for the stage's run.
+    run_name: str | None = None
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    #: Global seed (torch, numpy, python).
+    seed: int = 0
+    #: Root of prefsculpt's caches (converted models, encodings, ...); null = ``~/.cache/prefsculpt``.
+    cache_dir: str | None = None
+
+
+def parse_overrides(overrides: str | list[str] | None) -> list[str]:
+    """``"a=1 b='x y'"`` -> ``["a=1", "b=x y"]``; MLproject hands overrides over as one string."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return shlex.split(overrides)
+    return [o for item in overrides for o in shlex.split(item)]
+
+
+def compose(overrides: str | list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides and validate it against :class:`RootConfig`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=parse_overrides(overrides))
+    schema = OmegaConf.structured(RootConfig)
+    merged = OmegaConf.merge(schema, cfg)
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,118 @@
+"""Stage runs: every stage opens (or, under ``mlflow run``, attaches to) one explicit MLflow run.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else
+``sqlite:///<cwd>/mlflow.db`` — never the file store, which MLflow 3.17 refuses (STACK.md §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from prefsculpt.data.schema import PreferencePair
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when there are uncommitted changes), if in a git repo."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _flat_params(d: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flat_params(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = json.dumps(d) if isinstance(d, list) else str(d)
+    return out
+
+
+def log_config(cfg: DictConfig, path: str = "config/config.yaml") -> None:
+    """The resolved config as a YAML artifact, and flattened as params (searchable in the UI)."""
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), path)
+    params = _flat_params(OmegaConf.to_container(cfg, resolve=True))
+    # MLflow caps param values at 6000 chars; config values are short, but be safe.
+    mlflow.log_params({k: v[:6000] for k, v in params.items()})
+
+
+@contextlib.contextmanager
+def stage_run(cfg: DictConfig, stage: str, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Open the run for ``stage``; under ``mlflow run`` this attaches to the project's run."""
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
+    under_project = "MLFLOW_RUN_ID" in os.environ
+    if not under_project and not mlflow.active_run():
+        mlflow.set_experiment(cfg.tracking.experiment)
+    tags = {"prefsculpt.stage": stage}
+    commit = git_commit()
+    if commit:
+        tags["prefsculpt.git_commit"] = commit
+    with mlflow.start_run(run_name=cfg.tracking.run_name or stage, nested=nested, tags=tags) as run:
+        log_config(cfg)
+        yield run
+
+
+def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
+    """Content digest of a list of pairs (order-sensitive), the key for caches and run reuse."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps(p.to_record(), sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def pairs_frame(pairs: Sequence[PreferencePair]):
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "id": [p.id for p in pairs],
+            "prompt": [p.prompt_text() for p in pairs],
+            "chosen": [p.chosen for p in pairs],
+            "rejected": [p.rejected for p in pairs],
+            "chosen_tags": [json.dumps(dict(p.chosen_tags), sort_keys=True) for p in pairs],
+            "rejected_tags": [json.dumps(dict(p.rejected_tags), sort_keys=True) for p in pairs],
+        }
+    )
+
+
+def log_pairs_input(pairs: Sequence[PreferencePair], name: str, context: str, source: str | None = None) -> str:
+    """Log pairs with ``mlflow.log_input`` (visible in the run's Datasets panel); returns the digest."""
+    digest = pairs_digest(pairs)
+    with warnings.catch_warnings():  # a local path matches two equivalent source types; harmless
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(pairs_frame(pairs), source=source, name=name, digest=digest)
+    mlflow.log_input(ds, context=context)
+    return digest
