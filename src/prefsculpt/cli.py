@@ -18,6 +18,8 @@ from typing import Any
 #: stage name -> "module:function" taking the composed config.
 STAGES: dict[str, str] = {
     "prepare": "prefsculpt.data.prepare:run_prepare",
+    "sae": "prefsculpt.concepts.stage:run_sae",
+    "audit": "prefsculpt.audit.stage:run_audit",
     "main": "prefsculpt.pipeline:run_main",
 }
 

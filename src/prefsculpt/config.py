@@ -13,6 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.audit.config import AuditConfig
+from prefsculpt.concepts.config import EncodeConfig, NamedConceptConfig, SAEConfig
+
 #: The repository's ``conf/`` folder (pipelines run from a checkout; see README).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -112,6 +115,11 @@ class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    #: Concepts named by a regex over response text or by contrastive examples (METHOD §2).
+    named_concepts: list[NamedConceptConfig] = field(default_factory=list)
     #: Global seed (torch, numpy, python).
     seed: int = 0
     #: Root of prefsculpt's caches (converted models, encodings, ...); null = ``~/.cache/prefsculpt``.

@@ -1,0 +1,1 @@
+"""The audit: statistical concept hypotheses with error control, labels, decisions."""

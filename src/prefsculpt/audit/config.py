@@ -1,0 +1,34 @@
+"""Config schema of the audit stage (field docs live here, once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AuditConfig:
+    #: Span statistic tested: max | freq.
+    score: str = "max"
+    #: wilcoxon | sign
+    test: str = "wilcoxon"
+    #: FDR level for Benjamini–Hochberg.
+    fdr: float = 0.05
+    #: Latents firing on fewer than this share of pairs (either side) are not tested.
+    min_support: float = 0.01
+    #: Hypotheses kept in the report / proposed decisions.
+    top_k: int = 50
+    #: Data clusters (spherical k-means on symmetric activity) for "where it holds".
+    n_data_clusters: int = 8
+    min_cluster_size: int = 30
+    #: Latent clusters by co-firing (NMI graph + Leiden), tested like latents.
+    latent_clusters: bool = True
+    nmi_top_fraction: float = 0.01
+    min_latent_cluster: int = 4
+    #: Example pairs per hypothesis in the report.
+    n_examples: int = 3
+    #: Optional OpenAI-compatible endpoint for label explanations (key from env var named below).
+    explain_base_url: str | None = None
+    explain_model: str | None = None
+    explain_api_key_env: str = "OPENAI_API_KEY"
+    #: Run id of the encode/sae run to read concept scores from (null = from the same run tree).
+    scores_run_id: str | None = None

@@ -1,0 +1,1 @@
+"""Concepts: SAE training/loading, the Lightning encoder, span scores, named concepts."""

@@ -1,0 +1,1 @@
+"""Human-readable outputs: the HTML concept report and plots."""
