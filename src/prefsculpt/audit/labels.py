@@ -1,0 +1,265 @@
+"""Concept labels: where a latent fires most, in chosen and in rejected responses (METHOD §3 "Labels").
+
+The default needs nothing but the encoder's ``top_contexts`` table (columns ``concept, rank, value,
+pair_id, span, position, token, left, right``): per concept, the tokens that occur most often among
+its top activations, a few short contexts per response side, and a one-line label such as
+``' absolutely' · 'You' · ' right'``. Optionally, a short explanation from any OpenAI-compatible
+``/v1/chat/completions`` endpoint (off unless ``audit.explain_base_url`` is set), cached on disk by
+a hash of the request so a re-run of the audit costs no calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+#: Response spans labels are built from; prompt activations say little about what was preferred.
+RESPONSE_SPANS = ("chosen", "rejected")
+TOP_CONTEXT_COLUMNS = ("concept", "rank", "value", "pair_id", "span", "position", "token", "left", "right")
+
+
+@dataclass(frozen=True)
+class Context:
+    """One top activation: ``left + token + right`` is a short window of the response text."""
+
+    pair_id: str
+    span: str
+    token: str
+    left: str
+    right: str
+    value: float
+
+
+@dataclass
+class ConceptLabel:
+    concept: str
+    #: One line, e.g. ``' absolutely' · 'You' · ' right'`` (tokens most frequent among top activations).
+    label: str
+    #: ``(token, count)`` most frequent among the top activations on each side, best first.
+    tokens_chosen: list[tuple[str, int]] = field(default_factory=list)
+    tokens_rejected: list[tuple[str, int]] = field(default_factory=list)
+    contexts_chosen: list[Context] = field(default_factory=list)
+    contexts_rejected: list[Context] = field(default_factory=list)
+    explanation: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def latent_name(concept: object) -> str:
+    """Top-contexts tables may carry a bare latent index; the audit names it ``latent:<i>``."""
+    if isinstance(concept, str):
+        return concept
+    return f"latent:{int(concept)}"  # type: ignore[call-overload]
+
+
+def token_repr(token: str) -> str:
+    """A token shown with its whitespace visible (``' right'``, ``'\\n'``)."""
+    return repr(token)
+
+
+def label_string(tokens: Sequence[str], sep: str = " · ") -> str:
+    return sep.join(token_repr(t) for t in tokens)
+
+
+def validate_top_contexts(df: pd.DataFrame, source: str = "top_contexts.parquet") -> pd.DataFrame:
+    missing = [c for c in TOP_CONTEXT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{source} lacks columns {missing} (has {list(df.columns)}); it must come from the sae stage "
+            "of this version: re-run `mlflow run . -e sae`"
+        )
+    df = df.copy()
+    df["concept"] = [latent_name(c) for c in df["concept"]]
+    for col in ("token", "left", "right", "pair_id", "span"):
+        df[col] = df[col].fillna("").astype(str)
+    return df
+
+
+def _top_tokens(rows: pd.DataFrame, k: int) -> list[tuple[str, int]]:
+    """Tokens by how often they are a top activation; ties go to the larger summed activation."""
+    if rows.empty:
+        return []
+    counts = Counter(rows["token"])
+    mass = rows.groupby("token")["value"].sum()
+    best = sorted(counts, key=lambda t: (-counts[t], -float(mass[t]), t))
+    # A token of only whitespace still says something ("\n" = line breaks), so it is kept.
+    return [(t, counts[t]) for t in best[:k]]
+
+
+def _top_contexts(rows: pd.DataFrame, k: int) -> list[Context]:
+    """The ``k`` strongest activations, at most one per pair so the contexts show variety."""
+    out: list[Context] = []
+    seen: set[str] = set()
+    for r in rows.sort_values("value", ascending=False).itertuples(index=False):
+        if r.pair_id in seen:
+            continue
+        seen.add(r.pair_id)
+        out.append(Context(r.pair_id, r.span, r.token, r.left, r.right, float(r.value)))
+        if len(out) == k:
+            break
+    return out
+
+
+def build_labels(
+    top_contexts: pd.DataFrame,
+    concepts: Iterable[str] | None = None,
+    n_tokens: int = 3,
+    n_contexts: int = 3,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, ConceptLabel]:
+    """Labels for ``concepts`` (default: every concept in the table).
+
+    ``groups`` maps a compound concept (a latent cluster) to its member concepts; its label pools
+    the members' top activations. A concept without top activations gets its own name as label
+    (named concepts and built-ins such as ``length`` are self-describing).
+    """
+    df = validate_top_contexts(top_contexts)
+    df = df[df["span"].isin(RESPONSE_SPANS)]
+    by_concept = {c: g for c, g in df.groupby("concept", sort=False)}
+    groups = dict(groups or {})
+    wanted = list(concepts) if concepts is not None else list(by_concept) + [g for g in groups if g not in by_concept]
+    out: dict[str, ConceptLabel] = {}
+    for concept in wanted:
+        members = groups.get(concept)
+        if members is not None:
+            parts = [by_concept[m] for m in members if m in by_concept]
+            rows = pd.concat(parts) if parts else df.iloc[:0]
+        else:
+            rows = by_concept.get(concept, df.iloc[:0])
+        chosen, rejected = rows[rows["span"] == "chosen"], rows[rows["span"] == "rejected"]
+        overall = [t for t, _ in _top_tokens(rows, n_tokens)]
+        out[concept] = ConceptLabel(
+            concept=concept,
+            label=label_string(overall) if overall else concept.split(":", 1)[-1],
+            tokens_chosen=_top_tokens(chosen, n_tokens),
+            tokens_rejected=_top_tokens(rejected, n_tokens),
+            contexts_chosen=_top_contexts(chosen, n_contexts),
+            contexts_rejected=_top_contexts(rejected, n_contexts),
+        )
+    return out
+
+
+# ---------------------------------------------------------------- optional explanations (LLM)
+
+
+class ExplainError(RuntimeError):
+    """The configured explanation endpoint failed; the message names the URL and what to do."""
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 30.0
+    cache_dir: Path | None = None
+
+
+SYSTEM_PROMPT = (
+    "You label features of a language model. You get the text windows where one sparse-autoencoder "
+    "feature fires most, the firing token marked [[like this]]. Answer with one short phrase (at most "
+    "12 words) naming what the feature detects. No preamble."
+)
+
+
+def chat_url(base_url: str) -> str:
+    """Accept ``http://host:port``, ``.../v1`` or the full ``.../v1/chat/completions``."""
+    url = base_url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/chat/completions"
+    return url + "/v1/chat/completions"
+
+
+def explain_messages(label: ConceptLabel, max_chars: int = 160) -> list[dict[str, str]]:
+    lines = []
+    for ctx in [*label.contexts_chosen, *label.contexts_rejected]:
+        window = f"{ctx.left}[[{ctx.token}]]{ctx.right}".replace("\n", "\\n")[:max_chars]
+        lines.append(f"- ({ctx.span} response) {window}")
+    tokens = ", ".join(token_repr(t) for t, _ in [*label.tokens_chosen, *label.tokens_rejected])
+    user = f"Most frequent firing tokens: {tokens or '(none)'}\nTop windows:\n" + "\n".join(lines or ["(none)"])
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def _cache_key(model: str, messages: list[dict[str, str]]) -> str:
+    blob = json.dumps({"model": model, "messages": messages}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _post_chat(settings: ExplainSettings, messages: list[dict[str, str]]) -> str:
+    url = chat_url(settings.base_url)
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(settings.api_key_env)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    body = json.dumps({"model": settings.model, "messages": messages, "temperature": 0, "max_tokens": 40})
+    req = urllib.request.Request(url, data=body.encode("utf-8"), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=settings.timeout_s) as resp:
+            payload = json.loads(resp.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:300]
+        hint = f" (is ${settings.api_key_env} set?)" if exc.code in (401, 403) else ""
+        raise ExplainError(
+            f"explanation endpoint {url} answered HTTP {exc.code}{hint}: {detail!r}; fix audit.explain_base_url / "
+            "audit.explain_model, or set audit.explain_base_url=null to label from top tokens only"
+        ) from exc
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise ExplainError(
+            f"explanation endpoint {url} did not answer within {settings.timeout_s:g}s ({exc}); start it, raise "
+            "audit.explain_timeout_s, or set audit.explain_base_url=null to label from top tokens only"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ExplainError(f"explanation endpoint {url} returned non-JSON ({exc}); is it OpenAI-compatible?") from exc
+    try:
+        text = payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ExplainError(
+            f"explanation endpoint {url} returned {str(payload)[:200]!r}, not an OpenAI chat completion "
+            "(expected choices[0].message.content)"
+        ) from exc
+    # One line, bounded: the label sits in a table cell.
+    return " ".join(str(text).split())[:200]
+
+
+def explain_label(label: ConceptLabel, settings: ExplainSettings) -> str:
+    """The endpoint's one-line explanation of ``label`` (cached by model + request content)."""
+    messages = explain_messages(label)
+    path = None
+    if settings.cache_dir is not None:
+        path = Path(settings.cache_dir) / f"{_cache_key(settings.model, messages)}.json"
+        if path.exists():
+            return json.loads(path.read_text(encoding="utf-8"))["explanation"]
+    text = _post_chat(settings, messages)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # never a half-written cache entry
+        tmp.write_text(json.dumps({"model": settings.model, "explanation": text}), encoding="utf-8")
+        tmp.replace(path)
+    return text
+
+
+def explain_labels(labels: Mapping[str, ConceptLabel], concepts: Iterable[str], settings: ExplainSettings) -> int:
+    """Fill ``labels[c].explanation`` for ``concepts`` in place; returns how many were explained."""
+    n = 0
+    for c in concepts:
+        if c in labels:
+            labels[c].explanation = explain_label(labels[c], settings)
+            n += 1
+    log.info("explained %d labels via %s (model %s)", n, chat_url(settings.base_url), settings.model)
+    return n

@@ -1,0 +1,161 @@
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+
+from prefsculpt.audit.labels import (
+    ExplainError,
+    ExplainSettings,
+    build_labels,
+    chat_url,
+    explain_labels,
+    label_string,
+    validate_top_contexts,
+)
+
+
+def _row(concept, rank, value, pair, span, token, left="", right=""):
+    return dict(concept=concept, rank=rank, value=value, pair_id=pair, span=span, position=rank,
+                token=token, left=left, right=right)
+
+
+@pytest.fixture
+def top_contexts():
+    rows = [
+        _row("latent:3", 0, 9.0, "p1", "chosen", " absolutely", "You're", " right"),
+        _row("latent:3", 1, 8.0, "p2", "chosen", " absolutely", "You are", " correct"),
+        _row("latent:3", 2, 7.5, "p2", "chosen", " right", "absolutely", "."),
+        _row("latent:3", 3, 7.0, "p3", "rejected", "You", "", "'re right"),
+        _row("latent:3", 4, 1.0, "p4", "prompt", "PROMPTONLY", "", ""),
+        _row("latent:7", 0, 5.0, "p5", "chosen", "\n", "###", "Answer"),
+        _row("latent:7", 1, 4.0, "p6", "chosen", "\n", "- x", "- y"),
+        _row("latent:8", 0, 3.0, "p5", "rejected", "✨", "", ""),
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_label_counts_tokens_per_side_and_ignores_prompt(top_contexts):
+    labels = build_labels(top_contexts, n_tokens=3, n_contexts=3)
+    lab = labels["latent:3"]
+    assert lab.tokens_chosen[0] == (" absolutely", 2)
+    assert [t for t, _ in lab.tokens_rejected] == ["You"]
+    assert lab.label.startswith("' absolutely'")
+    assert "PROMPTONLY" not in lab.label
+    # one context per pair, strongest first: p2's second activation is not repeated
+    assert [c.pair_id for c in lab.contexts_chosen] == ["p1", "p2"]
+    assert labels["latent:7"].label == "'\\n'"  # whitespace stays visible
+
+
+def test_groups_pool_members_and_unknown_concepts_label_themselves(top_contexts):
+    labels = build_labels(top_contexts, concepts=["cluster:0", "named:emoji", "length"],
+                          groups={"cluster:0": ["latent:7", "latent:8"]})
+    assert labels["cluster:0"].tokens_chosen[0][0] == "\n"
+    assert labels["cluster:0"].tokens_rejected[0][0] == "✨"
+    assert labels["named:emoji"].label == "emoji"
+    assert labels["length"].label == "length"
+
+
+def test_integer_concepts_become_latent_names_and_missing_columns_error():
+    df = pd.DataFrame([_row(12, 0, 1.0, "p", "chosen", "x")])
+    assert validate_top_contexts(df)["concept"].tolist() == ["latent:12"]
+    with pytest.raises(ValueError, match=r"lacks columns \['left'"):
+        validate_top_contexts(df.drop(columns=["left"]))
+
+
+def test_label_string_and_chat_url():
+    assert label_string([" absolutely", "You"]) == "' absolutely' · 'You'"
+    assert chat_url("http://h:1") == "http://h:1/v1/chat/completions"
+    assert chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert chat_url("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # the "slow" client hangs up first: expected
+        pass
+
+
+class _Server:
+    """A stdlib OpenAI-compatible stub on 127.0.0.1 that records what it was sent."""
+
+    def __init__(self, mode="ok"):
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if outer.mode == "slow":
+                    time.sleep(1.5)
+                if outer.mode == "401":
+                    self.send_response(401)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "bad key"}')
+                    return
+                reply = {"choices": [{"message": {"content": "agreement\n with the user"}}]}
+                if outer.mode == "garbage":
+                    reply = {"unexpected": True}
+                data = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.mode = mode
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.close()
+
+
+def test_explanations_call_endpoint_once_then_come_from_cache(server, top_contexts, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-test")
+    settings = ExplainSettings(server.url, "stub-model", api_key_env="MY_KEY", timeout_s=5, cache_dir=tmp_path)
+    labels = build_labels(top_contexts)
+    assert explain_labels(labels, ["latent:3"], settings) == 1
+    assert labels["latent:3"].explanation == "agreement with the user"  # one line
+    assert labels["latent:7"].explanation is None
+    req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
+    assert req["body"]["model"] == "stub-model"
+    assert "[[ absolutely]]" in req["body"]["messages"][1]["content"]
+    again = build_labels(top_contexts)
+    explain_labels(again, ["latent:3"], settings)
+    assert again["latent:3"].explanation == "agreement with the user"
+    assert len(server.requests) == 1  # the second run was served from the on-disk cache
+
+
+@pytest.mark.parametrize("mode,match", [("401", "HTTP 401.*MY_KEY"), ("garbage", "choices"),
+                                        ("slow", "did not answer within")])
+def test_explanation_failures_are_clear(mode, match, top_contexts, tmp_path):
+    s = _Server(mode)
+    try:
+        settings = ExplainSettings(s.url, "m", api_key_env="MY_KEY", timeout_s=0.5, cache_dir=tmp_path)
+        with pytest.raises(ExplainError, match=match):
+            explain_labels(build_labels(top_contexts), ["latent:3"], settings)
+        assert not list(tmp_path.iterdir())  # nothing cached from a failure
+    finally:
+        s.close()
+
+
+def test_unreachable_endpoint_names_the_url(top_contexts):
+    settings = ExplainSettings("http://127.0.0.1:9", "m", timeout_s=1)
+    with pytest.raises(ExplainError, match=r"127\.0\.0\.1:9/v1/chat/completions"):
+        explain_labels(build_labels(top_contexts), ["latent:3"], settings)
