@@ -1,0 +1,249 @@
+"""Clusters for the audit (METHOD §2 and §3).
+
+- Data clusters: spherical k-means on the *symmetric* activity s(chosen) + s(rejected) of each pair
+  (never on the difference, which would select clusters on the outcome), then "where it holds":
+  each concept's mean difference inside a cluster against the rest.
+- Latent clusters: latents that co-fire, by normalised mutual information of binary firing, the top
+  pairs kept as a weighted graph, Leiden communities; scored as the mean of their members.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from prefsculpt.concepts.scores import ConceptScores
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- data clusters
+def _normalise_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    norm = np.linalg.norm(x, axis=1)
+    return x / np.where(norm > 0, norm, 1.0)[:, None], norm > 0
+
+
+def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding on cosine distance. x: (n, F) unit rows -> (k, F) unit centroids."""
+    cent = [x[rng.integers(len(x))]]
+    dist = 1.0 - x @ cent[0]  # (n,)
+    for _ in range(1, k):
+        w = np.maximum(dist, 0.0) ** 2
+        i = rng.choice(len(x), p=w / w.sum()) if w.sum() > 0 else rng.integers(len(x))
+        cent.append(x[i])
+        dist = np.minimum(dist, 1.0 - x @ x[i])
+    return np.stack(cent)
+
+
+def data_clusters(sym: np.ndarray, k: int, seed: int = 0, n_init: int = 4, max_iter: int = 100) -> np.ndarray:
+    """Spherical k-means labels (n,) of the pairs; deterministic per seed.
+
+    sym: (n, F) symmetric activity s(chosen) + s(rejected). Rows are L2-normalised, so pairs cluster
+    by *which* concepts are active, not how much text they hold. Pairs with no activity at all get
+    label -1. Clusters are numbered by size, largest first. Best of ``n_init`` k-means++ starts by
+    total cosine similarity.
+    """
+    sym = np.asarray(sym, dtype=np.float64)
+    x, alive = _normalise_rows(sym)
+    xa = x[alive]
+    if not 1 <= k <= len(xa):
+        raise ValueError(f"data clusters: k={k} must be between 1 and the {len(xa)} pairs with any activity")
+    rng = np.random.default_rng(seed)
+    best_obj, best = -np.inf, None
+    for _ in range(n_init):
+        cent = _kmeanspp(xa, k, rng)  # (k, F)
+        lab = None
+        for _ in range(max_iter):
+            sim = xa @ cent.T  # (n, k) cosine similarities
+            new = sim.argmax(axis=1)
+            if lab is not None and np.array_equal(new, lab):
+                break
+            lab = new
+            sums = np.zeros_like(cent)
+            np.add.at(sums, lab, xa)
+            for j in np.flatnonzero(np.bincount(lab, minlength=k) == 0):
+                # an emptied cluster restarts at the worst-fitting pair
+                far = int(sim.max(axis=1).argmin())
+                sums[j] = xa[far]
+            cent, _ = _normalise_rows(sums)
+        obj = float((xa @ cent.T).max(axis=1).sum())
+        if obj > best_obj:
+            best_obj, best = obj, (xa @ cent.T).argmax(axis=1)
+    # renumber by size (ties by first appearance) so labels read the same whatever the init order
+    sizes = np.bincount(best, minlength=k)
+    first = np.array([np.flatnonzero(best == j)[0] if sizes[j] else len(best) for j in range(k)])
+    rank = np.empty(k, dtype=int)
+    rank[np.lexsort((first, -sizes))] = np.arange(k)
+    labels = np.full(len(sym), -1)
+    labels[alive] = rank[best]
+    return labels
+
+
+def _group_moments(d: np.ndarray, onehot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group count (k,), mean (k, F) and unbiased variance (k, F). onehot: (n, k) 0/1."""
+    cnt = onehot.sum(axis=0)  # (k,)
+    s1, s2 = onehot.T @ d, onehot.T @ (d * d)  # (k, F)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = s1 / cnt[:, None]
+        var = (s2 - cnt[:, None] * mean**2) / (cnt[:, None] - 1)
+    return cnt, mean, np.maximum(var, 0.0)
+
+
+def _in_vs_out(d: np.ndarray, onehot: np.ndarray) -> dict[str, np.ndarray]:
+    """Moments inside each cluster and in the rest (all pairs not in it). d: (n, F), onehot: (n, k)."""
+    n_in, m_in, v_in = _group_moments(d, onehot)
+    n_out, m_out, v_out = _group_moments(d, 1.0 - onehot)
+    return {"n_in": n_in, "n_out": n_out, "m_in": m_in, "m_out": m_out, "v_in": v_in, "v_out": v_out}
+
+
+def where_it_holds(
+    d: np.ndarray, labels: np.ndarray, half: np.ndarray, min_size: int = 30,
+    concept_index: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Each concept's mean difference inside each data cluster against the rest.
+
+    d: (n, F) chosen - rejected; labels: (n,) from :func:`data_clusters`; half: (n,) bool split
+    halves. Only clusters with at least ``min_size`` pairs inside and outside are reported.
+    Returns one row per (concept, cluster): n, mean_in, mean_out, welch_z, cohen_d (pooled sd),
+    p (two-sided normal p of welch_z, uncorrected: a descriptive screen, not a test with error
+    control), agree_halves (in - out has the same nonzero sign in both halves).
+    ``concept_index`` names the columns of d (default 0..F-1).
+    """
+    d = np.asarray(d, dtype=np.float64)
+    labels, half = np.asarray(labels), np.asarray(half, dtype=bool)
+    if len(labels) != len(d) or len(half) != len(d):
+        raise ValueError(f"where_it_holds: d has {len(d)} pairs, labels {len(labels)}, half {len(half)}")
+    ks = np.array([c for c in np.unique(labels) if c >= 0
+                   and min_size <= (labels == c).sum() <= len(labels) - min_size])
+    f = d.shape[1]
+    idx = np.arange(f) if concept_index is None else np.asarray(concept_index)
+    cols = ["concept_index", "cluster", "n", "mean_in", "mean_out", "welch_z", "cohen_d", "p", "agree_halves"]
+    if len(ks) == 0:
+        return pd.DataFrame(columns=cols)
+    onehot = (labels[:, None] == ks[None, :]).astype(np.float64)  # (n, k)
+    m = _in_vs_out(d, onehot)
+    delta = m["m_in"] - m["m_out"]  # (k, F)
+    se = np.sqrt(m["v_in"] / m["n_in"][:, None] + m["v_out"] / m["n_out"][:, None])
+    pooled = np.sqrt(((m["n_in"][:, None] - 1) * m["v_in"] + (m["n_out"][:, None] - 1) * m["v_out"])
+                     / (m["n_in"] + m["n_out"] - 2)[:, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, delta / se, 0.0)
+        cd = np.where(pooled > 0, delta / pooled, 0.0)
+    signs = []
+    for h in (half, ~half):  # the same contrast inside each split half
+        mh = _in_vs_out(d[h], onehot[h])
+        ok = (mh["n_in"] >= 1) & (mh["n_out"] >= 1)
+        signs.append(np.where(ok[:, None], np.sign(np.nan_to_num(mh["m_in"] - mh["m_out"])), 0.0))
+    agree = (signs[0] == signs[1]) & (signs[0] != 0)
+    k = len(ks)
+    return pd.DataFrame({
+        "concept_index": np.tile(idx, k), "cluster": np.repeat(ks, f), "n": np.repeat(m["n_in"].astype(int), f),
+        "mean_in": m["m_in"].ravel(), "mean_out": m["m_out"].ravel(), "welch_z": z.ravel(),
+        "cohen_d": cd.ravel(), "p": 2 * sps.norm.sf(np.abs(z.ravel())), "agree_halves": agree.ravel(),
+    })
+
+
+# ---------------------------------------------------------------- latent clusters
+def binary_nmi(co: np.ndarray, cnt_a: np.ndarray, cnt_b: np.ndarray, m: int) -> np.ndarray:
+    """NMI of binary firing vectors from counts, arithmetic normalisation (sklearn's default).
+
+    co: (A, B) co-firing counts; cnt_a (A,), cnt_b (B,) firing counts; m rows. Returns (A, B) in
+    [0, 1]; 0 where either latent is constant (no information to share).
+    """
+    co = np.asarray(co, dtype=np.float64)
+    a = np.asarray(cnt_a, dtype=np.float64)[:, None]
+    b = np.asarray(cnt_b, dtype=np.float64)[None, :]
+    # the four cells of the 2x2 table and their row/column margins
+    cells = ((co, a, b), (a - co, a, m - b), (b - co, m - a, b), (m - a - b + co, m - a, m - b))
+    mi = np.zeros(np.broadcast_shapes(co.shape, a.shape, b.shape))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for nab, ra, cb in cells:
+            mi += np.where(nab > 0, nab / m * np.log(nab * m / (ra * cb)), 0.0)
+
+    def h(c: np.ndarray) -> np.ndarray:
+        pr = c / m
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return -np.nan_to_num(pr * np.log(pr)) - np.nan_to_num((1 - pr) * np.log(1 - pr))
+
+    norm = (h(a) + h(b)) / 2.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where((h(a) > 0) & (h(b) > 0), np.maximum(mi, 0.0) / norm, 0.0)
+    return np.clip(out, 0.0, 1.0)
+
+
+def firing_matrix(scores: ConceptScores, stat: str = "max") -> np.ndarray:
+    """Binary firing (2n, F): one row per response (chosen rows, then rejected rows)."""
+    return np.concatenate([scores.get("chosen", stat) > 0, scores.get("rejected", stat) > 0])
+
+
+def _top_pairs(firing: np.ndarray, top_fraction: float, chunk: int = 512):
+    """The top ``top_fraction`` of latent pairs (i < j) by NMI: (i, j, w) arrays, w > 0."""
+    x = firing.astype(np.float32)
+    m, f = x.shape
+    cnt = x.sum(axis=0)
+    n_keep = max(1, int(round(top_fraction * f * (f - 1) / 2)))
+    keep_i, keep_j, keep_w = [], [], []
+    for lo in range(0, f, chunk):  # row blocks bound memory at chunk x F, not F x F
+        hi = min(f, lo + chunk)
+        co = x[:, lo:hi].T @ x  # (chunk, F) co-firing counts; exact in float32 below 2^24 rows
+        nmi = binary_nmi(co, cnt[lo:hi], cnt, m)
+        ii, jj = np.nonzero((np.arange(lo, hi)[:, None] < np.arange(f)[None, :]) & (nmi > 0))
+        w = nmi[ii, jj]
+        if len(w) > n_keep:  # only a block's own top n_keep can reach the global top
+            sel = np.argpartition(-w, n_keep - 1)[:n_keep]
+            ii, jj, w = ii[sel], jj[sel], w[sel]
+        keep_i.append(ii + lo), keep_j.append(jj), keep_w.append(w)
+    i, j, w = (np.concatenate(v) for v in (keep_i, keep_j, keep_w))
+    if len(w) > n_keep:
+        sel = np.argpartition(-w, n_keep - 1)[:n_keep]
+        i, j, w = i[sel], j[sel], w[sel]
+    return i, j, w
+
+
+def latent_clusters(
+    firing: np.ndarray, top_fraction: float = 0.01, min_size: int = 4, seed: int = 0
+) -> list[list[int]]:
+    """Communities of co-firing latents: lists of column indices of ``firing``, largest first.
+
+    firing: (m, F) bool, one row per response (see :func:`firing_matrix`). The top
+    ``top_fraction`` of all latent pairs by NMI become a weighted graph (the paper's 1%); Leiden
+    (modularity) communities with at least ``min_size`` members are returned.
+    """
+    import igraph as ig
+    import leidenalg
+
+    firing = np.asarray(firing, dtype=bool)
+    cnt = firing.sum(axis=0)
+    alive = np.flatnonzero((cnt > 0) & (cnt < len(firing)))  # constant latents share no information
+    if len(alive) < max(2, min_size):
+        return []
+    i, j, w = _top_pairs(firing[:, alive], top_fraction)
+    g = ig.Graph(n=len(alive), edges=np.stack([i, j], axis=1).tolist(), edge_attrs={"weight": w.tolist()})
+    part = leidenalg.find_partition(g, leidenalg.ModularityVertexPartition, weights="weight", seed=seed)
+    out = [sorted(int(alive[v]) for v in comm) for comm in part if len(comm) >= min_size]
+    out.sort(key=lambda c: (-len(c), c[0]))
+    log.info("latent clusters: %d communities of >= %d latents from %d edges over %d live latents",
+             len(out), min_size, len(w), len(alive))
+    return out
+
+
+def cluster_scores(scores: ConceptScores, clusters: Sequence[Sequence[int]]) -> ConceptScores:
+    """``scores`` with one concept ``cluster:<i>`` appended per cluster: the mean of its members'
+    scores (members are column indices of ``scores``), for every span and statistic."""
+    f = len(scores.concept_names) if scores.concept_names else next(iter(scores.values.values())).shape[1]
+    if len(clusters) == 0:
+        return scores
+    for ci, members in enumerate(clusters):
+        if len(members) == 0 or min(members) < 0 or max(members) >= f:
+            raise ValueError(f"latent cluster {ci} has members {list(members)[:8]}... outside 0..{f - 1} or is empty")
+    vals = {}
+    for key, v in scores.values.items():  # v: (n, F) -> (n, F + C)
+        extra = np.stack([v[:, list(mb)].mean(axis=1) for mb in clusters], axis=1).astype(v.dtype)
+        vals[key] = np.concatenate([v, extra], axis=1)
+    names = list(scores.concept_names) or [f"latent:{j}" for j in range(f)]
+    return ConceptScores(list(scores.pair_ids), vals, dict(scores.n_tokens),
+                         names + [f"cluster:{i}" for i in range(len(clusters))])
