@@ -42,7 +42,8 @@ def mlflow_uri(tmp_path, monkeypatch):
     """An isolated sqlite tracking store; cwd moves to tmp so nothing lands in the repo."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     import mlflow
 
@@ -50,6 +51,8 @@ def mlflow_uri(tmp_path, monkeypatch):
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; never leak it into the next test
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,8 @@ def tokenize_pairs(
     """Tokenise in batches (fast tokenizers parallelise internally)."""
     if max_prompt_tokens < 1 or max_response_tokens < 2:
         raise ValueError("data.tokenize.max_prompt_tokens must be >= 1 and max_response_tokens >= 2")
+    if not pairs:
+        return []
     ensure_chat_template(tokenizer)
     prompts = [
         tokenizer.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False) for p in pairs
