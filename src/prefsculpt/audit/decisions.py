@@ -27,6 +27,9 @@ METHODS = ("score", "steer", "inoculate", "filter", "ablate", "prevent")
 BUILTIN_CONCEPTS = ("length",)
 #: Fields a person sets; ``note`` may be left out.
 DECISION_FIELDS = ("concept", "action", "method", "strength", "note")
+#: Optional per-entry method parameters (``shaping.ConceptSpec``): filter share ρ in (0, 1), steer
+#: multiplier m, inoculate instruction C_u. Absent = the ``shaping`` defaults.
+PARAM_FIELDS = ("share", "multiplier", "instruction")
 #: Figures the audit writes next to each decision for the reader; ignored when loading.
 INFO_FIELDS = ("rank", "label", "explanation", "kind", "direction", "effect", "mean_diff", "q", "support",
                "members")
@@ -46,6 +49,7 @@ HEADER = """\
 #   strength: lambda >= 0 (the sign comes from the action: suppress = +lambda, amplify = -lambda;
 #             ignored for allow)
 #   note:     free text (why)
+#   optional: share (filter: share of pairs dropped, 0-1), multiplier (steer), instruction (inoculate)
 # The other fields (rank, label, direction, effect = paired d_z, mean_diff, q, support) are the
 # audit's figures, for reading only. You may add any concept the audit tested (see hypotheses.json;
 # built-ins: length) or delete entries: an unlisted concept is allowed.
@@ -63,6 +67,8 @@ class Decision:
     method: str = "score"
     strength: float = 0.0
     note: str = ""
+    #: Optional method parameters given in the entry (keys from PARAM_FIELDS).
+    params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def lam(self) -> float:
@@ -78,8 +84,8 @@ class Decisions:
     source: str = ""
 
     def active(self) -> list[Decision]:
-        """Decisions that change training (not ``allow``, strength > 0)."""
-        return [d for d in self.entries if d.action != "allow" and d.strength > 0]
+        """Decisions that change training: not ``allow``, and strength > 0 (ablate needs none)."""
+        return [d for d in self.entries if d.action != "allow" and (d.strength > 0 or d.method == "ablate")]
 
     def get(self, concept: str) -> Decision:
         for d in self.entries:
@@ -88,7 +94,12 @@ class Decisions:
         return Decision(concept)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": FORMAT_VERSION, "concepts": [asdict(d) for d in self.entries]}
+        entries = []
+        for d in self.entries:
+            e = asdict(d)
+            e.update(e.pop("params"))
+            entries.append(e)
+        return {"version": FORMAT_VERSION, "concepts": entries}
 
 
 def _plain(v: Any) -> Any:
@@ -177,8 +188,8 @@ def _check_entry(i: int, e: Any, known: set[str] | None) -> tuple[list[str], Dec
     where = f"entry {i} ({concept})" if concept is not None else f"entry {i}"
     errs: list[str] = []
     for key in e:
-        if key not in DECISION_FIELDS and key not in INFO_FIELDS:
-            errs.append(f"{where}: unknown field {key!r}{_suggest(str(key), DECISION_FIELDS)}")
+        if key not in DECISION_FIELDS and key not in INFO_FIELDS and key not in PARAM_FIELDS:
+            errs.append(f"{where}: unknown field {key!r}{_suggest(str(key), DECISION_FIELDS + PARAM_FIELDS)}")
     for key in ("concept", "action", "method", "strength"):
         if key not in e or e[key] is None:
             errs.append(f"{where}: missing field {key!r}")
@@ -203,9 +214,18 @@ def _check_entry(i: int, e: Any, known: set[str] | None) -> tuple[list[str], Dec
     note = e.get("note", "")
     if note is not None and not isinstance(note, str):
         errs.append(f"{where}: note must be text, got {note!r}")
+    params = {k: e[k] for k in PARAM_FIELDS if e.get(k) is not None}
+    for k in ("share", "multiplier"):
+        v = params.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            errs.append(f"{where}: {k} must be a number, got {v!r}")
+    if isinstance(params.get("share"), (int, float)) and not 0 < params["share"] < 1:
+        errs.append(f"{where}: share {params['share']} must lie in (0, 1) (the share of pairs filtered)")
+    if "instruction" in params and not isinstance(params["instruction"], str):
+        errs.append(f"{where}: instruction must be text, got {params['instruction']!r}")
     if errs:
         return errs, None
-    return [], Decision(concept, action, method, float(strength), note or "")
+    return [], Decision(concept, action, method, float(strength), note or "", params)
 
 
 def load_decisions(path: str | Path | Mapping[str, Any], known_concepts: Iterable[str] | None) -> Decisions:

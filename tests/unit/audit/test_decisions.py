@@ -51,8 +51,13 @@ def test_edited_file_gives_signed_strengths(hypotheses, tmp_path):
     d = propose_decisions(hypotheses)
     d["concepts"][0].update(action="suppress", method="steer", strength=2)
     d["concepts"][1].update(action="amplify", strength=0.5, note="wanted")
+    d["concepts"][2].update(action="suppress", method="filter", strength=1.0, share=0.2)
+    d["concepts"][3].update(action="suppress", method="ablate", strength=0)
     dec = load_decisions(write_decisions(d, tmp_path / "d.yaml"), KNOWN)
-    assert [(x.concept, x.lam) for x in dec.active()] == [("cluster:0", 2.0), ("latent:2", -0.5)]
+    assert [(x.concept, x.lam) for x in dec.active()] == [
+        ("cluster:0", 2.0), ("latent:2", -0.5), ("length", 1.0), ("named:emoji", 0.0)]
+    assert dec.get("length").params == {"share": 0.2}
+    assert load_decisions(dec.to_dict(), KNOWN).entries == dec.entries
     assert dec.get("latent:2").note == "wanted"
     assert dec.get("latent:99").action == "allow"  # unlisted = allowed
 
@@ -70,6 +75,7 @@ def test_every_offending_entry_is_listed(tmp_path):
             {"concept": "latent:1", "action": "suppress"},
             {"concept": "latent:2", "action": "allow", "method": "score", "strength": 0, "stregth": 3},
             "just a string",
+            {"concept": "latent:1", "action": "suppress", "method": "filter", "strength": 1, "share": 1.5},
         ],
     }
     path = tmp_path / "d.yaml"
@@ -88,6 +94,7 @@ def test_every_offending_entry_is_listed(tmp_path):
         "entry 7 (latent:1): missing field 'strength'",
         "entry 8 (latent:2): unknown field 'stregth' (did you mean 'strength'?)",
         "entry 9: expected a mapping",
+        "entry 10 (latent:1): share 1.5 must lie in (0, 1)",
     ]:
         assert expected in msg, expected
     assert "entry 1 " not in msg  # the good entry is not blamed
