@@ -1,0 +1,20 @@
+"""Concept shaping: the shaped DPO loss and one registered class per intervention (METHOD §5)."""
+
+from prefsculpt.shaping.config import ConceptSpec, ShapingConfig, TrainConfig
+from prefsculpt.shaping.losses import dpo_logits, shaped_dpo_loss
+from prefsculpt.shaping.registry import INTERVENTIONS, Intervention, ShapingError, register_intervention
+from prefsculpt.shaping.resolve import ResolvedShaping, resolve_shaping
+
+__all__ = [
+    "INTERVENTIONS",
+    "ConceptSpec",
+    "Intervention",
+    "ResolvedShaping",
+    "ShapingConfig",
+    "ShapingError",
+    "TrainConfig",
+    "dpo_logits",
+    "register_intervention",
+    "resolve_shaping",
+    "shaped_dpo_loss",
+]

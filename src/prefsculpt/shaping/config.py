@@ -1,0 +1,98 @@
+"""Config schemas of concept shaping and DPO training (field docs live here, once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ConceptSpec:
+    """One concept to shape, given directly in config (same fields as a ``decisions.yaml`` entry)."""
+
+    #: Concept name as the audit writes it: ``latent:<i>``, ``cluster:<i>``, ``named:<name>``.
+    concept: str = ""
+    #: score | steer | inoculate | filter | ablate | prevent (METHOD §5).
+    method: str = "score"
+    #: suppress (λ = +strength) | amplify (λ = −strength) | allow (not shaped).
+    action: str = "suppress"
+    #: λ ≥ 0 for score/steer/inoculate; κ for filter in weight mode; α for prevent; unused by ablate
+    #: and by filter in drop mode (which uses ``share``).
+    strength: float = 1.0
+    #: filter, drop mode: share ρ of pairs dropped (null = ``shaping.filter_share``).
+    share: float | None = None
+    #: inoculate: the instruction C_u appended to the prompt (null = ``shaping.instructions[concept]``).
+    instruction: str | None = None
+    #: steer: multiplier m of the direction added to the reference's residual (null = ``shaping.steer_multiplier``).
+    multiplier: float | None = None
+    note: str = ""
+
+
+@dataclass
+class ShapingConfig:
+    #: A ``decisions.yaml`` written by the audit and edited by a person (null = only ``concepts``).
+    decisions: str | None = None
+    #: Concepts given directly (added after the decisions file's entries).
+    concepts: list[ConceptSpec] = field(default_factory=list)
+    #: Span scores (score, filter): a folder written by the encode stage (``load_scores``). Null:
+    #: ``named:<n>`` regex concepts from ``named_concepts`` are scored on the response text instead.
+    scores_dir: str | None = None
+    #: Span statistic used as A_u for score/filter: max | freq.
+    score_stat: str = "max"
+    #: SAE folder (cfg.json + weights) whose decoder rows ``W_dec[i]`` are the directions of ``latent:<i>``.
+    sae_path: str | None = None
+    #: Optional safetensors file {concept name: (d_model,) direction}; overrides the SAE for those names.
+    directions_path: str | None = None
+    #: Residual layer ℓ of steer/ablate/prevent (null = ``sae.layer``).
+    layer: int | None = None
+    #: Directions are scaled to unit norm before use, so m and α are in residual-stream units.
+    unit_directions: bool = True
+    #: steer: default multiplier m.
+    steer_multiplier: float = 8.0
+    #: filter: drop (remove the top ρ of pairs by ΔA) | weight (w = σ(−κ·ΔA)).
+    filter_mode: str = "drop"
+    #: filter: default share ρ for drop mode.
+    filter_share: float = 0.1
+    #: inoculate: concept name -> instruction C_u ("Agree with the user's opinion.").
+    instructions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    #: DPO temperature β.
+    beta: float = 0.1
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    #: Linear warm-up of the learning rate over this many optimizer steps.
+    warmup_steps: int = 0
+    epochs: int = 1
+    #: Pairs per batch (chosen and rejected go through one forward, so 2x sequences).
+    batch_size: int = 4
+    grad_accum: int = 1
+    #: Cap on prompt+response tokens per sequence, keeping the start (as TRL's ``max_length``); null = none.
+    max_length: int | None = None
+    #: Train only the top N decoder layers (+ final norm) on a cached trunk output; null = full fine-tune.
+    train_top_layers: int | None = None
+    #: dtype the trunk cache is stored in (float32 | bfloat16).
+    trunk_dtype: str = "float32"
+    #: Lightning precision: 32-true | bf16-mixed | bf16-true.
+    precision: str = "32-true"
+    #: Save ``last.ckpt`` every this many optimizer steps (a killed run resumes from it).
+    checkpoint_every_n_steps: int = 50
+    #: Resume an unfinished run with the same config from its last checkpoint, in the same MLflow run.
+    resume: bool = True
+    #: Keep checkpoints after a run completes (they are large; the final policy is logged anyway).
+    keep_checkpoints: bool = False
+    #: Batches per length bucket: pairs are sorted by length inside chunks of this many batches.
+    bucket_batches: int = 32
+    #: Tokens per batch in the precompute pass.
+    precompute_batch_tokens: int = 8192
+    #: Pairs: a parquet split written by ``prepare`` (``data/train.parquet``); null = ``data`` config + split.
+    pairs_path: str | None = None
+    #: Split of the ``data`` config to train on when ``pairs_path`` is null.
+    split: str = "train"
+    #: Use at most this many pairs (null = all); for quick runs.
+    max_pairs: int | None = None
+    #: Log the final policy as an MLflow pyfunc model that generates.
+    log_model: bool = True
+    log_every_n_steps: int = 1
+    seed: int = 0

@@ -1,0 +1,1 @@
+"""DPO training wiring: the LightningModule, the DataModule, the precompute pass and the train stage."""

@@ -1,0 +1,169 @@
+"""Batches of pairs for concept-shaped DPO: length-bucketed, resumable mid-epoch, chosen+rejected stacked.
+
+A batch holds B pairs as 2B right-padded sequences ``[chosen_1..B; rejected_1..B]`` (one forward,
+as TRL), their response masks, the cached reference log-probs, the ΔA columns and the pair weights,
+and, when training the top layers only, the cached trunk output of each sequence.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from prefsculpt.data.tokenize import TokenizedPair
+from prefsculpt.train.forward import pad_right
+from prefsculpt.train.precompute import Precomputed
+
+
+def truncate_pair(t: TokenizedPair, max_length: int | None) -> TokenizedPair | None:
+    """TRL's ``max_length`` with ``keep_start``: cut prompt+response to its first ``max_length`` tokens;
+    None when the prompt alone fills it (no response token would be left to learn from)."""
+    if max_length is None:
+        return t
+    room = max_length - len(t.prompt_ids)
+    if room <= 0:
+        return None
+    return TokenizedPair(t.id, t.prompt_ids, t.chosen_ids[:room], t.rejected_ids[:room],
+                         t.prompt_truncated, t.chosen_truncated or len(t.chosen_ids) > room,
+                         t.rejected_truncated or len(t.rejected_ids) > room)
+
+
+class PairDataset(Dataset):
+    def __init__(self, tokenized: Sequence[TokenizedPair], pre: Precomputed, keep: np.ndarray,
+                 trunk: dict[str, torch.Tensor] | None = None):
+        self.idx = np.flatnonzero(keep)  # rows of the precomputed arrays that are trained on
+        self.tokenized, self.pre, self.trunk = tokenized, pre, trunk
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def length(self, i: int) -> int:
+        t = self.tokenized[self.idx[i]]
+        return len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.idx[i])
+        item = {"pair": self.tokenized[j], "ref_c": self.pre.ref_c[j], "ref_r": self.pre.ref_r[j],
+                "delta_a": self.pre.delta_a[j], "weight": self.pre.weights[j]}
+        if self.trunk is not None:
+            s, p, c = (int(x) for x in self.trunk["offsets"][j])
+            r = len(self.tokenized[j].rejected_ids)
+            data = self.trunk["data"]
+            item["trunk_c"] = data[s : s + p + c]
+            item["trunk_r"] = torch.cat([data[s : s + p], data[s + p + c : s + p + c + r]])
+        return item
+
+
+class _Epoch:
+    """Receives Lightning's ``set_epoch`` (it looks for ``batch_sampler.sampler.set_epoch``)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Shuffle, sort by length inside chunks of ``bucket_batches`` batches, shuffle the batches.
+
+    Deterministic in (seed, epoch), so a restart can skip the batches it already trained on.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket_batches: int = 32):
+        self.lengths, self.batch_size, self.seed, self.bucket = list(lengths), batch_size, seed, bucket_batches
+        self.sampler = _Epoch()
+        self.skip = 0  # batches of the current epoch already consumed (set on resume)
+        self.consumed = 0
+        self._resume_epoch: int | None = None
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{self.seed}:{epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        chunk = self.batch_size * self.bucket
+        out: list[list[int]] = []
+        for s in range(0, len(order), chunk):
+            part = sorted(order[s : s + chunk], key=lambda i: self.lengths[i])
+            out.extend(part[k : k + self.batch_size] for k in range(0, len(part), self.batch_size))
+        rng.shuffle(out)
+        return out
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.sampler.epoch
+        batches = self.batches(epoch)
+        skip = self.skip if self._resume_epoch == epoch else 0
+        self.skip, self._resume_epoch = 0, None
+        self.consumed = skip
+        for b in batches[skip:]:
+            self.consumed += 1
+            yield b
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_epoch, self.skip = int(state["epoch"]), int(state["consumed"])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning saves in checkpoints (it has ``state_dict``), so a run killed mid-epoch
+    resumes on the next unseen batch instead of replaying the epoch."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()  # type: ignore[union-attr]
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)  # type: ignore[union-attr]
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    seqs = [it["pair"].sequence("chosen") for it in items] + [it["pair"].sequence("rejected") for it in items]
+    out = {
+        "input_ids": pad_right([s[0] for s in seqs], pad_id),  # (2B, T)
+        "response_mask": pad_right([s[1] for s in seqs], 0),  # (2B, T)
+        "ref_c": torch.tensor(np.array([it["ref_c"] for it in items]), dtype=torch.float64),  # (B,)
+        "ref_r": torch.tensor(np.array([it["ref_r"] for it in items]), dtype=torch.float64),
+        "delta_a": torch.tensor(np.stack([it["delta_a"] for it in items]), dtype=torch.float32),  # (B, U)
+        "weight": torch.tensor(np.array([it["weight"] for it in items]), dtype=torch.float32),  # (B,)
+    }
+    if "trunk_c" in items[0]:
+        hs = [it["trunk_c"] for it in items] + [it["trunk_r"] for it in items]
+        t = out["input_ids"].shape[1]
+        trunk = hs[0].new_zeros(len(hs), t, hs[0].shape[1])  # (2B, T, d)
+        for i, h in enumerate(hs):
+            trunk[i, : h.shape[0]] = h
+        out["trunk"] = trunk
+    return out
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    def __init__(self, tokenized: Sequence[TokenizedPair], pre: Precomputed, batch_size: int, pad_id: int,
+                 seed: int = 0, bucket_batches: int = 32, trunk: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        # Pairs whose weight is 0 were dropped by a filter: they are not batched at all.
+        self.keep = pre.weights > 0
+        self.dataset = PairDataset(tokenized, pre, self.keep, trunk)
+        self.batch_size, self.pad_id, self.seed, self.bucket_batches = batch_size, pad_id, seed, bucket_batches
+        self._loader: ResumableLoader | None = None
+
+    @property
+    def n_dropped(self) -> int:
+        return int((~self.keep).sum())
+
+    def train_dataloader(self) -> ResumableLoader:
+        if self._loader is None:
+            lengths = [self.dataset.length(i) for i in range(len(self.dataset))]
+            sampler = BucketBatchSampler(lengths, self.batch_size, self.seed, self.bucket_batches)
+            self._loader = ResumableLoader(self.dataset, batch_sampler=sampler, num_workers=0,
+                                           collate_fn=lambda items: collate(items, self.pad_id))
+        return self._loader

@@ -1,0 +1,111 @@
+"""The LightningModule of concept-shaped DPO: wiring only (the math is in ``prefsculpt.shaping.losses``
+and ``prefsculpt.train.forward``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from prefsculpt.shaping.losses import shaped_dpo_loss
+from prefsculpt.shaping.registry import Intervention, ShapingError
+from prefsculpt.train.forward import sequence_logps
+
+
+def freeze_below(model: Any, top_layers: int | None) -> int:
+    """Train only the top ``top_layers`` decoder layers and the final norm; returns the first trained
+    layer (0 = full fine-tune). The embeddings stay frozen (also as a tied LM head): they feed the
+    cached trunk."""
+    layers = model.model.layers
+    if top_layers is None or top_layers >= len(layers):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return 0
+    if top_layers < 1:
+        raise ValueError(f"train.train_top_layers must be >= 1 or null, got {top_layers}")
+    start = len(layers) - top_layers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trained = [*layers[start:], model.model.norm]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        trained.append(head)
+    for m in trained:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return start
+
+
+def check_hooks_trainable(interventions: Sequence[Intervention], start_layer: int) -> None:
+    for iv in interventions:
+        low = [ell for ell in iv.touches_layers() if ell < start_layer]
+        if low:
+            raise ShapingError(
+                f"{iv.name} edits the residual after layer {low[0]}, but with train.train_top_layers only layers "
+                f"{start_layer}.. run during training (the layers below come from a cached trunk). Train from "
+                f"layer {low[0]} up (raise train_top_layers by {start_layer - low[0]} or more), use a "
+                "higher shaping.layer, or a loss-side method (score, steer, inoculate, filter)."
+            )
+
+
+class PreferenceModule(L.LightningModule):
+    def __init__(self, model: Any, beta: float, lr: float, term_names: Sequence[str] = (),
+                 lambdas: torch.Tensor | None = None, hooks: Sequence[Intervention] = (), start_layer: int = 0,
+                 weight_decay: float = 0.0, warmup_steps: int = 0):
+        super().__init__()
+        self.model = model
+        self.beta, self.lr, self.weight_decay, self.warmup_steps = beta, lr, weight_decay, warmup_steps
+        self.term_names = list(term_names)
+        self.register_buffer("lambdas", torch.as_tensor(lambdas if lambdas is not None else [], dtype=torch.float32),
+                             persistent=False)
+        self.hooks = [iv for iv in hooks if iv.touches_layers()]
+        self.start_layer = start_layer
+        check_hooks_trainable(self.hooks, start_layer)
+
+    def policy_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected summed response log-probs, each (B,), from ONE forward over 2B sequences."""
+        with contextlib.ExitStack() as stack:
+            if self.training:  # ablate / prevent act on the policy while training only
+                for iv in self.hooks:
+                    stack.enter_context(iv.train_hooks(self.model))
+            lp = sequence_logps(self.model, batch["input_ids"], batch["response_mask"],
+                                trunk=batch.get("trunk"), start_layer=self.start_layer)  # (2B,)
+        return lp.chunk(2)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pc, pr = self.policy_logps(batch)
+        ref_c, ref_r = batch["ref_c"].to(pc.dtype), batch["ref_r"].to(pc.dtype)
+        delta_theta = (pc - ref_c) - (pr - ref_r)  # (B,)
+        loss, parts = shaped_dpo_loss(delta_theta, self.beta, batch["delta_a"], self.lambdas, batch["weight"])
+        parts["chosen_reward"] = (self.beta * (pc - ref_c)).detach()
+        parts["rejected_reward"] = (self.beta * (pr - ref_r)).detach()
+        return loss, parts
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.step(batch)
+        b = batch["weight"].shape[0]
+        m = {
+            "train/loss": loss.detach(),
+            "train/rewards/chosen": parts["chosen_reward"].mean(),
+            "train/rewards/rejected": parts["rejected_reward"].mean(),
+            "train/rewards/margins": parts["margin"].mean(),
+            "train/rewards/accuracies": (parts["margin"] > 0).float().mean(),
+            "train/shaped_accuracies": (parts["logits"] > 0).float().mean(),
+            "train/pair_weight_mean": batch["weight"].mean(),
+        }
+        for u, name in enumerate(self.term_names):  # each concept's share of the shaped margin
+            m[f"train/concept/{name}"] = parts["offsets"][:, u].mean()
+        self.log_dict({k: v.float() for k, v in m.items()}, on_step=True, on_epoch=False, batch_size=b)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return opt
+        w = self.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / w))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,286 @@
+"""One no-grad pass before training: reference log-probs, every intervention's ΔA_u, the trunk output.
+
+Everything is cached content-addressed under ``<cache>/precompute/<sha>.safetensors`` (key: the
+model's weights, the token ids, the intervention's parameters and its concept sources), written to a
+temporary name and renamed, so a killed pass never leaves a file that looks complete. Training then
+needs no reference model: the policy is the same weights, loaded once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefsculpt.data.schema import PreferencePair
+from prefsculpt.data.tokenize import TokenizedPair
+from prefsculpt.models.hooks import truncated_forward
+from prefsculpt.shaping.registry import Intervention, ShapingError
+from prefsculpt.train.forward import pad_right, sequence_logps
+
+log = logging.getLogger(__name__)
+_FP_MEMO: dict[tuple, str] = {}
+
+
+def sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def file_fingerprint(paths: Sequence[Path]) -> str:
+    """sha256 over the files' contents (memoised per path/size/mtime within the process)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        memo = (str(p), st.st_size, st.st_mtime_ns)
+        if memo not in _FP_MEMO:
+            fh = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    fh.update(chunk)
+            _FP_MEMO[memo] = fh.hexdigest()
+        h.update(p.name.encode() + _FP_MEMO[memo].encode())
+    return h.hexdigest()[:24]
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    d = Path(model_dir)
+    return file_fingerprint([*d.glob("*.safetensors"), d / "config.json"])
+
+
+def tokens_fingerprint(tokenized: Sequence[TokenizedPair]) -> str:
+    h = hashlib.sha256()
+    for t in tokenized:
+        h.update(json.dumps([t.id, t.prompt_ids, t.chosen_ids, t.rejected_ids]).encode())
+    return h.hexdigest()[:24]
+
+
+class PrecomputeCache:
+    def __init__(self, root: str | os.PathLike):
+        self.dir = Path(root) / "precompute"
+
+    def get_or_compute(self, key: str, fn: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        path = self.dir / f"{key}.safetensors"
+        if path.exists():
+            return load_file(str(path))
+        out = {k: v.contiguous() for k, v in fn().items()}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}.safetensors"
+        save_file(out, str(tmp))
+        os.replace(tmp, path)
+        return out
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into batches of at most ``batch_tokens`` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > batch_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+class RefContext:
+    """The frozen reference (the initial policy) and the concept sources, for ``Intervention.precompute``."""
+
+    def __init__(self, model: Any, tokenizer: Any, pairs: Sequence[PreferencePair],
+                 tokenized: Sequence[TokenizedPair], shaping: Any, named_concepts: Sequence[Any],
+                 layer: int | None, max_prompt_tokens: int, batch_tokens: int = 8192):
+        self.model, self.tokenizer = model, tokenizer
+        self.pairs, self.tokenized = list(pairs), list(tokenized)
+        self.shaping, self.named = shaping, {str(c.name): c for c in named_concepts}
+        self.layer, self.max_prompt_tokens, self.batch_tokens = layer, max_prompt_tokens, batch_tokens
+        self.n = len(self.pairs)
+        self._ref: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scores = None
+        self._sae = None
+        self._dirs: dict[str, torch.Tensor] | None = None
+
+    # -- log-probs ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _logps(self, tokenized: Sequence[TokenizedPair], hooks: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id or 0
+        out = {s: torch.zeros(len(tokenized), dtype=torch.float64) for s in ("chosen", "rejected")}
+        for side in ("chosen", "rejected"):
+            seqs = [t.sequence(side) for t in tokenized]
+            for idx in length_batches([len(s[0]) for s in seqs], self.batch_tokens):
+                ids = pad_right([seqs[i][0] for i in idx], pad)
+                mask = pad_right([seqs[i][1] for i in idx], 0)
+                with hooks(self.model) if hooks else contextlib.nullcontext():
+                    lp = sequence_logps(self.model, ids, mask)
+                out[side][idx] = lp.double()
+        return out["chosen"], out["rejected"]
+
+    def ref_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ref is None:
+            self._ref = self._logps(self.tokenized, None)
+        return self._ref
+
+    def logps(self, hooks: Callable | None = None, prompt_suffix: str | None = None):
+        toks = self.tokenized if prompt_suffix is None else self._with_suffix(prompt_suffix)
+        return self._logps(toks, hooks)
+
+    def _with_suffix(self, suffix: str) -> list[TokenizedPair]:
+        """Same response tokens, prompt x ⊕ C_u: the instruction appended to the last user turn."""
+        out = []
+        for p, t in zip(self.pairs, self.tokenized, strict=True):
+            msgs = p.messages()
+            msgs[-1] = {**msgs[-1], "content": f"{msgs[-1]['content']}\n\n{suffix}"}
+            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens:]
+            out.append(TokenizedPair(t.id, ids, t.chosen_ids, t.rejected_ids, False, False, False))
+        return out
+
+    # -- concept sources ---------------------------------------------------------------------
+    def concept_score(self, concept: str) -> tuple[np.ndarray, np.ndarray]:
+        if concept == "length":  # built-in (R-DPO): response length in tokens
+            return (np.array([len(t.chosen_ids) for t in self.tokenized], np.float32),
+                    np.array([len(t.rejected_ids) for t in self.tokenized], np.float32))
+        if self.shaping.get("scores_dir"):
+            return self._stored_score(concept)
+        name = concept.split(":", 1)[1] if concept.startswith("named:") else None
+        nc = self.named.get(name) if name else None
+        if nc is not None and nc.kind == "regex" and nc.pattern:
+            rx = re.compile(str(nc.pattern))
+            return (np.array([len(rx.findall(p.chosen)) for p in self.pairs], np.float32),
+                    np.array([len(rx.findall(p.rejected)) for p in self.pairs], np.float32))
+        raise ShapingError(
+            f"{concept}: no span scores to shape with; set shaping.scores_dir to the encode stage's score "
+            "folder, or name a regex concept (named_concepts) and refer to it as named:<name>"
+        )
+
+    def _stored_score(self, concept: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._scores is None:
+            from prefsculpt.concepts.shards import load_scores
+
+            self._scores = load_scores(self.shaping.scores_dir)
+        sc = self._scores
+        if concept not in sc.concept_names:
+            raise ShapingError(f"{concept}: not among the {len(sc.concept_names)} concepts in {self.shaping.scores_dir}")
+        row = {pid: i for i, pid in enumerate(sc.pair_ids)}
+        missing = [p.id for p in self.pairs if p.id not in row]
+        if missing:
+            raise ShapingError(
+                f"{len(missing)} training pairs (e.g. {missing[:3]}) have no scores in {self.shaping.scores_dir}; "
+                "encode the same pairs you train on"
+            )
+        j, idx = sc.concept_names.index(concept), [row[p.id] for p in self.pairs]
+        stat = str(self.shaping.score_stat)
+        return sc.get("chosen", stat)[idx, j], sc.get("rejected", stat)[idx, j]
+
+    def direction(self, concept: str) -> torch.Tensor:
+        v = self._direction(concept).float()
+        if self.shaping.get("unit_directions", True):
+            v = v / v.norm().clamp_min(1e-8)
+        return v
+
+    def _direction(self, concept: str) -> torch.Tensor:
+        if self.shaping.get("directions_path"):
+            if self._dirs is None:
+                self._dirs = load_file(str(self.shaping.directions_path))
+            if concept in self._dirs:
+                return self._dirs[concept]
+        if concept.startswith("latent:") and self.shaping.get("sae_path"):
+            if self._sae is None:
+                from sae_lens import SAE
+
+                self._sae = SAE.load_from_disk(str(self.shaping.sae_path), device="cpu")
+            return self._sae.W_dec[int(concept.split(":")[1])].detach()
+        raise ShapingError(
+            f"{concept}: no residual direction; for latent:<i> set shaping.sae_path, otherwise give "
+            "shaping.directions_path (a safetensors file {concept: (d_model,) vector})"
+        )
+
+    def source_key(self) -> dict[str, Any]:
+        """The concept sources a ΔA depends on (part of every intervention's cache key)."""
+        files = [Path(p) for p in (self.shaping.get("directions_path"),) if p]
+        if self.shaping.get("scores_dir"):
+            files.append(Path(self.shaping.scores_dir) / "manifest.json")
+        if self.shaping.get("sae_path"):
+            files.extend(Path(self.shaping.sae_path).glob("*.safetensors"))
+        named = {k: [str(v.kind), str(v.pattern)] for k, v in self.named.items()}
+        return {"files": file_fingerprint([f for f in files if f.exists()]), "named": named,
+                "stat": str(self.shaping.get("score_stat")), "unit": bool(self.shaping.get("unit_directions", True))}
+
+
+@dataclass
+class Precomputed:
+    ref_c: np.ndarray  # (n,)
+    ref_r: np.ndarray  # (n,)
+    delta_a: np.ndarray  # (n, U) loss-term columns
+    term_names: list[str]
+    lambdas: np.ndarray  # (U,)
+    weights: np.ndarray  # (n,) product of filter weights; 0 = dropped
+
+
+def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache: PrecomputeCache,
+                   model_fp: str) -> Precomputed:
+    base = {"model": model_fp, "tokens": tokens_fingerprint(ctx.tokenized)}
+    ref = cache.get_or_compute(sha({**base, "what": "ref"}), lambda: dict(zip(("c", "r"), ctx.ref_logps(), strict=True)))
+    cols, names, lams = [], [], []
+    weights = np.ones(ctx.n, np.float32)
+    src = ctx.source_key()
+    for iv in interventions:
+        key = sha({**base, "what": iv.cache_key(), "src": src})
+        res = iv.precompute(ctx) if not (cache.dir / f"{key}.safetensors").exists() else None
+        if res is None and iv.touches_layers():
+            continue  # training-time edit: nothing to cache (precompute bound its directions)
+        da = cache.get_or_compute(key, lambda res=res: {"delta_a": torch.as_tensor(res)})["delta_a"].numpy()
+        if iv.in_loss:
+            cols.append(da.astype(np.float32))
+            names.append(iv.name)
+            lams.append(iv.lam)
+        w = iv.weights(da)
+        if w is not None:
+            weights = weights * w.astype(np.float32)
+    delta = np.stack(cols, 1) if cols else np.zeros((ctx.n, 0), np.float32)
+    return Precomputed(ref["c"].numpy(), ref["r"].numpy(), delta, names, np.array(lams, np.float32), weights)
+
+
+@torch.no_grad()
+def trunk_cache(model: Any, tokenized: Sequence[TokenizedPair], start_layer: int, cache: PrecomputeCache,
+                model_fp: str, dtype: str = "float32", batch_tokens: int = 8192, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Input of decoder layer ``start_layer`` (= output of ``start_layer − 1``) per pair, stored flat:
+    ``data`` (Σ tokens, d) holding prompt, chosen response, rejected response of each pair (the prompt
+    once: under the causal mask its states do not depend on the response), and ``offsets`` (n, 3) of
+    (start, len(prompt), len(chosen)); the rejected response follows the chosen one."""
+    key = sha({"model": model_fp, "tokens": tokens_fingerprint(tokenized), "what": "trunk",
+               "layer": start_layer, "dtype": dtype})
+
+    def compute() -> dict[str, torch.Tensor]:
+        n = len(tokenized)
+        per_pair: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        for side in ("chosen", "rejected"):
+            seqs = [t.sequence(side)[0] for t in tokenized]
+            for idx in length_batches([len(s) for s in seqs], batch_tokens):
+                h = truncated_forward(model, pad_right([seqs[i] for i in idx], pad_id), None, start_layer - 1)
+                for j, i in enumerate(idx):
+                    p = len(tokenized[i].prompt_ids)
+                    if side == "chosen":
+                        per_pair[i].append(h[j, :p])
+                    per_pair[i].append(h[j, p : len(seqs[i])])
+        offsets, start = [], 0
+        for t in tokenized:
+            offsets.append([start, len(t.prompt_ids), len(t.chosen_ids)])
+            start += len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
+        data = torch.cat([x for parts in per_pair for x in parts]).to(getattr(torch, dtype))
+        return {"data": data, "offsets": torch.tensor(offsets, dtype=torch.long)}
+
+    return cache.get_or_compute(key, compute)

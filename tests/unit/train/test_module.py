@@ -1,0 +1,107 @@
+"""Forward paths, batching and the train stage on the tiny llama."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from prefsculpt.train.datamodule import BucketBatchSampler, truncate_pair
+from prefsculpt.train.forward import pad_right, sequence_logps
+
+
+def _batch(tok):
+    from prefsculpt.data.schema import PreferencePair
+    from prefsculpt.data.tokenize import tokenize_pairs
+
+    pairs = [PreferencePair("a", "What is 7 times 8?", "7 times 8 is 56.", "You're right! 54."),
+             PreferencePair("b", "Capital of France?", "**Paris** is the answer. Paris.", "Paris")]
+    toks = tokenize_pairs(pairs, tok, 64, 32)
+    seqs = [t.sequence("chosen") for t in toks] + [t.sequence("rejected") for t in toks]
+    return pad_right([s[0] for s in seqs], tok.pad_token_id), pad_right([s[1] for s in seqs], 0), toks
+
+
+def test_response_only_logps_equal_full_logits(tiny_model_dir, tiny_tokenizer):
+    from prefsculpt.models.loading import load_model
+
+    model = load_model(tiny_model_dir)
+    ids, mask, _ = _batch(tiny_tokenizer)
+    ours = sequence_logps(model, ids, mask)
+    attn = (ids != -1).long()
+    for i in range(ids.shape[0]):  # unpadded reference, one sequence at a time
+        n = int(mask[i].nonzero().max()) + 1
+        attn[i, n:] = 0
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
+    tok_lp = logp.gather(2, ids[:, 1:, None]).squeeze(2) * mask[:, 1:]
+    torch.testing.assert_close(ours, tok_lp.sum(1), atol=1e-4, rtol=1e-5)
+    assert (ours < 0).all()
+
+
+def test_top_layers_on_cached_trunk_equal_full_forward(tiny_model_dir, tiny_tokenizer):
+    from prefsculpt.models.hooks import truncated_forward
+    from prefsculpt.models.loading import load_model
+
+    model = load_model(tiny_model_dir)
+    ids, mask, _ = _batch(tiny_tokenizer)
+    trunk = truncated_forward(model, ids, None, 1)  # input of layer 2
+    torch.testing.assert_close(sequence_logps(model, ids, mask, trunk=trunk, start_layer=2),
+                               sequence_logps(model, ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_bucket_sampler_is_deterministic_bucketed_and_resumes():
+    lengths = [5, 50, 7, 48, 6, 49, 8, 47, 9, 46, 10, 45]
+    s = BucketBatchSampler(lengths, batch_size=2, seed=3, bucket_batches=6)
+    s.sampler.set_epoch(1)
+    full = list(s)
+    assert sorted(i for b in full for i in b) == list(range(12))
+    spreads = [abs(lengths[b[0]] - lengths[b[1]]) for b in full]
+    assert max(spreads) <= 3  # similar lengths share a batch
+    s2 = BucketBatchSampler(lengths, batch_size=2, seed=3, bucket_batches=6)
+    s2.load_state_dict({"epoch": 1, "consumed": 4})
+    s2.sampler.set_epoch(1)
+    assert list(s2) == full[4:]
+    s2.sampler.set_epoch(2)
+    assert len(list(s2)) == 6 and list(s2) != full
+
+
+def test_truncate_pair_keeps_start_like_trl(tiny_tokenizer):
+    _, _, toks = _batch(tiny_tokenizer)
+    t = toks[0]
+    cut = truncate_pair(t, len(t.prompt_ids) + 2)
+    assert cut.chosen_ids == t.chosen_ids[:2] and cut.prompt_ids == t.prompt_ids
+    assert truncate_pair(t, len(t.prompt_ids)) is None
+
+
+def test_hook_below_trained_layers_is_refused(tiny_model_dir, tmp_path, mlflow_uri):
+    from prefsculpt.shaping.registry import ShapingError
+    from prefsculpt.train.stage import run_train
+    from tests.unit.train.helpers import train_cfg
+
+    cfg = train_cfg(tiny_model_dir, tmp_path, train={"train_top_layers": 1},
+                    shaping={"concepts": [{"concept": "latent:0", "method": "ablate"}], "layer": 1})
+    with pytest.raises(ShapingError, match="layer 1.*train_top_layers"):
+        run_train(cfg)
+
+
+def test_run_train_plain_dpo_logs_one_run_and_saves_policy(tiny_model_dir, tmp_path, mlflow_uri):
+    from prefsculpt.train.stage import run_train
+    from tests.unit.train.helpers import train_cfg
+
+    cfg = train_cfg(tiny_model_dir, tmp_path, train={"max_pairs": 16, "train_top_layers": 2})
+    out = run_train(cfg)
+    assert out["optimizer_steps"] == 4  # 16 pairs / batch 4, one epoch
+    run = mlflow.get_run(out["run_id"])
+    assert run.data.tags["prefsculpt.stage"] == "train"
+    hist = mlflow.MlflowClient().get_metric_history(out["run_id"], "train/loss")
+    assert len(hist) == 4 and all(h.value > 0 for h in hist)
+    assert "train/rewards/margins" in run.data.metrics
+    assert (tmp_path / "cache" / "precompute").is_dir()
+    done = json.loads((tmp_path / "cache" / "train").glob("*/done.json").__next__().read_text())
+    assert done["run_id"] == out["run_id"]
+    # The saved policy differs from the initial weights (it trained) and loads as a plain HF model.
+    from prefsculpt.models.loading import load_model
+
+    before, after = load_model(tiny_model_dir), load_model(out["policy_dir"])
+    top = len(after.model.layers) - 1
+    assert not torch.equal(before.model.layers[top].mlp.up_proj.weight, after.model.layers[top].mlp.up_proj.weight)
+    assert torch.equal(before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight)
