@@ -26,9 +26,21 @@ class AuditConfig:
     min_latent_cluster: int = 4
     #: Example pairs per hypothesis in the report.
     n_examples: int = 3
+    #: Labels: most frequent top-activation tokens shown, and contexts per response side.
+    label_tokens: int = 3
+    label_contexts: int = 3
+    #: Data clusters listed per hypothesis under "where it concentrates".
+    where_top: int = 3
+    #: Planted data only: a hypothesis "captures" a planted concept when the correlation of its d
+    #: with the planted tag difference (chosen - rejected) is at least this.
+    planted_min_corr: float = 0.5
     #: Optional OpenAI-compatible endpoint for label explanations (key from env var named below).
     explain_base_url: str | None = None
     explain_model: str | None = None
     explain_api_key_env: str = "OPENAI_API_KEY"
-    #: Run id of the encode/sae run to read concept scores from (null = from the same run tree).
+    #: Seconds to wait for one explanation; the top this-many hypotheses are explained.
+    explain_timeout_s: float = 30.0
+    explain_top: int = 20
+    #: Run id of the sae run to read concept scores from (null = the latest finished sae run under
+    #: the same parent run, else in the same experiment).
     scores_run_id: str | None = None

@@ -71,13 +71,17 @@ def context_spans(text: str, windows: Iterable[tuple[str, str, str]]) -> list[tu
     """Character spans of the firing token for each ``(left, token, right)`` window found in ``text``.
 
     The window is located as a whole first (so the right occurrence of a common token is marked),
-    then with a shorter left/right context; a token whose window is not found is not marked.
+    then with shorter contexts, and a distinctive token (3+ characters) alone; a token whose window is
+    not found is not marked.
     """
     spans = []
     for left, token, right in windows:
         if not token.strip():
             continue  # a bare newline / space cannot be shown as a mark
-        for lw, rw in ((left, right), (left[-12:], right[:12]), (left[-4:], "")):
+        tries = [(left, right), (left[-12:], right[:12]), (left[-4:], ""), ("", right[:12])]
+        if len(token.strip()) >= 3:
+            tries.append(("", ""))  # a distinctive token alone (its left context may be template text)
+        for lw, rw in tries:
             at = text.find(lw + token + rw)
             if at >= 0:
                 spans.append((at + len(lw), at + len(lw) + len(token)))
@@ -202,6 +206,9 @@ def render_report(
     ``planted``: the planted-concept check table, if the data has ground truth; ``images``:
     caption -> PNG bytes, embedded."""
     env = _environment()
+    if planted is not None:
+        planted = planted.assign(**{c: planted[c].map({True: "yes", False: "no"})
+                                    for c in planted.columns if planted[c].dtype == bool})
     planted_rows = None if planted is None else planted.to_dict("records")
     planted_cols = None if planted is None else list(planted.columns)
     return env.from_string(TEMPLATE).render(

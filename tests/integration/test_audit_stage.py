@@ -1,0 +1,125 @@
+"""The audit stage end to end on a synthetic ``sae`` run whose latents track the planted concepts.
+
+The sae run is faked (a score store and top contexts logged under a run tagged
+``prefsculpt.stage=sae``), so this tests the audit's wiring, outputs and planted check without a
+model. Latents 0-3 fire on the side carrying flattery, 4-7 on styling, 8-11 on sycophancy; the
+rest are noise.
+"""
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from prefsculpt.audit.decisions import load_decisions
+from prefsculpt.audit.stage import AuditInputError
+from prefsculpt.cli import run_stage
+from prefsculpt.concepts import shards
+from prefsculpt.config import compose
+from prefsculpt.data.source import load_source
+
+pytestmark = pytest.mark.integration
+
+F_LAT = 40
+TRACKS = {"flattery": range(0, 4), "styling": range(4, 8), "sycophancy": range(8, 12)}
+TOKENS = {"flattery": " wonderful", "styling": "**", "sycophancy": " absolutely"}
+
+
+def _fake_store(pairs, out: Path, evil_pair: str | None = None) -> None:
+    rng = np.random.default_rng(0)
+    n = len(pairs)
+    names = [f"latent:{i}" for i in range(F_LAT)] + ["named:markdown_bold"]
+    vals = {}
+    for side in ("prompt", "chosen", "rejected"):
+        x = (rng.random((n, F_LAT + 1)) < 0.1) * rng.gamma(2.0, 1.0, (n, F_LAT + 1))  # sparse noise
+        if side != "prompt":
+            tags = [getattr(p, f"{side}_tags") for p in pairs]
+            for concept, cols in TRACKS.items():
+                on = np.array([t.get(concept, 0.0) for t in tags]) > 0
+                for c in cols:
+                    x[on, c] = 4.0 + rng.random(on.sum())
+            x[:, F_LAT] = np.array([t.get("style_bold", 0.0) for t in tags]) * 2.0
+        vals[(side, "max")] = x.astype(np.float32)
+        vals[(side, "freq")] = (x > 0).astype(np.float32) * 0.3
+    ntok = {"prompt": np.full(n, 20), "chosen": np.array([len(p.chosen.split()) for p in pairs]),
+            "rejected": np.array([len(p.rejected.split()) for p in pairs])}
+    arrays = {"pair_ids": np.array([p.id for p in pairs])}
+    arrays.update({f"{s}_{st}": v for (s, st), v in vals.items()})
+    arrays.update({f"{s}_n_tokens": v.astype(np.int32) for s, v in ntok.items()})
+    out.mkdir(parents=True)
+    shards.write_shard(out, 0, arrays)
+    rows = []
+    for concept, cols in TRACKS.items():
+        for c in cols:
+            for rank, p in enumerate([p for p in pairs if p.chosen_tags.get(concept)][:6]):
+                tok = TOKENS[concept]
+                right = f" {'<script>window.__pwned=1</script>' if p.id == evil_pair else 'x'}"
+                rows.append(dict(concept=f"latent:{c}", rank=rank, value=5.0 - rank * 0.1, pair_id=p.id,
+                                 span="chosen", position=3, token=tok, left="That's", right=right))
+    pd.DataFrame(rows).to_parquet(out / "top_contexts.parquet", index=False)
+    shards.write_manifest(out, {"layer": 3, "sae_digest": "fake", "concept_names": names}, n, 1)
+
+
+@pytest.fixture
+def sae_run(mlflow_uri, tmp_path):
+    cfg = compose("experiment=tiny")
+    pairs = load_source(cfg.data).pairs
+    evil = next(p for p in pairs if p.chosen_tags.get("flattery"))  # its context shows in a label
+    _fake_store(pairs, tmp_path / "scores", evil_pair=evil.id)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    with mlflow.start_run(run_name="sae", tags={"prefsculpt.stage": "sae"}) as run:
+        mlflow.log_artifacts(str(tmp_path / "scores"), "scores")
+    return run.info.run_id
+
+
+def _download(run_id, path):
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+
+
+def test_audit_finds_planted_latents_and_writes_everything(sae_run):
+    res = run_stage("audit", "experiment=tiny audit.latent_clusters=true")
+    assert res["scores_run_id"] == sae_run
+    rid = res["run_id"]
+    out = _download(rid, "audit")
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"hypotheses.parquet", "hypotheses.json", "decisions.yaml", "report.html", "plots/volcano.png",
+            "plots/top_effects.png", "planted.json"} <= names
+    table = pd.read_parquet(out / "hypotheses.parquet")
+    assert len(table) == F_LAT + 1 + 1 + res["n_latent_clusters"]  # latents, named, clusters, length
+    hyp = table[table["rank"].notna()].sort_values("rank")
+    # the 4 co-firing latents of each planted concept count once (as their cluster or alone)
+    planted = pd.DataFrame(json.loads((out / "planted.json").read_text()))
+    for concept in ("flattery", "styling", "sycophancy", "length"):
+        row = planted[planted["planted concept"] == concept].iloc[0]
+        assert row["captured"], row.to_dict()
+        assert row["rank"] <= 10 and row["q"] < 0.05
+    flat = planted[planted["planted concept"] == "flattery"].iloc[0]
+    assert "' wonderful'" in flat["label"]
+    noise = hyp[hyp["concept"].isin([f"latent:{i}" for i in range(12, F_LAT)])]
+    assert len(noise) <= 2  # noise latents rarely pass BH + replication
+    # decisions: every shown hypothesis, all allowed, valid against the audit's concepts
+    dec = load_decisions(out / "decisions.yaml", table["concept"])
+    assert [d.concept for d in dec.entries] == hyp["concept"].head(20).tolist()
+    assert all(d.action == "allow" for d in dec.entries)
+    assert yaml.safe_load((out / "decisions.yaml").read_text())["audit_run_id"] == rid
+    # report: escaped dataset text, the table, the firing tokens marked
+    html = (out / "report.html").read_text()
+    assert html.count("<script>") == 1 and "&lt;script&gt;window.__pwned=1" in html
+    assert '<table id="hyp-table"' in html and "<mark>" in html
+    m = mlflow.get_run(rid).data.metrics
+    assert m["planted/captured"] == 4 and m["n_hypotheses"] == len(hyp)
+    assert mlflow.get_run(rid).data.tags["prefsculpt.scores_run_id"] == sae_run
+
+
+def test_audit_without_sae_run_says_what_to_do(mlflow_uri):
+    with pytest.raises(AuditInputError, match=r"run the sae stage first: mlflow run \. -e sae"):
+        run_stage("audit", "experiment=tiny")
+
+
+def test_audit_rejects_scores_of_other_data(sae_run):
+    with pytest.raises(AuditInputError, match="not in the data"):
+        run_stage("audit", "experiment=tiny data.planted.seed=5")
