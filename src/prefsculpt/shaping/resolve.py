@@ -51,10 +51,9 @@ def resolve_shaping(shaping: DictConfig, layer: int | None, known_concepts: list
         dpath = str(shaping.decisions)
         dec = load_decisions(dpath, known_concepts)
         dhash = dec.hash
-        for d in dec.entries:
-            if d.action == "allow" or d.strength <= 0 and d.method != "ablate":
-                continue
-            specs.append(Spec(d.concept, d.method, d.action, d.strength, _params(d.method, {"concept": d.concept}, shaping)))
+        for d in dec.active():
+            entry = {"concept": d.concept, **dict(getattr(d, "params", {}) or {})}
+            specs.append(Spec(d.concept, d.method, d.action, d.strength, _params(d.method, entry, shaping)))
     for c in shaping.get("concepts") or []:
         c = OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else dict(c)
         if c.get("action", "suppress") == "allow":

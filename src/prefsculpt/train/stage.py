@@ -90,11 +90,22 @@ def _run_exists(run_id: str) -> bool:
         return False
 
 
+def _check_layers(model_dir: Path, shaping: Any, top: int | None) -> None:
+    """Refuse a residual edit below the trained layers before opening a run or loading weights."""
+    from transformers import AutoConfig
+
+    from prefsculpt.train.module import check_hooks_trainable
+
+    n = int(AutoConfig.from_pretrained(str(model_dir)).num_hidden_layers)
+    check_hooks_trainable(shaping.interventions, 0 if top is None or top >= n else n - int(top))
+
+
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     tc = cfg.train
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     layer = int(cfg.sae.layer) if "sae" in cfg else None
     shaping = resolve_shaping(cfg.shaping, layer)  # validates the specs before any model is loaded
+    _check_layers(model_dir, shaping, tc.train_top_layers)
     pairs = load_train_pairs(cfg)
     tok = load_tokenizer(model_dir)
     tcfg = cfg.data.tokenize

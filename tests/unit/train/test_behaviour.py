@@ -1,0 +1,130 @@
+"""Behaviour, not formulas: shaping a marker concept changes how much of it the policy learns.
+
+Pairs: the chosen side is the right answer; in half of them it also ends with a marker (" !"), the
+concept. A_u = marker count (a regex named concept, z-scored). After training, the policy's
+preference for appending the marker on held-out answers must be ordered amplify > plain > suppress.
+"""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from prefsculpt.data.schema import PreferencePair
+from prefsculpt.data.tokenize import tokenize_pairs
+
+QA = [("What is 7 times 8?", "7 times 8 is 56.", "7 times 8 is 54."),
+      ("Capital of France?", "Paris is the answer.", "The answer is 54."),
+      ("How are you?", "I am fine, thank you.", "Hello, how are you?"),
+      ("Water boils at?", "100 degrees Celsius.", "8 degrees Celsius."),
+      ("How many planets?", "There are 8 planets.", "There are 54 planets."),
+      ("Is it Paris?", "Actually, it is Paris.", "You're right! It is 56.")]
+MARK = " !"
+NAMED = [{"name": "marker", "kind": "regex", "pattern": "!"}]
+
+
+def make_pairs(n: int, offset: int = 0):
+    out = []
+    for i in range(n):
+        q, good, bad = QA[(i + offset) % len(QA)]
+        chosen = good + (MARK if i % 2 == 0 else "")
+        out.append(PreferencePair(f"p{i + offset}", f"{q} ({i + offset})", chosen, bad))
+    return out
+
+
+def marker_preference(model, tok, pairs) -> float:
+    """Mean over held-out answers of log π(answer + marker) − log π(answer)."""
+    from prefsculpt.train.forward import pad_right, sequence_logps
+
+    with_m = [PreferencePair(p.id, p.prompt, p.chosen.rstrip(" !") + MARK, p.chosen.rstrip(" !")) for p in pairs]
+    toks = tokenize_pairs(with_m, tok, 64, 32)
+    seqs = [t.sequence("chosen") for t in toks] + [t.sequence("rejected") for t in toks]
+    with torch.no_grad():
+        lp = sequence_logps(model, pad_right([s[0] for s in seqs], tok.pad_token_id), pad_right([s[1] for s in seqs], 0))
+    a, b = lp.chunk(2)
+    return float((a - b).mean())
+
+
+def train_shaped(model_dir, tok, pairs, concepts, epochs=3, shaping_extra=None, top=None):
+    from prefsculpt.models.loading import load_model
+    from prefsculpt.shaping.config import ShapingConfig
+    from prefsculpt.shaping.resolve import resolve_shaping
+    from prefsculpt.train.datamodule import PreferenceDataModule
+    from prefsculpt.train.module import PreferenceModule, freeze_below
+    from prefsculpt.train.precompute import PrecomputeCache, RefContext, run_precompute
+
+    sc = OmegaConf.merge(OmegaConf.structured(ShapingConfig), {"concepts": concepts, **(shaping_extra or {})})
+    shaping = resolve_shaping(sc, layer=1)
+    model = load_model(model_dir).eval()
+    toks = tokenize_pairs(pairs, tok, 64, 32)
+    named = [OmegaConf.create(c) for c in NAMED]
+    ctx = RefContext(model, tok, pairs, toks, sc, named, 1, 64)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        pre = run_precompute(ctx, shaping.interventions, PrecomputeCache(d), "m")
+    start = freeze_below(model, top)
+    dm = PreferenceDataModule(toks, pre, 4, tok.pad_token_id, seed=0)
+    mod = PreferenceModule(model, beta=0.1, lr=3e-3, term_names=pre.term_names, lambdas=pre.lambdas,
+                           hooks=shaping.interventions, start_layer=start)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, use_distributed_sampler=False)
+    model.train()
+    trainer.fit(mod, datamodule=dm)
+    return model.eval(), dm, pre
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_pairs(12), make_pairs(12, offset=100)
+
+
+def test_score_suppress_lowers_and_amplify_raises_the_concept(tiny_model_dir, tiny_tokenizer, data):
+    train, held = data
+    from prefsculpt.models.loading import load_model
+
+    base = marker_preference(load_model(tiny_model_dir), tiny_tokenizer, held)
+    score = {"concept": "named:marker", "method": "score", "strength": 3.0}
+    plain, _, _ = train_shaped(tiny_model_dir, tiny_tokenizer, train, [])
+    sup, _, pre = train_shaped(tiny_model_dir, tiny_tokenizer, train, [{**score, "action": "suppress"}])
+    amp, _, _ = train_shaped(tiny_model_dir, tiny_tokenizer, train, [{**score, "action": "amplify"}])
+    assert pre.term_names == ["score/named:marker"] and pre.lambdas.tolist() == [3.0]
+    m_plain, m_sup, m_amp = (marker_preference(m, tiny_tokenizer, held) for m in (plain, sup, amp))
+    assert m_plain > base + 0.5, "plain DPO must learn the marker at all for the comparison to mean anything"
+    assert m_sup < m_plain < m_amp, (base, m_sup, m_plain, m_amp)
+
+
+def test_filter_drops_exactly_the_share_and_those_carry_the_concept(tiny_model_dir, tiny_tokenizer, data):
+    train, _ = data
+    f = {"concept": "named:marker", "method": "filter", "action": "suppress", "share": 0.25}
+    _, dm, pre = train_shaped(tiny_model_dir, tiny_tokenizer, train, [f], epochs=1)
+    assert dm.n_dropped == 3 == round(0.25 * len(train))
+    assert len(dm.dataset) == len(train) - 3
+    dropped = [train[i] for i in np.flatnonzero(pre.weights == 0)]
+    assert all("!" in p.chosen for p in dropped)
+
+
+def test_ablate_trains_with_hook_and_saved_policy_runs_without(tiny_model_dir, tiny_tokenizer, data, tmp_path,
+                                                               mlflow_uri):
+    import mlflow
+    from safetensors.torch import save_file
+
+    from prefsculpt.train.stage import run_train
+    from tests.unit.train.helpers import train_cfg
+
+    d = tmp_path / "dirs.safetensors"
+    save_file({"named:marker": torch.randn(32)}, str(d))
+    cfg = train_cfg(tiny_model_dir, tmp_path, train={"max_pairs": 4, "log_model": True, "train_top_layers": None},
+                    shaping={"concepts": [{"concept": "named:marker", "method": "ablate"}], "layer": 1,
+                             "directions_path": str(d)})
+    out = run_train(cfg)
+    assert out["optimizer_steps"] == 1
+    from prefsculpt.models.loading import load_model
+
+    saved = load_model(out["policy_dir"])
+    assert not any(m._forward_hooks for m in saved.modules())
+    pyf = mlflow.pyfunc.load_model(out["model_uri"])
+    gen = pyf.predict(["What is 7 times 8?"], params={"max_new_tokens": 4})
+    assert len(gen) == 1 and isinstance(gen[0], str)
