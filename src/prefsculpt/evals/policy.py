@@ -1,0 +1,144 @@
+"""Resolve ``eval.policy`` to a local Hugging Face folder (safetensors + tokenizer).
+
+Accepted forms:
+- ``base``: the configured model itself (``model.name_or_path``);
+- a local folder: a Hugging Face model folder, or an MLflow model folder (``MLmodel``) whose
+  artifacts hold one (the train stage's pyfunc logs the policy as ``artifacts/policy``);
+- an MLflow run id of a ``train`` run: its local policy folder when this machine trained it,
+  else the model the run logged;
+- an MLflow model URI: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/m-<id>``
+  or ``runs:/<run id>/<path>``, downloaded into the cache.
+Anything that does not resolve raises :class:`PolicySourceError` naming it (the CLI prints it and
+exits with status 2 before any evaluation starts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefsculpt.models.loading import ModelSourceError
+
+log = logging.getLogger(__name__)
+
+FORMS = ("base", "a local model folder", "an MLflow run id of a train run", "models:/<name>@<alias>",
+         "models:/<name>/<version>", "runs:/<run id>/<path>")
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+class PolicySourceError(ModelSourceError):
+    """``eval.policy`` does not resolve to a model; the message names it and the accepted forms."""
+
+
+def _fail(spec: str, why: str) -> PolicySourceError:
+    return PolicySourceError(f"eval.policy={spec!r} does not resolve: {why}. Accepted: {', '.join(FORMS)}.")
+
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    spec: str
+    path: Path
+    source: str  # base | folder | run | uri
+    digest: str
+    run_id: str | None = None
+
+
+def model_digest(folder: str | os.PathLike) -> str:
+    """sha256 over config.json and the safetensors weights (memoised per path/size/mtime)."""
+    d = Path(folder)
+    files = sorted([d / "config.json", *d.glob("*.safetensors")])
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            fh = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 22), b""):
+                    fh.update(chunk)
+            _DIGESTS[key] = fh.hexdigest()
+        h.update(p.name.encode() + _DIGESTS[key].encode())
+    return h.hexdigest()[:20]
+
+
+def find_hf_folder(root: Path) -> Path | None:
+    """``root`` itself if it is a HF model folder, else the shallowest folder under it that is."""
+    def ok(d: Path) -> bool:
+        return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+    if ok(root):
+        return root
+    hits = sorted((p.parent for p in root.rglob("config.json") if ok(p.parent)), key=lambda p: len(p.parts))
+    return hits[0] if hits else None
+
+
+def _download(spec: str, cache: Path) -> Path:
+    """Download an MLflow model/artifact URI into ``cache`` atomically; returns the HF folder inside."""
+    import mlflow
+
+    key = hashlib.sha1(spec.encode()).hexdigest()[:12]
+    dest = cache / "evals" / "policies" / key
+    tmp = dest.parent / f".tmp-{key}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(tmp)))
+        except Exception as exc:  # MlflowException, OSError: anything means "does not resolve"
+            raise _fail(spec, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        hf = find_hf_folder(got)
+        if hf is None:
+            raise _fail(spec, "it downloaded, but holds no Hugging Face model folder (config.json + *.safetensors)")
+        rel = hf.relative_to(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        return dest / rel
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_run(run_id: str, cache: Path) -> Path:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        raise _fail(run_id, f"no MLflow run with this id at {mlflow.get_tracking_uri()}") from exc
+    key = run.data.tags.get("prefsculpt.train_key")
+    if key:  # trained on this machine: the policy folder is still in the train cache
+        local = cache / "train" / key / "policy"
+        if (local / "config.json").is_file():
+            return local
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    if not models:
+        raise _fail(run_id, "the run logged no model (is it a train run that finished with train.log_model=true?)")
+    return _download(f"models:/{models[0].model_id}", cache)
+
+
+def resolve_policy(spec: str | None, base_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> ResolvedPolicy:
+    """A local HF folder for ``spec`` (see module doc); raises PolicySourceError naming ``spec``."""
+    spec = (spec or "base").strip()
+    cache = Path(cache_dir)
+    if spec == "base":
+        path, source, run_id = Path(base_dir), "base", None
+    elif spec.startswith(("models:/", "runs:/")):
+        path, source, run_id = _download(spec, cache), "uri", None
+    elif Path(spec).expanduser().is_dir():
+        found = find_hf_folder(Path(spec).expanduser())
+        if found is None:
+            raise _fail(spec, "the folder holds no Hugging Face model (config.json + *.safetensors)")
+        path, source, run_id = found, "folder", None
+    elif _RUN_ID.match(spec):
+        path, source, run_id = _from_run(spec, cache), "run", spec
+    else:
+        raise _fail(spec, "not a folder, a run id or an MLflow model URI")
+    log.info("evaluate: policy %s -> %s", spec, path)
+    return ResolvedPolicy(spec, path, source, model_digest(path), run_id)

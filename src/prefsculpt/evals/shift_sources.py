@@ -1,0 +1,126 @@
+"""Where the concept-shift eval gets its SAE and its predictions, and the eval itself.
+
+The SAE is ``eval.shift.sae_path`` or the ``sae/`` artifact of an ``sae`` run; the predictions are
+``eval.shift.hypotheses_path`` or the ``audit/hypotheses.parquet`` artifact of an ``audit`` run
+(the given run id, else the latest finished one in the experiment). Both are resolved before any
+compute; when either is missing the eval is skipped with a warning (``skip_if_missing``) or fails
+with an error saying which stage to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from omegaconf import DictConfig
+
+from prefsculpt.evals import shift as S
+
+log = logging.getLogger(__name__)
+
+
+class ShiftSourceError(ValueError):
+    """The concept-shift eval has no SAE or no audit hypotheses; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class ShiftSources:
+    sae_path: Path
+    hypotheses: pd.DataFrame
+    layer: int
+    origin: str
+
+
+def _latest_run(stage: str, run_id: str | None, experiment: str) -> str | None:
+    """``run_id`` checked, else the latest finished run of ``stage`` in this experiment (the project's
+    under ``mlflow run``, else ``tracking.experiment``)."""
+    client = mlflow.MlflowClient()
+    if run_id:
+        return client.get_run(run_id).info.run_id
+    exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if not exp_id:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        exp_id = exp.experiment_id
+    filt = f"tags.`prefsculpt.stage` = '{stage}' and attributes.status = 'FINISHED'"
+    runs = client.search_runs([exp_id], filt, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _sae_folder(root: Path) -> Path | None:
+    hits = sorted((p.parent for p in root.rglob("cfg.json") if any(p.parent.glob("*.safetensors"))),
+                  key=lambda p: len(p.parts))
+    return hits[0] if hits else None
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ShiftSourceError(f"eval.shift.hypotheses_path={path!r} does not exist")
+    return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+
+
+def resolve_shift_sources(cfg: DictConfig, cache_root: Path) -> ShiftSources | None:
+    sc = cfg.eval.shift
+    if not sc.enabled:
+        return None
+    try:
+        if sc.sae_path:
+            sae = _sae_folder(Path(sc.sae_path).expanduser())
+            if sae is None:
+                raise ShiftSourceError(f"eval.shift.sae_path={sc.sae_path!r} holds no SAE (cfg.json + *.safetensors)")
+            origin = str(sc.sae_path)
+        else:
+            rid = _latest_run("sae", sc.sae_run_id, str(cfg.tracking.experiment))
+            if rid is None:
+                raise ShiftSourceError("no finished sae run in this experiment: run the sae stage, or set eval.shift.sae_path")
+            got = Path(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path="sae",
+                                                           dst_path=str(cache_root / "evals" / "sae" / rid)))
+            sae = _sae_folder(got)
+            if sae is None:
+                raise ShiftSourceError(f"sae run {rid} has no SAE folder under its sae/ artifact")
+            origin = f"sae run {rid}"
+        if sc.hypotheses_path:
+            hyp = _read_table(str(sc.hypotheses_path))
+        else:
+            rid = _latest_run("audit", sc.audit_run_id, str(cfg.tracking.experiment))
+            if rid is None:
+                raise ShiftSourceError("no finished audit run in this experiment: run the audit stage, or set "
+                                       "eval.shift.hypotheses_path")
+            hyp = pd.read_parquet(mlflow.artifacts.download_artifacts(
+                run_id=rid, artifact_path="audit/hypotheses.parquet", dst_path=str(cache_root / "evals" / "audit" / rid)))
+            origin += f", audit run {rid}"
+    except (ShiftSourceError, mlflow.exceptions.MlflowException, OSError) as exc:
+        if not sc.skip_if_missing:
+            raise ShiftSourceError(f"concept shift: {exc}") from exc
+        log.warning("concept shift skipped: %s", exc)
+        return None
+    layer = int(sc.layer) if sc.layer is not None else int(cfg.sae.layer)
+    return ShiftSources(sae, hyp, layer, origin)
+
+
+def run_shift(ev: Any, src: ShiftSources | None) -> tuple[list, dict[str, pd.DataFrame], dict[str, float]]:
+    """Encode base and policy rollouts, compare measured shift with the audit's prediction."""
+    if src is None:
+        mlflow.set_tag("prefsculpt.shift", "skipped: no SAE or no audit hypotheses (see the log)")
+        return [], {}, {}
+    from sae_lens import SAE
+
+    sc = ev.ec.shift
+    sae = SAE.load_from_disk(str(src.sae_path), device="cpu").eval()
+    cs = S.select_concepts(src.hypotheses, int(sae.cfg.d_sae), int(sc.top_n), int(sc.n_random), int(ev.ec.seed),
+                           str(sc.predicted))
+    pad, bt = ev.tok.pad_token_id or 0, int(ev.ec.batch_tokens)
+    scores = {}
+    for which in ("base", "policy"):
+        lat = S.rollout_latent_scores(ev.model(which), sae, src.layer, ev.rollouts(which), cs.latents, pad, bt)
+        scores[which] = S.concept_scores(lat, cs.latents, cs)
+    table, m = S.shift_table(cs, scores["base"], scores["policy"])
+    mlflow.set_tag("prefsculpt.shift_sources", src.origin)
+    return [], {"concepts": table}, {f"shift/{k}": v for k, v in m.items() if pd.notna(v)}
