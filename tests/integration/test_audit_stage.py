@@ -123,3 +123,19 @@ def test_audit_without_sae_run_says_what_to_do(mlflow_uri):
 def test_audit_rejects_scores_of_other_data(sae_run):
     with pytest.raises(AuditInputError, match="not in the data"):
         run_stage("audit", "experiment=tiny data.planted.seed=5")
+
+
+def test_audit_explains_top_labels_via_endpoint(sae_run, tmp_path):
+    from tests.unit.audit.test_labels import _Server
+
+    server = _Server()
+    try:
+        res = run_stage("audit", f"experiment=tiny audit.explain_base_url={server.url} audit.explain_model=stub "
+                                 f"audit.explain_top=2 cache_dir={tmp_path / 'cache'}")
+    finally:
+        server.close()
+    # identical top contexts (latents of one synthetic concept) make one request: the cache key is the content
+    assert 1 <= len(server.requests) <= 2
+    assert len(list((tmp_path / "cache" / "explanations").glob("*.json"))) == len(server.requests)
+    html = (_download(res["run_id"], "audit/report.html")).read_text()
+    assert html.count('<p class="expl">agreement with the user</p>') == 2

@@ -196,8 +196,11 @@ def planted_check(hyp: pd.DataFrame, d: np.ndarray, pairs: list[PreferencePair],
     """Per planted concept: the best-ranked hypothesis whose d correlates with the planted tag
     difference (chosen - rejected) at least ``min_corr``. None when the data has no such tags."""
     tags = [c for c in PLANTED if any(c in p.chosen_tags for p in pairs)]
-    if not tags or d.shape[1] == 0:
+    if not tags:
         return None
+    if d.shape[1] == 0:
+        log.warning("planted data but no hypotheses: no planted concept is captured")
+        return pd.DataFrame({"planted concept": tags, "rank": np.nan, "captured": False})
     t = np.array([[p.chosen_tags.get(c, 0.0) - p.rejected_tags.get(c, 0.0) for c in tags] for p in pairs])
     dz = (d - d.mean(0)) / np.maximum(d.std(0), 1e-12)  # (n, H)
     tz = (t - t.mean(0)) / np.maximum(t.std(0), 1e-12)  # (n, T)
