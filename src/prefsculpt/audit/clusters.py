@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from scipy import stats as sps
 
 from prefsculpt.concepts.scores import ConceptScores
@@ -27,15 +28,16 @@ def _normalise_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x / np.where(norm > 0, norm, 1.0)[:, None], norm > 0
 
 
-def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def _kmeanspp(x: sparse.csr_matrix, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding on cosine distance. x: (n, F) unit rows -> (k, F) unit centroids."""
-    cent = [x[rng.integers(len(x))]]
-    dist = 1.0 - x @ cent[0]  # (n,)
+    first = x[int(rng.integers(x.shape[0]))].toarray().ravel()
+    cent = [first]
+    dist = 1.0 - x @ first  # (n,)
     for _ in range(1, k):
         w = np.maximum(dist, 0.0) ** 2
-        i = rng.choice(len(x), p=w / w.sum()) if w.sum() > 0 else rng.integers(len(x))
-        cent.append(x[i])
-        dist = np.minimum(dist, 1.0 - x @ x[i])
+        i = int(rng.choice(len(w), p=w / w.sum())) if w.sum() > 0 else int(rng.integers(len(w)))
+        cent.append(x[i].toarray().ravel())
+        dist = np.minimum(dist, 1.0 - x @ cent[-1])
     return np.stack(cent)
 
 
@@ -49,30 +51,33 @@ def data_clusters(sym: np.ndarray, k: int, seed: int = 0, n_init: int = 4, max_i
     """
     sym = np.asarray(sym, dtype=np.float64)
     x, alive = _normalise_rows(sym)
-    xa = x[alive]
-    if not 1 <= k <= len(xa):
-        raise ValueError(f"data clusters: k={k} must be between 1 and the {len(xa)} pairs with any activity")
+    # activity is sparse (most latents are silent on a pair): sparse products make each step O(nnz·k)
+    xa = sparse.csr_matrix(x[alive])
+    n = xa.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"data clusters: k={k} must be between 1 and the {n} pairs with any activity")
     rng = np.random.default_rng(seed)
     best_obj, best = -np.inf, None
     for _ in range(n_init):
         cent = _kmeanspp(xa, k, rng)  # (k, F)
         lab = None
         for _ in range(max_iter):
-            sim = xa @ cent.T  # (n, k) cosine similarities
+            sim = np.asarray(xa @ cent.T)  # (n, k) cosine similarities
             new = sim.argmax(axis=1)
             if lab is not None and np.array_equal(new, lab):
                 break
             lab = new
-            sums = np.zeros_like(cent)
-            np.add.at(sums, lab, xa)
-            for j in np.flatnonzero(np.bincount(lab, minlength=k) == 0):
-                # an emptied cluster restarts at the worst-fitting pair
-                far = int(sim.max(axis=1).argmin())
-                sums[j] = xa[far]
+            member = sparse.csr_matrix((np.ones(n), (lab, np.arange(n))), shape=(k, n))
+            sums = np.asarray((member @ xa).todense())  # (k, F) member sums
+            empty = np.flatnonzero(np.bincount(lab, minlength=k) == 0)
+            # emptied clusters restart at the worst-fitting pairs
+            for j, i in zip(empty, np.argsort(sim.max(axis=1))[: len(empty)], strict=True):
+                sums[j] = xa[int(i)].toarray().ravel()
             cent, _ = _normalise_rows(sums)
-        obj = float((xa @ cent.T).max(axis=1).sum())
+        sim = np.asarray(xa @ cent.T)
+        obj = float(sim.max(axis=1).sum())
         if obj > best_obj:
-            best_obj, best = obj, (xa @ cent.T).argmax(axis=1)
+            best_obj, best = obj, sim.argmax(axis=1)
     # renumber by size (ties by first appearance) so labels read the same whatever the init order
     sizes = np.bincount(best, minlength=k)
     first = np.array([np.flatnonzero(best == j)[0] if sizes[j] else len(best) for j in range(k)])
@@ -189,10 +194,11 @@ def _top_pairs(firing: np.ndarray, top_fraction: float, chunk: int = 512):
     keep_i, keep_j, keep_w = [], [], []
     for lo in range(0, f, chunk):  # row blocks bound memory at chunk x F, not F x F
         hi = min(f, lo + chunk)
-        co = x[:, lo:hi].T @ x  # (chunk, F) co-firing counts; exact in float32 below 2^24 rows
-        nmi = binary_nmi(co, cnt[lo:hi], cnt, m)
-        ii, jj = np.nonzero((np.arange(lo, hi)[:, None] < np.arange(f)[None, :]) & (nmi > 0))
-        w = nmi[ii, jj]
+        # only columns j >= lo can hold pairs i < j: (chunk, F - lo) co-firing counts, exact in float32
+        co = x[:, lo:hi].T @ x[:, lo:]
+        nmi = binary_nmi(co, cnt[lo:hi], cnt[lo:], m)
+        ii, jj = np.nonzero((np.arange(lo, hi)[:, None] < np.arange(lo, f)[None, :]) & (nmi > 0))
+        w, jj = nmi[ii, jj], jj + lo
         if len(w) > n_keep:  # only a block's own top n_keep can reach the global top
             sel = np.argpartition(-w, n_keep - 1)[:n_keep]
             ii, jj, w = ii[sel], jj[sel], w[sel]
