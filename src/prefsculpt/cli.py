@@ -20,6 +20,8 @@ STAGES: dict[str, str] = {
     "prepare": "prefsculpt.data.prepare:run_prepare",
     "sae": "prefsculpt.concepts.stage:run_sae",
     "audit": "prefsculpt.audit.stage:run_audit",
+    "train": "prefsculpt.train.stage:run_train",
+    "evaluate": "prefsculpt.evals.stage:run_evaluate",
     "main": "prefsculpt.pipeline:run_main",
 }
 
@@ -47,17 +49,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Exceptions that mean "the user's input is wrong", as (module, class name): exit 2, no traceback.
+USER_ERRORS = (
+    ("prefsculpt.data.errors", "DataValidationError"),
+    ("prefsculpt.data.errors", "DataSourceError"),
+    ("prefsculpt.models.loading", "ModelSourceError"),
+    ("prefsculpt.audit.stage", "AuditInputError"),
+    ("prefsculpt.audit.decisions", "DecisionsError"),
+    ("prefsculpt.audit.labels", "ExplainError"),
+    ("prefsculpt.concepts.shards", "ShardStoreError"),
+    ("omegaconf.errors", "OmegaConfBaseException"),
+    ("hydra.errors", "HydraException"),
+)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    from omegaconf.errors import OmegaConfBaseException
-
-    from prefsculpt.data.errors import DataSourceError, DataValidationError
-    from prefsculpt.models.loading import ModelSourceError
-
-    try:
-        from hydra.errors import HydraException
-    except ImportError:  # pragma: no cover
-        HydraException = OmegaConfBaseException  # noqa: N806
-    return (DataValidationError, DataSourceError, ModelSourceError, OmegaConfBaseException, HydraException)
+    """Resolved lazily (only when an exception is being handled), so a stage imports only what it uses."""
+    out = []
+    for mod, name in USER_ERRORS:
+        try:
+            out.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
 
 
 def _resolve(stage: str) -> Callable[[Any], dict]:

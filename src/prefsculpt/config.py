@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.audit.config import AuditConfig
 from prefsculpt.concepts.config import EncodeConfig, NamedConceptConfig, SAEConfig
+from prefsculpt.evals.config import EvalConfig
+from prefsculpt.shaping.config import ShapingConfig, TrainConfig
 
 #: The repository's ``conf/`` folder (pipelines run from a checkout; see README).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -118,6 +120,9 @@ class RootConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     #: Concepts named by a regex over response text or by contrastive examples (METHOD §2).
     named_concepts: list[NamedConceptConfig] = field(default_factory=list)
     #: Global seed (torch, numpy, python).
@@ -139,8 +144,13 @@ def compose(overrides: str | list[str] | None = None, config_name: str = "config
     """Compose ``conf/<config_name>.yaml`` with overrides and validate it against :class:`RootConfig`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
 
+    # The schema comes first in conf/config.yaml's defaults, so every field exists (with its type)
+    # before the YAML groups and the user's overrides are applied: `sae.layer=10` works even when
+    # a group's YAML leaves that field at its default.
+    ConfigStore.instance().store(name="prefsculpt_schema", node=RootConfig)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -7,6 +7,7 @@ The tracking URI comes from ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -68,20 +69,40 @@ def log_config(cfg: DictConfig, path: str = "config/config.yaml") -> None:
     mlflow.log_params({k: v[:6000] for k, v in params.items()})
 
 
+#: Set by the pipeline around a stage call: the stage's reuse key (see ``tracking.reuse``).
+CURRENT_STAGE_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage_key", default=None)
+COMPLETE_TAG = "prefsculpt.complete"
+KEY_TAG = "prefsculpt.stage_key"
+
+
 @contextlib.contextmanager
-def stage_run(cfg: DictConfig, stage: str, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Open the run for ``stage``; under ``mlflow run`` this attaches to the project's run."""
+def stage_run(cfg: DictConfig, stage: str, nested: bool | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the run for ``stage``.
+
+    Under ``mlflow run`` the first stage attaches to the project's run; a stage started while another
+    run is active becomes its child (``nested=None`` decides this automatically). A run that ends
+    without an exception is tagged ``prefsculpt.complete=true``; only such runs are ever reused.
+    """
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
     under_project = "MLFLOW_RUN_ID" in os.environ
-    if not under_project and not mlflow.active_run():
+    active = mlflow.active_run() is not None
+    if not under_project and not active:
         mlflow.set_experiment(cfg.tracking.experiment)
+    if nested is None:
+        nested = active
     tags = {"prefsculpt.stage": stage}
     commit = git_commit()
     if commit:
         tags["prefsculpt.git_commit"] = commit
+    key = CURRENT_STAGE_KEY.get()
+    if key:
+        tags[KEY_TAG] = key
     with mlflow.start_run(run_name=cfg.tracking.run_name or stage, nested=nested, tags=tags) as run:
+        if under_project or key:
+            mlflow.set_tags(tags)  # an attached run ignores start_run's tags
         log_config(cfg)
         yield run
+        mlflow.set_tag(COMPLETE_TAG, "true")
 
 
 def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
