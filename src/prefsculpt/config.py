@@ -113,6 +113,16 @@ class TrackingConfig:
 
 
 @dataclass
+class PipelineConfig:
+    #: Stages the ``main`` entry point runs, in order (a prefix such as [prepare, sae, audit] stops early).
+    stages: list[str] = field(
+        default_factory=lambda: ["prepare", "sae", "audit", "search", "evaluate", "promote"]
+    )
+    #: Reuse a stage's earlier complete run when its inputs (config, upstream, code) are unchanged.
+    reuse: bool = True
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,6 +133,7 @@ class RootConfig:
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     #: Concepts named by a regex over response text or by contrastive examples (METHOD §2).
     named_concepts: list[NamedConceptConfig] = field(default_factory=list)
     #: Global seed (torch, numpy, python).

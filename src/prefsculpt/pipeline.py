@@ -1,17 +1,112 @@
-"""The ``main`` entry point: the whole pipeline on one config.
+"""The ``main`` entry point: prepare → sae → audit → search → evaluate → promote, one run tree.
 
-Stages so far: prepare. Later stages (sae, audit, search, evaluate, promote) join here as their
-issues land, each as a child run of one parent run.
+Each stage is a child run of one parent run (the ``mlflow run`` project run, or a run opened here).
+Before a stage runs, its key — the config sections it reads, the keys of the stages it depends on,
+and the code version — is looked up among complete, finished runs; when one matches, the stage is
+*reused*: a light child run records ``prefsculpt.reused_from`` and the earlier run's metrics, and
+downstream stages read the earlier run's artifacts. A second ``mlflow run .`` with nothing changed
+therefore recomputes nothing.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+import mlflow
+from omegaconf import DictConfig, open_dict
+
+from prefsculpt.tracking.reuse import find_reusable, stage_key
+from prefsculpt.tracking.runs import COMPLETE_TAG, CURRENT_STAGE_KEY, KEY_TAG, stage_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str  # "module:function(cfg) -> dict with run_id"
+    sections: tuple[str, ...]  # config sections its output depends on
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    #: how the upstream run ids reach it: config key -> upstream stage
+    wiring: tuple[tuple[str, str], ...] = ()
+
+    def fn(self) -> Callable[[DictConfig], dict[str, Any]]:
+        mod, name = self.target.split(":")
+        return getattr(importlib.import_module(mod), name)
+
+
+_DATA = ("model", "data", "seed")
+_CONCEPTS = (*_DATA, "sae", "encode", "named_concepts")
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("prepare", "prefsculpt.data.prepare:run_prepare", _DATA, ()),
+    Stage("sae", "prefsculpt.concepts.stage:run_sae", _CONCEPTS, ("prepare",)),
+    Stage("audit", "prefsculpt.audit.stage:run_audit", (*_CONCEPTS, "audit"), ("sae",),
+          (("audit.scores_run_id", "sae"),)),
+    Stage("search", "prefsculpt.search.study:run_search",
+          (*_CONCEPTS, "audit", "shaping", "train", "eval", "search"), ("audit",),
+          (("search.audit_run_id", "audit"),)),
+    Stage("evaluate", "prefsculpt.pipeline:run_final_evaluate",
+          (*_CONCEPTS, "audit", "shaping", "train", "eval", "search", "promote"), ("search",),
+          (("promote.search_run_id", "search"),)),
+    Stage("promote", "prefsculpt.search.promote:run_promote",
+          (*_CONCEPTS, "audit", "shaping", "train", "eval", "search", "promote"), ("search", "evaluate"),
+          (("promote.search_run_id", "search"),)),
+)}
+DEFAULT_ORDER = tuple(STAGES)
+
+
+def _reuse_child(stage: str, key: str, earlier: mlflow.entities.Run) -> None:
+    """A light child run that records the reuse, so the run tree shows every stage every time."""
+    tags = {"prefsculpt.stage": stage, "prefsculpt.reused_from": earlier.info.run_id, KEY_TAG + "_reused": key}
+    with mlflow.start_run(run_name=f"{stage} (reused)", nested=True, tags=tags):
+        metrics = {k: v for k, v in earlier.data.metrics.items()}
+        if metrics:
+            mlflow.log_metrics(metrics)
+        mlflow.set_tag(COMPLETE_TAG, "true")
 
 
 def run_main(cfg: DictConfig) -> dict[str, Any]:
-    from prefsculpt.data.prepare import run_prepare
-
-    return run_prepare(cfg)
+    order = list(cfg.pipeline.stages) if cfg.get("pipeline") and cfg.pipeline.stages else list(DEFAULT_ORDER)
+    unknown = [s for s in order if s not in STAGES]
+    if unknown:
+        raise ValueError(f"pipeline.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+    reuse = bool(cfg.pipeline.reuse) if cfg.get("pipeline") else True
+    results: dict[str, dict[str, Any]] = {}
+    keys: dict[str, str] = {}
+    t_start = time.perf_counter()
+    with stage_run(cfg, "main") as parent:
+        exp = parent.info.experiment_id
+        for name in order:
+            st = STAGES[name]
+            missing = [u for u in st.upstream if u not in results and u in STAGES and u in order]
+            if missing:
+                raise ValueError(f"pipeline.stages: {name} needs {missing} earlier in the list")
+            with open_dict(cfg):
+                for key, up in st.wiring:
+                    if up in results:
+                        node, leaf = key.rsplit(".", 1)
+                        cfg[node][leaf] = results[up]["run_id"]
+            keys[name] = stage_key(name, cfg, st.sections, [keys[u] for u in st.upstream if u in keys])
+            t0 = time.perf_counter()
+            earlier = find_reusable(keys[name], [exp]) if reuse else None
+            if earlier is not None:
+                log.info("%s: inputs unchanged, reusing run %s", name, earlier.info.run_id)
+                _reuse_child(name, keys[name], earlier)
+                results[name] = {"run_id": earlier.info.run_id, "metrics": dict(earlier.data.metrics),
+                                 "reused": True}
+            else:
+                token = CURRENT_STAGE_KEY.set(keys[name])
+                try:
+                    results[name] = {**st.fn()(cfg), "reused": False}
+                finally:
+                    CURRENT_STAGE_KEY.reset(token)
+            mlflow.log_metric(f"time/{name}_s", time.perf_counter() - t0)
+            mlflow.set_tag(f"prefsculpt.run.{name}", results[name]["run_id"])
+        mlflow.log_metric("time/total_s", time.perf_counter() - t_start)
+        return {"run_id": parent.info.run_id, "stages": {k: v["run_id"] for k, v in results.items()},
+                "reused": [k for k, v in results.items() if v.get("reused")], "results": results}
