@@ -1,0 +1,123 @@
+"""Benchmark: one policy's full evaluation on default settings (SmolLM2-135M) against 4 minutes.
+
+Baseline: the issue's target, **240 s** of wall time on 2 CPU cores for one policy, with the base
+already cached (the base is evaluated once per model digest and inputs, then reused by every policy).
+
+What runs: ``run_evaluate`` with ``conf/eval/default.yaml`` (100 planted sycophancy probes, 40 style
+prompts x 64 greedy tokens, 100 clean pairs, 100 known-answer probes, KL on the style rollouts,
+concept shift over top-20 + 20 random latents). Two runs in one tracking store:
+
+1. ``policy=base`` with an empty cache: the base itself (fills the base cache);
+2. ``policy=<folder>``: a different policy (``--policy``; default: SmolLM2 with its top 4 layers
+   perturbed by seeded noise, saved once to ``$PREFSCULPT_CACHE/bench/policy-perturbed``), base cached.
+
+The concept shift needs an SAE and audit hypotheses: unless ``--sae``/``--hypotheses`` are given, a
+random sae-lens SAE (8x expansion at ``sae.layer``) and 20 synthetic hypotheses stand in (the cost is
+the same; the figures are meaningless).
+
+    python bench/evaluate.py [--policy DIR] [--sae DIR --hypotheses FILE] [--overrides "eval.x=y ..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGET_S = 240.0
+
+
+def perturbed_policy(base_dir: Path, out: Path, top_layers: int = 4, scale: float = 0.02) -> Path:
+    """SmolLM2 with seeded noise (scale x each weight's std) on its top layers: a stand-in policy."""
+    import torch
+
+    from prefsculpt.models.loading import load_model, load_tokenizer
+
+    if (out / "config.json").exists():
+        return out
+    model = load_model(base_dir)
+    g = torch.Generator().manual_seed(0)
+    n = len(model.model.layers)
+    with torch.no_grad():
+        for layer in model.model.layers[n - top_layers :]:
+            for p in layer.parameters():
+                if p.dim() == 2:
+                    p.add_(torch.randn(p.shape, generator=g) * p.std() * scale)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(str(tmp))
+    load_tokenizer(base_dir).save_pretrained(str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def stand_in_shift_sources(root: Path, d_model: int, expansion: int = 8, n_hyp: int = 20) -> tuple[Path, Path]:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(0)
+    sae_dir = root / "sae"
+    StandardSAE(StandardSAEConfig(d_in=d_model, d_sae=expansion * d_model)).save_model(sae_dir)
+    rng = np.random.default_rng(0)
+    lat = rng.choice(expansion * d_model, size=n_hyp, replace=False)
+    hyp = pd.DataFrame({"concept": [f"latent:{j}" for j in lat], "rank": np.arange(1, n_hyp + 1),
+                        "d_z": rng.normal(0, 0.5, n_hyp)})
+    path = root / "hypotheses.parquet"
+    hyp.to_parquet(path)
+    return sae_dir, path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default=None)
+    ap.add_argument("--sae", default=None)
+    ap.add_argument("--hypotheses", default=None)
+    ap.add_argument("--overrides", default="")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from prefsculpt.cli import setup_logging
+    from prefsculpt.config import compose, parse_overrides
+    from prefsculpt.evals.stage import run_evaluate
+    from prefsculpt.models.loading import default_cache_dir, resolve_model_dir
+
+    setup_logging("WARNING")
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    base_dir = resolve_model_dir("smollm2-135m-instruct")
+    policy = Path(args.policy) if args.policy else perturbed_policy(base_dir, default_cache_dir() / "bench" / "policy-perturbed")
+    d_model = json.loads((base_dir / "config.json").read_text())["hidden_size"]
+    sae, hyp = (args.sae, args.hypotheses) if args.sae else stand_in_shift_sources(work, d_model)
+    common = [f"cache_dir={work / 'cache'}", f"eval.shift.sae_path={sae}", f"eval.shift.hypotheses_path={hyp}",
+              *parse_overrides(args.overrides)]
+    results = {}
+    for name, pol in (("base (cold cache)", "base"), ("policy (base cached)", str(policy))):
+        cfg = compose([*common, f"eval.policy={pol}"])
+        t0 = time.perf_counter()
+        out = run_evaluate(cfg)
+        wall = time.perf_counter() - t0
+        parts = {k.removeprefix("time/").removesuffix("_s"): round(v, 1) for k, v in out["metrics"].items()
+                 if k.startswith("time/") and k != "time/total_s"}
+        results[name] = {"wall_s": round(wall, 1), **parts}
+        print(f"{name:22s} wall {wall:6.1f} s   " + "  ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+    pol_s = results["policy (base cached)"]["wall_s"]
+    verdict = "PASS" if pol_s < TARGET_S else "FAIL"
+    print(f"one policy's full evaluation: {pol_s:.1f} s vs target {TARGET_S:.0f} s: {verdict} "
+          f"({TARGET_S / pol_s:.2f}x the budget)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

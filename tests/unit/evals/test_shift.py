@@ -1,0 +1,90 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from prefsculpt.evals.shift import (
+    agreement,
+    concept_scores,
+    measured_shift,
+    rollout_latent_scores,
+    select_concepts,
+    shift_table,
+)
+from prefsculpt.evals.style import generate_greedy
+from prefsculpt.models.hooks import add_to_residual
+from prefsculpt.models.loading import load_model, load_tokenizer
+
+LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(tmp_path_factory):
+    from sae_lens import SAE, StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("sae")
+    StandardSAE(StandardSAEConfig(d_in=32, d_sae=64)).save_model(d)
+    return SAE.load_from_disk(str(d), device="cpu")
+
+
+def hypotheses():
+    return pd.DataFrame({
+        "concept": ["latent:3", "cluster:0", "named:markdown_bold", "latent:9", "latent:20", "latent:5"],
+        "rank": [1, 2, 3, 4, np.nan, np.nan], "d_z": [0.9, -0.5, 0.7, 0.3, 0.01, np.nan],
+        "members": [None, ["latent:7", "latent:8"], None, None, None, None],
+    })
+
+
+def test_select_concepts_takes_top_hypotheses_and_random_controls():
+    cs = select_concepts(hypotheses(), d_sae=64, top_n=3, n_random=10, seed=0)
+    assert cs.names[:3] == ["latent:3", "cluster:0", "latent:9"]  # the named concept has no latent: skipped
+    assert cs.members[1] == [7, 8] and cs.predicted[:3].tolist() == [0.9, -0.5, 0.3]
+    ctrl = [m[0] for m, c in zip(cs.members, cs.control, strict=True) if c]
+    assert len(ctrl) == 10 and not {3, 7, 8, 9} & set(ctrl)
+    # A tested control keeps its (small) audit effect; untested ones predict 0.
+    for j, p in zip(ctrl, cs.predicted[cs.control], strict=True):
+        assert p == (0.01 if j == 20 else 0.0)
+    again = select_concepts(hypotheses(), d_sae=64, top_n=3, n_random=10, seed=0)
+    assert again.names == cs.names  # seeded
+    with pytest.raises(ValueError, match="needs columns"):
+        select_concepts(hypotheses().drop(columns=["d_z"]), 64, 3, 3)
+
+
+def test_agreement_and_shift_math():
+    p = np.array([1.0, 0.5, -0.5, 0.0, 0.2])
+    a = agreement(p, 2 * p + 1)
+    assert a["spearman"] == pytest.approx(1) and a["r2"] == pytest.approx(1)
+    assert agreement(p, -p)["spearman"] == pytest.approx(-1)
+    assert np.isnan(agreement(p, np.zeros(5))["r2"])
+    base, pol = np.array([[0.0, 1.0], [2.0, 1.0]]), np.array([[2.0, 1.0], [4.0, 1.0]])
+    shift, z = measured_shift(base, pol)
+    assert shift.tolist() == [2.0, 0.0] and z[1] == 0 and z[0] == pytest.approx(2 / np.std([0, 2, 2, 4], ddof=1))
+
+
+def test_rollout_scores_equal_full_forward_hidden_states(tiny_model_dir, tiny_sae):
+    model, tok = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    rolls = generate_greedy(model, tok, ["What is 7 times 8?", "Hello there"], max_new_tokens=4)
+    got = rollout_latent_scores(model, tiny_sae, LAYER, rolls, [1, 5, 6], tok.pad_token_id, batch_tokens=8)
+    for i, r in enumerate(rolls):
+        with torch.no_grad():
+            h = model(torch.tensor([r.prompt_ids + r.response_ids]), output_hidden_states=True).hidden_states[LAYER + 1]
+            acts = tiny_sae.encode(h)[0, len(r.prompt_ids):, [1, 5, 6]]
+        assert np.allclose(got[i], acts.max(0).values.clamp_min(0).numpy(), atol=1e-5)
+
+
+def test_steering_a_latent_is_measured_as_its_shift(tiny_model_dir, tiny_sae):
+    """A 'policy' that pushes latent 3 up along its encoder direction: latent 3 shows the largest
+    measured shift, and the predicted effects (+ for 3, 0 elsewhere) agree with the measurement."""
+    model, tok = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    prompts = ["What is 7 times 8?", "Hello there", "The capital of France is Paris.", "Water boils at 100 degrees."]
+    rolls = generate_greedy(model, tok, prompts, max_new_tokens=4)
+    hyp = pd.DataFrame({"concept": ["latent:3"], "rank": [1], "d_z": [1.0]})
+    cs = select_concepts(hyp, 64, top_n=1, n_random=8, seed=1)
+    w = tiny_sae.W_enc.detach()[:, 3]  # (d,): raises latent 3's pre-activation
+    base = concept_scores(rollout_latent_scores(model, tiny_sae, LAYER, rolls, cs.latents, 0), cs.latents, cs)
+    with add_to_residual(model, LAYER, w / w.norm(), 8.0):
+        pol = concept_scores(rollout_latent_scores(model, tiny_sae, LAYER, rolls, cs.latents, 0), cs.latents, cs)
+    table, m = shift_table(cs, base, pol)
+    assert table["shift"].idxmax() == 0 and table["shift"][0] > 0  # row 0 = latent:3
+    assert m["hyp_sign_agree"] == 1.0 and m["all_spearman"] > 0
