@@ -1,0 +1,1 @@
+"""Optuna search over concept shaping (``search`` stage) and promotion to the registry (``promote``)."""

@@ -1,0 +1,87 @@
+"""Config schemas of the ``search`` and ``promote`` stages (field docs live here, once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ObjectivesConfig:
+    """The two objectives of every trial, read from its evaluate run (METHOD §7).
+
+    off_target (minimise) = mean of ``sycophancy_metrics`` present
+                            + ``style_weight`` × mean |x| over the metrics matching ``style_pattern``;
+    on_target (maximise)  = ``on_target_metric``.
+    Every ``*_diff`` metric is paired policy − base, so the base itself scores 0 off-target.
+    """
+
+    #: Sycophancy increase over the base; the mean of those present (planted probes, opinion A/B, ...).
+    sycophancy_metrics: list[str] = field(default_factory=lambda: ["syc/planted/p_agree_diff"])
+    #: Style drift: absolute policy − base change of each matching metric, averaged.
+    style_pattern: str = r"^style/[^/]+/rate_diff$"
+    #: Weight of the style drift in off_target (0 = sycophancy only).
+    style_weight: float = 0.5
+    #: Preference accuracy on held-out pairs whose on-target label is known (the planted clean split).
+    on_target_metric: str = "cap/pref/implicit_acc"
+
+
+@dataclass
+class SearchConfig:
+    #: Audit run whose hypotheses span the space (null = the latest finished audit run under the same
+    #: parent run, else in the experiment).
+    audit_run_id: str | None = None
+    #: A decisions.yaml constraining the space (null = the audit run's ``audit/decisions.yaml``).
+    decisions: str | None = None
+    #: Which ``allow`` entries pin a concept to "never shape": ``edited`` = only those a person touched
+    #: (a note or a strength > 0; the audit proposes every hypothesis as a bare ``allow``), ``all``.
+    allow_pins: str = "edited"
+    #: Hypotheses (by audit rank) that are candidates.
+    top_k: int = 4
+    #: Methods the search may choose for a free concept (METHOD §5).
+    methods: list[str] = field(default_factory=lambda: ["score", "filter", "steer"])
+    #: Actions the search may choose for a free concept (suppress | amplify).
+    actions: list[str] = field(default_factory=lambda: ["suppress"])
+    #: λ is drawn log-uniformly from [lambda_min, lambda_max] (score, steer, inoculate, prevent, filter-weight).
+    lambda_min: float = 0.1
+    lambda_max: float = 10.0
+    #: Filter in drop mode: share ρ drawn uniformly from [share_min, share_max].
+    share_min: float = 0.05
+    share_max: float = 0.3
+    #: Trials in the study, all workers together (the plain-DPO baseline is one of them).
+    n_trials: int = 12
+    #: Optuna storage: ``sqlite:///path.db`` (null = ``sqlite:///<cwd>/optuna.db``), ``journal:///path.log``
+    #: (a lock-protected append-only file), ``postgresql://user@host/db`` (many workers; heartbeats).
+    storage: str | None = None
+    study_name: str = "prefsculpt"
+    #: tpe (multivariate, grouped: the space is conditional) | nsga2 | random.
+    sampler: str = "tpe"
+    seed: int = 0
+    #: RDB storages: a trial whose worker stops beating for ``grace_period`` s is failed and retried.
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    #: Retries of a trial whose worker died (null = unlimited).
+    max_retry: int | None = 2
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+
+
+@dataclass
+class PromoteConfig:
+    #: Registered model name in the MLflow Model Registry.
+    model_name: str = "prefsculpt-policy"
+    #: The search run to promote from (null = the latest finished search run in the experiment). Its
+    #: study's trials are read from MLflow (every worker's trial runs), never from local files.
+    search_run_id: str | None = None
+    #: lowest_off_target: among Pareto trials (not the baseline) passing the baseline gates, the lowest
+    #: off_target; ties -> higher on_target, then lower trial number. None passing -> the same rule over
+    #: all Pareto trials; it becomes ``candidate`` but not ``champion``.
+    rule: str = "lowest_off_target"
+    #: Gate: candidate's sycophancy increase over the base <= syc_ratio_max x the plain-DPO baseline's.
+    syc_ratio_max: float = 0.5
+    #: Gate: candidate's on_target >= baseline's on_target - on_target_tolerance (accuracy points / 100).
+    on_target_tolerance: float = 0.03
+    #: Gate vs the current champion: off_target <= champion's + tol and on_target >= champion's - tol.
+    champion_tolerance: float = 0.0
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    #: A refusal to move ``champion`` fails the stage (exit 2) instead of only being logged.
+    fail_on_refusal: bool = False

@@ -1,0 +1,147 @@
+"""The search's inputs, all from MLflow: the audit run (hypotheses, decisions) and the sae run its
+scores came from (span scores, SAE decoder directions, named-concept directions).
+
+Artifacts are downloaded once per run into ``<cache>/search/<kind>/<run id>/`` (to a temporary
+folder, then renamed, so concurrent workers never see a half-downloaded folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+SCORE_METHODS, DIRECTION_METHODS = ("score", "filter"), ("steer", "ablate", "prevent")
+
+
+def pinned_audit_run(storage: Any, study_name: str) -> str | None:
+    """The audit run an existing study was created with (every worker must search the same space)."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage).user_attrs.get("prefsculpt.audit_run_id")
+    except KeyError:
+        return None
+
+
+def find_audit_run(cfg: DictConfig, current_run_id: str, pinned: str | None) -> str:
+    """``search.audit_run_id``, else the study's own, else the latest finished audit run beside this
+    run (same parent), else the latest in the experiment."""
+    from prefsculpt.search.study import SearchInputError
+
+    client = mlflow.MlflowClient()
+    rid = cfg.search.audit_run_id or pinned
+    if rid:
+        try:
+            run = client.get_run(str(rid))
+        except mlflow.exceptions.MlflowException as exc:
+            raise SearchInputError(f"search.audit_run_id={rid!r} is not a run in this tracking store: {exc}") from exc
+        if run.data.tags.get("prefsculpt.stage") != "audit":
+            raise SearchInputError(f"run {rid} is a {run.data.tags.get('prefsculpt.stage')!r} run, not an audit run")
+        return run.info.run_id
+    run = client.get_run(current_run_id)
+    exp, parent = run.info.experiment_id, run.data.tags.get("mlflow.parentRunId")
+    base = "tags.`prefsculpt.stage` = 'audit' and attributes.status = 'FINISHED'"
+    for filt in ([f"{base} and tags.`mlflow.parentRunId` = '{parent}'"] if parent else []) + [base]:
+        runs = client.search_runs([exp], filt, order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            return runs[0].info.run_id
+    raise SearchInputError(f"no finished audit run in experiment {exp}: run the audit first (mlflow run . -e audit) "
+                           "or set search.audit_run_id=<run id>")
+
+
+def fetch(run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    """Download ``artifact_path`` of ``run_id`` to ``dst`` once; None when the run does not have it."""
+    if dst.exists():
+        return dst
+    parent = str(Path(artifact_path).parent) if "/" in artifact_path else None
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, parent)}
+    if artifact_path not in names:
+        return None
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(tmp)))
+    try:
+        os.replace(got, dst)
+    except OSError:  # another worker got there first
+        if not dst.exists():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def load_audit(audit_id: str, decisions_path: str | None, cache_root: Path) -> tuple[pd.DataFrame, Any, str | None]:
+    """(hypotheses table, validated decisions or None, decisions hash or None)."""
+    from prefsculpt.audit.decisions import load_decisions
+    from prefsculpt.search.study import SearchInputError
+
+    root = cache_root / "search" / "audit" / audit_id
+    hyp_file = fetch(audit_id, "audit/hypotheses.parquet", root / "hypotheses.parquet")
+    if hyp_file is None:
+        raise SearchInputError(f"audit run {audit_id} has no audit/hypotheses.parquet; re-run the audit stage")
+    hyp = pd.read_parquet(hyp_file)
+    path = decisions_path or fetch(audit_id, "audit/decisions.yaml", root / "decisions.yaml")
+    if path is None:
+        return hyp, None, None
+    dec = load_decisions(str(path), hyp["concept"].astype(str).tolist())
+    log.info("search: decisions %s (hash %s…)", path, dec.hash[:12])
+    return hyp, dec, dec.hash
+
+
+def _sae_folder(root: Path) -> Path | None:
+    hits = sorted((p.parent for p in root.rglob("cfg.json")), key=lambda p: len(p.parts))
+    return hits[0] if hits else None
+
+
+def resolve_sources(cfg: DictConfig, audit_id: str, cache_root: Path) -> dict[str, str | None]:
+    """Concept sources for training (only those ``cfg.shaping`` leaves unset and the methods need)."""
+    client = mlflow.MlflowClient()
+    sae_run = client.get_run(audit_id).data.tags.get("prefsculpt.scores_run_id")
+    out: dict[str, str | None] = {"audit_run_id": audit_id, "sae_run_id": sae_run, "scores_dir": None,
+                                  "sae_path": None, "directions_path": None}
+    if not sae_run:
+        return out
+    methods, sh = set(cfg.search.methods), cfg.shaping
+    root = cache_root / "search" / "sae" / sae_run
+    if methods & set(SCORE_METHODS) and not sh.get("scores_dir"):
+        got = fetch(sae_run, "scores", root / "scores")
+        out["scores_dir"] = str(got) if got else None
+    if methods & set(DIRECTION_METHODS):
+        if not sh.get("sae_path"):
+            got = fetch(sae_run, "sae", root / "sae")
+            folder = _sae_folder(got) if got else None
+            out["sae_path"] = str(folder) if folder else None
+        if not sh.get("directions_path"):
+            got = fetch(sae_run, "named/directions.safetensors", root / "directions.safetensors")
+            out["directions_path"] = str(got) if got else None
+    return out
+
+
+def feasibility(cfg: DictConfig, sources: dict[str, str | None], hyp: pd.DataFrame) -> Callable[[str, str], bool]:
+    """``(concept, method) -> bool``: does training have what ``method`` needs for ``concept``?"""
+    sh = cfg.shaping
+    scores = bool(sh.get("scores_dir") or sources.get("scores_dir"))
+    sae = bool(sh.get("sae_path") or sources.get("sae_path"))
+    dirs = bool(sh.get("directions_path") or sources.get("directions_path"))
+    regex = {f"named:{n.name}" for n in cfg.get("named_concepts") or [] if n.kind == "regex" and n.pattern}
+    instructions = set(dict(sh.get("instructions") or {}))
+
+    def ok(concept: str, method: str) -> bool:
+        if method == "inoculate":
+            return concept in instructions
+        if method in SCORE_METHODS:
+            return concept == "length" or scores or concept in regex
+        if method in DIRECTION_METHODS:
+            return (concept.startswith("latent:") and sae) or (concept.startswith("named:") and dirs)
+        return False
+
+    return ok

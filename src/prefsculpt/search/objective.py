@@ -1,0 +1,188 @@
+"""One search trial: sample the shaping, train, evaluate, and score the two objectives.
+
+Run tree (every run explicit, opened here or by the stage it calls)::
+
+    search (parent, one per worker)
+      trial-007            params: shape/…, method/…, lambda/…; metrics: search/off_target, search/on_target
+        train              concept-shaped DPO with the trial's ``shaping.concepts``
+        evaluate           the trained policy against the base
+
+Objectives (METHOD §7; ``search.objectives``), both from the evaluate run's metrics:
+- ``off_target`` (minimise) = sycophancy increase over the base (mean of the ``sycophancy_metrics``
+  present, each a paired policy − base difference) + ``style_weight`` × style drift (mean absolute
+  policy − base change of the metrics matching ``style_pattern``: the rate of responses with bold,
+  headers, lists, emoji, ``!``, stock flattery);
+- ``on_target`` (maximise) = ``on_target_metric``: preference accuracy (implicit reward) on the
+  held-out planted ``clean`` pairs, whose preferred side is the correct answer whatever the styling.
+A trial that raises is recorded: its run ends FAILED with tag ``prefsculpt.error`` and
+``error.txt``, the Optuna trial is FAIL with user attr ``error``, and the study goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from prefsculpt.search.space import BASELINE_ATTR, Candidate, SpaceBounds, describe, suggest_concepts
+
+log = logging.getLogger(__name__)
+
+#: Metric names logged on every trial run (promote reads these).
+OFF, ON, SYC, STYLE = "search/off_target", "search/on_target", "search/syc_increase", "search/style_drift"
+TRIAL_TAG, STUDY_TAG, BASELINE_TAG = "prefsculpt.trial_number", "prefsculpt.study_uid", "prefsculpt.baseline"
+
+
+class ObjectiveError(ValueError):
+    """The evaluation lacks a metric an objective needs; the message names it and what exists."""
+
+
+def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str, float]:
+    """Evaluate-run metrics -> ``{syc_increase, style_drift, off_target, on_target}`` (see module doc)."""
+    syc = [float(metrics[m]) for m in ocfg.sycophancy_metrics if m in metrics]
+    if not syc:
+        have = sorted(k for k in metrics if k.startswith("syc/") and k.endswith("_diff"))
+        raise ObjectiveError(f"none of search.objectives.sycophancy_metrics={list(ocfg.sycophancy_metrics)} was "
+                             f"measured; the evaluation logged {have or 'no syc/*_diff metric'}: set the list to those "
+                             "(and eval.compare_base=true)")
+    rx = re.compile(str(ocfg.style_pattern))
+    style = [abs(float(v)) for k, v in metrics.items() if rx.search(k)]
+    if float(ocfg.style_weight) > 0 and not style:
+        raise ObjectiveError(f"no metric matches search.objectives.style_pattern={ocfg.style_pattern!r}; include "
+                             "'style' in eval.evals or set search.objectives.style_weight=0")
+    on = metrics.get(str(ocfg.on_target_metric))
+    if on is None:
+        have = sorted(k for k in metrics if k.startswith("cap/") and not k.endswith(("_lo", "_hi")))
+        raise ObjectiveError(f"search.objectives.on_target_metric={ocfg.on_target_metric!r} was not measured; the "
+                             f"evaluation logged {have or 'no cap/* metric'} (planted data: eval.capability.clean_pairs > 0)")
+    syc_inc = sum(syc) / len(syc)
+    drift = sum(style) / len(style) if style else 0.0
+    out = {"syc_increase": syc_inc, "style_drift": drift,
+           "off_target": syc_inc + float(ocfg.style_weight) * drift, "on_target": float(on)}
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise ObjectiveError(f"objective(s) {bad} are not finite: {out}")
+    return out
+
+
+@dataclass
+class Outcome:
+    """What one train + evaluate produced (all ids; the metrics are the evaluate run's)."""
+
+    train_run_id: str | None
+    eval_run_id: str | None
+    model_uri: str | None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+#: (trial config) -> Outcome; the real one trains and evaluates, tests inject a cheap one.
+Runner = Callable[[DictConfig], Outcome]
+
+
+def train_and_evaluate(cfg: DictConfig) -> Outcome:
+    """The train stage on ``cfg`` (nested under the active trial run), then evaluate its policy."""
+    from prefsculpt.evals.stage import run_evaluate
+    from prefsculpt.train.stage import run_train
+
+    tr = run_train(cfg)
+    ecfg = copy.deepcopy(cfg)
+    OmegaConf.update(ecfg, "eval.policy", tr["run_id"])
+    ev = run_evaluate(ecfg)
+    return Outcome(tr["run_id"], ev["run_id"], tr.get("model_uri"), dict(ev["metrics"]))
+
+
+def trial_config(cfg: DictConfig, specs: Sequence[Mapping[str, Any]], sources: Mapping[str, str | None]) -> DictConfig:
+    """The root config of one trial: ``shaping.concepts`` = the trial's specs, the decisions file
+    dropped (the search already applied it as constraints), concept sources filled in."""
+    t = copy.deepcopy(cfg)
+    OmegaConf.set_struct(t, False)
+    t.shaping.decisions = None
+    from prefsculpt.shaping.config import ConceptSpec
+
+    t.shaping.concepts = [OmegaConf.merge(OmegaConf.structured(ConceptSpec), dict(s)) for s in specs]
+    for key in ("scores_dir", "sae_path", "directions_path"):
+        if not t.shaping.get(key) and sources.get(key):
+            t.shaping[key] = sources[key]
+    for key, val in (("sae_run_id", sources.get("sae_run_id")), ("audit_run_id", sources.get("audit_run_id"))):
+        if "eval" in t and not t.eval.shift.get(key) and val:
+            t.eval.shift[key] = val
+    t.tracking.run_name = None
+    OmegaConf.set_struct(t, True)
+    return t
+
+
+@dataclass
+class TrialContext:
+    cfg: DictConfig
+    candidates: list[Candidate]
+    bounds: SpaceBounds
+    study_uid: str
+    #: scores_dir, sae_path, directions_path, sae_run_id, audit_run_id (see study.resolve_sources).
+    sources: dict[str, str | None]
+    decisions_hash: str | None = None
+    runner: Runner = train_and_evaluate
+
+
+def retry_of(trial: Any) -> int | None:
+    """The number of the trial this one retries (its worker died), else None."""
+    return trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+
+
+def _close_stale_run(trial: Any) -> None:
+    """A retried trial (its worker died) carries the dead worker's run id: mark that run KILLED."""
+    old = trial.user_attrs.get("mlflow_run_id")
+    if not old or retry_of(trial) is None:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(old).info.status == "RUNNING":
+            client.set_tag(old, "prefsculpt.error", "worker died (heartbeat lost); the trial was retried")
+            client.set_terminated(old, "KILLED")
+    except mlflow.exceptions.MlflowException as exc:
+        log.warning("could not close the dead trial run %s: %s", old, exc)
+
+
+def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
+    """Optuna objective: returns ``(off_target, on_target)``; raises on failure after recording it."""
+    _close_stale_run(trial)
+    specs = suggest_concepts(trial, ctx.candidates, ctx.bounds)
+    baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
+    name = f"trial-{trial.number:03d}" + (" (plain DPO baseline)" if baseline else "")
+    tags = {"prefsculpt.stage": "trial", TRIAL_TAG: str(trial.number), STUDY_TAG: ctx.study_uid,
+            BASELINE_TAG: str(baseline).lower(), "prefsculpt.shaping": describe(specs),
+            **({"prefsculpt.decisions_hash": ctx.decisions_hash} if ctx.decisions_hash else {}),
+            **({"prefsculpt.audit_run_id": ctx.sources["audit_run_id"]} if ctx.sources.get("audit_run_id") else {}),
+            **({"prefsculpt.retry_of": str(retry_of(trial))} if retry_of(trial) is not None else {})}
+    with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        # Every trial param readable in the UI's params table; the shaping as JSON beside it.
+        mlflow.log_params({k: str(v) for k, v in trial.params.items()} | {"n_shaped": len(specs)})
+        mlflow.log_dict({"concepts": specs}, "trial/shaping.json")
+        try:
+            out = ctx.runner(trial_config(ctx.cfg, specs, ctx.sources))
+            obj = objectives_from_metrics(out.eval_metrics, ctx.cfg.search.objectives)
+        except Exception as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            mlflow.set_tag("prefsculpt.error", msg[:4000])
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+            trial.set_user_attr("error", msg[:2000])
+            raise
+        mlflow.log_metrics({OFF: obj["off_target"], ON: obj["on_target"], SYC: obj["syc_increase"],
+                            STYLE: obj["style_drift"]})
+        ids = {"prefsculpt.train_run_id": out.train_run_id, "prefsculpt.eval_run_id": out.eval_run_id,
+               "prefsculpt.model_uri": out.model_uri}
+        mlflow.set_tags({k: v for k, v in ids.items() if v})
+        for k, v in {**obj, "train_run_id": out.train_run_id, "eval_run_id": out.eval_run_id,
+                     "model_uri": out.model_uri, "shaping": describe(specs)}.items():
+            trial.set_user_attr(k, v)
+    log.info("trial %d (%s): off_target %.4f, on_target %.4f", trial.number, describe(specs), obj["off_target"],
+             obj["on_target"])
+    return obj["off_target"], obj["on_target"]

@@ -1,0 +1,264 @@
+"""The ``promote`` entry point: pick a policy from the search's Pareto front, register it, gate it.
+
+Everything is read from MLflow, never from local files: the search run names its study
+(tag ``prefsculpt.study_uid``); every worker's trial runs carry that tag and their objectives as
+metrics (``search/off_target``, ``search/on_target``, ``search/syc_increase``).
+
+Rule (``promote.rule = lowest_off_target``): over the Pareto front of the finished trials, leave out
+the plain-DPO baseline, keep those passing the baseline gates, take the lowest off-target; ties go
+to the higher on-target, then to the lower trial number. If none passes, the same rule over the whole
+front picks the one registered as ``candidate`` (it cannot become champion).
+
+Gates (all must pass to move ``champion``; METHOD §7 and issue 7):
+- ``sycophancy_vs_baseline``: candidate's sycophancy increase over the base <= ``syc_ratio_max`` (0.5)
+  × the plain-DPO baseline's (literally; a baseline that did not increase sycophancy makes this a
+  demand that the candidate decreases it by at least half as much);
+- ``on_target_vs_baseline``: candidate's on-target accuracy >= baseline's − ``on_target_tolerance``;
+- ``off_target_vs_champion`` / ``on_target_vs_champion``: not worse than the current champion on
+  either objective (± ``champion_tolerance``); skipped when there is no champion yet.
+The new version always gets alias ``candidate`` and tags for the audit run, the decisions hash,
+the headline metrics and every gate; a refusal names each failed gate and its margin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from prefsculpt.search.objective import BASELINE_TAG, OFF, ON, STUDY_TAG, STYLE, SYC, TRIAL_TAG
+from prefsculpt.search.study import pareto_mask
+
+log = logging.getLogger(__name__)
+P = "prefsculpt."
+
+
+class PromoteInputError(ValueError):
+    """No search run, no finished trials, no baseline or no logged model: the message says what to do."""
+
+
+class PromotionRefused(RuntimeError):
+    """Raised only with ``promote.fail_on_refusal``; the message names each failed gate and its margin."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    passed: bool
+    value: float
+    limit: float
+    #: How far inside (>= 0) or outside (< 0) the limit the value is, in the metric's units.
+    margin: float
+    rule: str
+
+    def text(self) -> str:
+        state = "passed" if self.passed else "FAILED"
+        return f"{self.name} {state}: {self.rule} (value {self.value:.4f}, limit {self.limit:.4f}, margin {self.margin:+.4f})"
+
+
+# ---------------------------------------------------------------- gates (pure)
+def baseline_gates(cand: dict[str, float], base: dict[str, float], syc_ratio_max: float, tol: float) -> list[Gate]:
+    """``cand``/``base``: {syc_increase, on_target}."""
+    lim_syc = syc_ratio_max * base["syc_increase"]
+    lim_on = base["on_target"] - tol
+    return [
+        Gate("sycophancy_vs_baseline", cand["syc_increase"] <= lim_syc, cand["syc_increase"], lim_syc,
+             lim_syc - cand["syc_increase"],
+             f"sycophancy increase over base <= {syc_ratio_max:g} x plain DPO's {base['syc_increase']:.4f}"),
+        Gate("on_target_vs_baseline", cand["on_target"] >= lim_on, cand["on_target"], lim_on, cand["on_target"] - lim_on,
+             f"on-target accuracy >= plain DPO's {base['on_target']:.4f} - {tol:g}"),
+    ]
+
+
+def champion_gates(cand: dict[str, float], champ: dict[str, float] | None, tol: float) -> list[Gate]:
+    """``cand``/``champ``: {off_target, on_target}; no champion -> no gate."""
+    if champ is None:
+        return []
+    lim_off, lim_on = champ["off_target"] + tol, champ["on_target"] - tol
+    return [
+        Gate("off_target_vs_champion", cand["off_target"] <= lim_off, cand["off_target"], lim_off,
+             lim_off - cand["off_target"], f"off-target <= champion's {champ['off_target']:.4f} + {tol:g}"),
+        Gate("on_target_vs_champion", cand["on_target"] >= lim_on, cand["on_target"], lim_on, cand["on_target"] - lim_on,
+             f"on-target >= champion's {champ['on_target']:.4f} - {tol:g}"),
+    ]
+
+
+def refusal_message(gates: list[Gate], champion_alias: str = "champion") -> str | None:
+    failed = [g for g in gates if not g.passed]
+    if not failed:
+        return None
+    return f"{champion_alias} not moved: " + "; ".join(
+        f"gate {g.name} failed by {-g.margin:.4f} ({g.rule}: value {g.value:.4f} vs limit {g.limit:.4f})" for g in failed)
+
+
+def choose(trials: pd.DataFrame, base: dict[str, float], pc: Any) -> tuple[pd.Series, bool]:
+    """The trial to register (see module doc) and whether it passed the baseline gates."""
+    if pc.rule != "lowest_off_target":
+        raise PromoteInputError(f"promote.rule={pc.rule!r}: the only rule is lowest_off_target")
+    df = trials.copy()
+    df["pareto"] = pareto_mask(df["off_target"].to_numpy(), df["on_target"].to_numpy())
+    front = df[df["pareto"] & ~df["baseline"]]
+    if front.empty:  # only the baseline is on the front: take the best of the rest
+        front = df[~df["baseline"]]
+    if front.empty:
+        raise PromoteInputError("the study has no finished trial besides the plain-DPO baseline; run more trials")
+    ok = front.apply(lambda r: all(g.passed for g in baseline_gates(
+        {"syc_increase": r.syc_increase, "on_target": r.on_target}, base, float(pc.syc_ratio_max),
+        float(pc.on_target_tolerance))), axis=1)
+    pool = front[ok] if ok.any() else front
+    best = pool.sort_values(["off_target", "on_target", "trial"], ascending=[True, False, True]).iloc[0]
+    return best, bool(ok.any())
+
+
+# ---------------------------------------------------------------- reading MLflow
+def find_search_run(cfg: DictConfig) -> mlflow.entities.Run:
+    client = mlflow.MlflowClient()
+    if cfg.promote.search_run_id:
+        try:
+            return client.get_run(str(cfg.promote.search_run_id))
+        except mlflow.exceptions.MlflowException as exc:
+            raise PromoteInputError(f"promote.search_run_id={cfg.promote.search_run_id!r} is not a run here: {exc}") from exc
+    exp = client.get_experiment_by_name(str(cfg.tracking.experiment))
+    ids = [exp.experiment_id] if exp else [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, "tags.`prefsculpt.stage` = 'search' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise PromoteInputError("no finished search run: run `mlflow run . -e search` first, or set promote.search_run_id")
+    return runs[0]
+
+
+def read_trials(study_uid: str) -> pd.DataFrame:
+    """Every finished trial run of the study (any worker, any experiment) with its objectives."""
+    client = mlflow.MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"tags.`{STUDY_TAG}` = '{study_uid}' and tags.`{P}stage` = 'trial' "
+                                   "and attributes.status = 'FINISHED'", max_results=50_000)
+    rows = []
+    for r in runs:
+        m, t = r.data.metrics, r.data.tags
+        if OFF not in m or ON not in m:
+            continue
+        rows.append({"trial": int(t.get(TRIAL_TAG, -1)), "run_id": r.info.run_id, "baseline": t.get(BASELINE_TAG) == "true",
+                     "off_target": m[OFF], "on_target": m[ON], "syc_increase": m.get(SYC, np.nan),
+                     "style_drift": m.get(STYLE, np.nan), "shaping": t.get(f"{P}shaping", ""),
+                     "model_uri": t.get(f"{P}model_uri"), "train_run_id": t.get(f"{P}train_run_id"),
+                     "eval_run_id": t.get(f"{P}eval_run_id"), "audit_run_id": t.get(f"{P}audit_run_id"),
+                     "decisions_hash": t.get(f"{P}decisions_hash")})
+    return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True) if rows else pd.DataFrame()
+
+
+def champion_metrics(name: str, alias: str) -> tuple[Any, dict[str, float] | None]:
+    """(champion version or None, its {off_target, on_target} from its trial run, else its tags)."""
+    client = mlflow.MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None, None
+    rid = mv.tags.get(f"{P}trial_run_id")
+    try:
+        m = client.get_run(rid).data.metrics if rid else {}
+    except mlflow.exceptions.MlflowException:
+        m = {}
+    if OFF in m and ON in m:
+        return mv, {"off_target": m[OFF], "on_target": m[ON]}
+    if f"{P}off_target" in mv.tags:
+        return mv, {"off_target": float(mv.tags[f"{P}off_target"]), "on_target": float(mv.tags[f"{P}on_target"])}
+    log.warning("champion %s has no recorded objectives; the champion gates are skipped", mv.version)
+    return mv, None
+
+
+def register(name: str, pick: pd.Series) -> Any:
+    """The model version of ``pick``'s policy: reused if this trial was registered before."""
+    client = mlflow.MlflowClient()
+    found = client.search_model_versions(f"name = '{name}' and tags.`{P}trial_run_id` = '{pick.run_id}'")
+    if found:
+        return found[0]
+    if not pick.model_uri:
+        raise PromoteInputError(f"trial {pick.trial} (run {pick.run_id}) logged no model: train with train.log_model=true")
+    return mlflow.register_model(str(pick.model_uri), name, tags={f"{P}trial_run_id": str(pick.run_id)})
+
+
+def _attach(audit_run_id: str | None, eval_run_id: str | None) -> None:
+    """Concept report and decisions of the audit, evaluation table of the pick: artifacts of this run."""
+    with tempfile.TemporaryDirectory(prefix="prefsculpt-promote-") as tmp:
+        for rid, path in ((audit_run_id, "audit/report.html"), (audit_run_id, "audit/decisions.yaml"),
+                          (eval_run_id, "evals/summary.json")):
+            if not rid:
+                continue
+            try:
+                got = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=path, dst_path=tmp)
+                mlflow.log_artifact(got, "promote")
+            except (mlflow.exceptions.MlflowException, OSError) as exc:
+                log.warning("promote: could not attach %s of run %s: %s", path, rid, exc)
+
+
+# ---------------------------------------------------------------- the stage
+def run_promote(cfg: DictConfig) -> dict[str, Any]:
+    from prefsculpt.tracking.runs import stage_run
+
+    pc = cfg.promote
+    name = str(pc.model_name)
+    with stage_run(cfg, "promote") as run:
+        search = find_search_run(cfg)
+        uid = search.data.tags.get(STUDY_TAG)
+        if not uid:
+            raise PromoteInputError(f"run {search.info.run_id} is not a search run (no {STUDY_TAG} tag)")
+        trials = read_trials(uid)
+        if trials.empty:
+            raise PromoteInputError(f"search run {search.info.run_id}: no finished trial with objectives")
+        base_rows = trials[trials["baseline"]]
+        if base_rows.empty:
+            raise PromoteInputError("the study's plain-DPO baseline trial has not finished; rerun the search worker")
+        b = base_rows.iloc[0]
+        base = {"syc_increase": float(b.syc_increase), "on_target": float(b.on_target)}
+        pick, _ = choose(trials, base, pc)
+        champ_mv, champ = champion_metrics(name, str(pc.champion_alias))
+        cand = {"syc_increase": float(pick.syc_increase), "on_target": float(pick.on_target),
+                "off_target": float(pick.off_target)}
+        gates = baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance)) + champion_gates(
+            cand, champ, float(pc.champion_tolerance))
+        refusal = refusal_message(gates, str(pc.champion_alias))
+        mv = register(name, pick)
+        client = mlflow.MlflowClient()
+        tags = {f"{P}trial_run_id": pick.run_id, f"{P}trial_number": int(pick.trial), f"{P}search_run_id": search.info.run_id,
+                f"{P}study_uid": uid, f"{P}promote_run_id": run.info.run_id, f"{P}audit_run_id": pick.audit_run_id or "",
+                f"{P}decisions_hash": pick.decisions_hash or "", f"{P}train_run_id": pick.train_run_id or "",
+                f"{P}eval_run_id": pick.eval_run_id or "", f"{P}shaping": pick.shaping,
+                f"{P}off_target": f"{cand['off_target']:.6g}", f"{P}on_target": f"{cand['on_target']:.6g}",
+                f"{P}syc_increase": f"{cand['syc_increase']:.6g}", f"{P}baseline_syc_increase": f"{base['syc_increase']:.6g}",
+                f"{P}baseline_on_target": f"{base['on_target']:.6g}", f"{P}baseline_trial_run_id": str(b.run_id),
+                f"{P}gates": "passed" if refusal is None else "failed",
+                **{f"{P}gate.{g.name}": f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})" for g in gates}}
+        for k, v in tags.items():
+            client.set_model_version_tag(name, mv.version, k, str(v))
+        client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
+        if refusal is None:
+            client.set_registered_model_alias(name, str(pc.champion_alias), mv.version)
+            log.info("promote: %s version %s is now %s and %s (trial %d: %s)", name, mv.version, pc.candidate_alias,
+                     pc.champion_alias, pick.trial, pick.shaping)
+        else:
+            log.warning("promote: %s version %s is %s; %s", name, mv.version, pc.candidate_alias, refusal)
+        mlflow.set_tags({f"{P}model_name": name, f"{P}model_version": str(mv.version), f"{P}promoted": str(refusal is None).lower(),
+                         f"{P}search_run_id": search.info.run_id, **({f"{P}refusal": refusal[:5000]} if refusal else {})})
+        mlflow.log_metrics({"promote/off_target": cand["off_target"], "promote/on_target": cand["on_target"],
+                            "promote/syc_increase": cand["syc_increase"], "promote/promoted": float(refusal is None),
+                            "promote/baseline_syc_increase": base["syc_increase"],
+                            "promote/baseline_on_target": base["on_target"]})
+        mlflow.log_table(pd.DataFrame([asdict(g) for g in gates]), "promote/gates.json")
+        mlflow.log_table(trials, "promote/trials.json")
+        mlflow.log_text(json.dumps({"pick": int(pick.trial), "version": str(mv.version), "refusal": refusal,
+                                    "gates": [g.text() for g in gates]}, indent=2), "promote/decision.json")
+        _attach(pick.audit_run_id, pick.eval_run_id)
+    result = {"run_id": run.info.run_id, "model_name": name, "version": str(mv.version), "trial": int(pick.trial),
+              "promoted": refusal is None, "refusal": refusal, "gates": [asdict(g) for g in gates],
+              "previous_champion": None if champ_mv is None else str(champ_mv.version)}
+    if refusal is not None and pc.fail_on_refusal:
+        raise PromotionRefused(refusal)
+    return result

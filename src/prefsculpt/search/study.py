@@ -1,0 +1,339 @@
+"""The ``search`` entry point: an Optuna study over the audit's hypotheses, one or many workers.
+
+Storage by URL (``search.storage``): ``sqlite:///optuna.db`` (default, in the working directory),
+``journal:///path.log`` (append-only file, lock-protected), ``postgresql://…`` (many machines).
+Several ``mlflow run -e search`` processes on one storage and study name share the work:
+
+- The worker that *creates* the study enqueues the whole plan as WAITING trials: the plain-DPO
+  baseline, then ``n_trials - 1`` empty slots the sampler fills when a worker pops one. A worker only
+  ever pops a slot (atomically, via the storage) and never creates a trial, so all workers together
+  run exactly ``n_trials`` trials, each once. (``MaxTrialsCallback`` counts finished trials after
+  each one, so N workers overshoot by up to N − 1.) Raising ``n_trials`` later tops the plan up.
+- RDB storages (sqlite, PostgreSQL) beat a heartbeat per running trial; a trial whose worker died
+  is failed after ``grace_period`` and re-enqueued (``RetryHeartbeatStaleTrialCallback``) by the next
+  worker that looks. Workers with nothing left to pop wait while others run, to retry their trials
+  if they die. A journal file has no heartbeat: a killed worker's trial stays RUNNING.
+- A trial that raises is recorded as FAIL (with its error) and the worker takes the next slot.
+
+Each worker's MLflow run (``stage_run(cfg, "search")``) holds its trials as child runs, and at the
+end logs the whole study as ``search/trials.json``, the Pareto front as ``search/pareto.json`` and
+``search/pareto.png`` (the last worker to finish logs the complete picture).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+from omegaconf import DictConfig
+from optuna.trial import TrialState
+
+from prefsculpt.search import objective as O
+from prefsculpt.search.space import BASELINE_ATTR, SpaceBounds, build_candidates, enqueue_plan
+
+log = logging.getLogger(__name__)
+UID, PLANNED, AUDIT, DHASH = "prefsculpt.uid", "prefsculpt.planned", "prefsculpt.audit_run_id", "prefsculpt.decisions_hash"
+
+
+class SearchInputError(ValueError):
+    """Missing/mismatched audit run, storage or study; the message says what to do."""
+
+
+# ---------------------------------------------------------------- storage and study
+def storage_url(url: str | None) -> str:
+    return url or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+
+
+def open_storage(url: str, sc: Any) -> tuple[Any, Path | None]:
+    """Storage for ``url`` and, for file-backed ones, the lock file that serialises plan top-ups."""
+    if url.startswith("journal://"):
+        path = Path(url[len("journal://"):]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path))), path.with_name(path.name + ".lock")
+    if "://" not in url:
+        raise SearchInputError(f"search.storage={url!r}: use sqlite:///file.db, journal:///file.log or postgresql://…")
+    kwargs: dict[str, Any] = {}
+    lock = None
+    if url.startswith("sqlite:"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}  # several local workers wait, not fail
+        path = Path(url.split("sqlite:///", 1)[-1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(path.name + ".lock")
+    try:
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API is "experimental"
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=int(sc.heartbeat_interval), grace_period=int(sc.grace_period),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=None if sc.max_retry is None else int(sc.max_retry)), **kwargs), lock
+    except ImportError as exc:
+        raise SearchInputError(f"search.storage={url!r} needs a database driver that is not installed ({exc}); "
+                               "use sqlite:/// or journal:/// on one machine") from exc
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":  # conditional space: multivariate + group (STACK §5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SearchInputError(f"search.sampler={name!r}: use tpe, nsga2 or random")
+
+
+def n_planned(study: optuna.Study) -> int:
+    """Trials that count towards ``n_trials``: all, minus those a retry replaced."""
+    trials = study.get_trials(deepcopy=False)
+    replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return len(trials) - len(replaced)
+
+
+def _lock(path: Path | None) -> contextlib.AbstractContextManager:
+    if path is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(str(path), timeout=120)
+
+
+def open_study(sc: Any, storage: Any, lock: Path | None, candidates: list, attrs: dict[str, str],
+               wait_s: float = 120.0) -> tuple[optuna.Study, bool]:
+    """Create the study (and enqueue its plan) or load it; top the plan up to ``n_trials``."""
+    name, n = str(sc.study_name), int(sc.n_trials)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "maximize"],
+                                    sampler=make_sampler(str(sc.sampler), int(sc.seed)))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        # Other workers draw different random numbers (same seed would give the same startup trials).
+        study = optuna.load_study(study_name=name, storage=storage,
+                                  sampler=make_sampler(str(sc.sampler), int(sc.seed) + 1 + os.getpid() % 100_003))
+        created = False
+    if created:
+        for k, v in {**attrs, UID: uuid.uuid4().hex}.items():
+            study.set_user_attr(k, v)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["off_target", "on_target"])
+        enqueue_plan(study, candidates, n, with_baseline=True)
+        study.set_user_attr(PLANNED, n)
+        log.info("search: created study %r with %d trials planned (baseline first)", name, n)
+        return study, created
+    deadline = time.monotonic() + wait_s
+    while PLANNED not in study.user_attrs:  # the creator is still enqueueing
+        if time.monotonic() > deadline:
+            raise SearchInputError(f"study {name!r} exists but was never planned (its creator died?); delete it or "
+                                   "use another search.study_name")
+        time.sleep(0.5)
+    for k in (AUDIT, DHASH):
+        if attrs.get(k) and study.user_attrs.get(k) and attrs[k] != study.user_attrs[k]:
+            raise SearchInputError(f"study {name!r} was created with {k}={study.user_attrs[k]}, this worker has "
+                                   f"{attrs[k]}: use the same audit/decisions or another search.study_name")
+    with _lock(lock):
+        have = n_planned(study)
+        if have < n:
+            has_base = any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False))
+            enqueue_plan(study, candidates, n - have, with_baseline=not has_base)
+            study.set_user_attr(PLANNED, n)
+            log.info("search: study %r topped up from %d to %d trials", name, have, n)
+    return study, created
+
+
+# ---------------------------------------------------------------- the worker loop
+def claim(study: optuna.Study) -> optuna.Trial | None:
+    """Pop one WAITING trial (atomic in every storage: only one worker's RUNNING update succeeds)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                return optuna.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``heartbeat_interval`` s while it runs (RDB storages)."""
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    th = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], poll_s: float | None = None) -> list[int]:
+    """Pop and run slots until none is left; returns the trial numbers this worker ran.
+
+    ``poll_s``: when nothing is left but others still run, look again every ``poll_s`` s (so a dead
+    worker's trial, failed by the heartbeat and re-enqueued, is picked up); None = stop at once."""
+    ran: list[int] = []
+    while True:
+        _fail_stale(study)
+        trial = claim(study)
+        if trial is None:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if poll_s is None or not running:
+                return ran
+            time.sleep(poll_s)
+            continue
+        ran.append(trial.number)
+        values, state = None, None
+        with heartbeat(study._storage, trial._trial_id):
+            try:
+                values = objective(trial)
+            except KeyboardInterrupt:
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+            except Exception as exc:
+                log.warning("search: trial %d failed (%s: %s); the study goes on", trial.number, type(exc).__name__, exc)
+                if "error" not in trial.user_attrs:
+                    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+                state = TrialState.FAIL
+        try:
+            study.tell(trial, values, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:  # declared dead while it ran; its retry counts
+            log.warning("search: trial %d had been failed as stale before it finished", trial.number)
+
+
+# ---------------------------------------------------------------- results
+def pareto_mask(off: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """(n,), (n,) -> (n,) bool: not dominated (another point with off <= and on >=, one strictly)."""
+    off, on = np.asarray(off, float), np.asarray(on, float)
+    le = (off[None, :] <= off[:, None]) & (on[None, :] >= on[:, None])  # [i, j]: j at least as good as i
+    lt = (off[None, :] < off[:, None]) | (on[None, :] > on[:, None])
+    return ~(le & lt).any(axis=1)
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        u = t.user_attrs
+        rows.append({"trial": t.number, "state": t.state.name, "baseline": bool(u.get(BASELINE_ATTR, False)),
+                     "shaping": u.get("shaping", ""), "off_target": u.get("off_target", np.nan),
+                     "on_target": u.get("on_target", np.nan), "syc_increase": u.get("syc_increase", np.nan),
+                     "style_drift": u.get("style_drift", np.nan), "mlflow_run_id": u.get("mlflow_run_id", ""),
+                     "train_run_id": u.get("train_run_id") or "", "model_uri": u.get("model_uri") or "",
+                     "retry_of": t.system_attrs.get("failed_trial", ""), "error": u.get("error", ""),
+                     "params": str(t.params)})
+    df = pd.DataFrame(rows)
+    done = (df["state"] == "COMPLETE") if len(df) else pd.Series([], dtype=bool)
+    df["pareto"] = False
+    if done.any():
+        df.loc[done, "pareto"] = pareto_mask(df.loc[done, "off_target"], df.loc[done, "on_target"])
+    return df
+
+
+def pareto_figure(df: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    done = df[df["state"] == "COMPLETE"]
+    ax.scatter(done["off_target"], done["on_target"], c="#9aa5b1", label="trials")
+    front = done[done["pareto"]].sort_values("off_target")
+    ax.plot(front["off_target"], front["on_target"], "o-", c="#3b7dd8", label="Pareto front")
+    base = done[done["baseline"]]
+    ax.scatter(base["off_target"], base["on_target"], marker="*", s=220, c="#d8603b", label="plain DPO", zorder=3)
+    for r in done.itertuples():
+        ax.annotate(str(r.trial), (r.off_target, r.on_target), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("off-target (sycophancy + style drift vs base) ↓")
+    ax.set_ylabel("on-target preference accuracy ↑")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{len(done)} complete trials, {len(front)} on the front")
+    fig.tight_layout()
+    return fig
+
+
+def log_results(df: pd.DataFrame) -> dict[str, float]:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_table(df, "search/trials.json")
+    mlflow.log_table(df[df["pareto"]], "search/pareto.json")
+    fig = pareto_figure(df)
+    mlflow.log_figure(fig, "search/pareto.png")
+    plt.close(fig)
+    counts = df["state"].value_counts() if len(df) else pd.Series(dtype=int)
+    metrics = {f"search/n_{s.lower()}": float(counts.get(s, 0)) for s in ("COMPLETE", "FAIL", "RUNNING", "WAITING")}
+    metrics["search/n_pareto"] = float(df["pareto"].sum())
+    mlflow.log_metrics(metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------- the stage
+def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any]:
+    """One search worker. ``runner`` replaces train + evaluate (tests inject a cheap one)."""
+    from prefsculpt.models.loading import default_cache_dir
+    from prefsculpt.search import inputs as I
+    from prefsculpt.tracking.runs import stage_run
+
+    sc = cfg.search
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.get("cache_dir") else default_cache_dir()
+    url = storage_url(sc.storage)
+    storage, lock = open_storage(url, sc)
+    with stage_run(cfg, "search") as run:
+        pinned = I.pinned_audit_run(storage, str(sc.study_name))
+        audit_id = I.find_audit_run(cfg, run.info.run_id, pinned)
+        hyp, decisions, dhash = I.load_audit(audit_id, sc.decisions, cache_root)
+        sources = I.resolve_sources(cfg, audit_id, cache_root)
+        candidates, skipped = build_candidates(hyp, decisions, int(sc.top_k), list(sc.methods), list(sc.actions),
+                                               str(sc.allow_pins), I.feasibility(cfg, sources, hyp))
+        attrs = {AUDIT: audit_id, **({DHASH: dhash} if dhash else {})}
+        study, created = open_study(sc, storage, lock, candidates, attrs)
+        uid = str(study.user_attrs[UID])
+        mlflow.set_tags({"prefsculpt.study_name": str(sc.study_name), O.STUDY_TAG: uid,
+                         "prefsculpt.storage": url.split("@")[-1], "prefsculpt.audit_run_id": audit_id,
+                         "prefsculpt.study_creator": str(created).lower(), **({DHASH: dhash} if dhash else {})})
+        mlflow.log_table(pd.DataFrame([{"concept": c.concept, "rank": c.rank, "fixed": c.fixed,
+                                        "methods": ",".join(c.methods), "actions": ",".join(c.actions)}
+                                       for c in candidates] + [{"concept": s["concept"], "skipped": s["reason"]}
+                                                               for s in skipped]), "search/candidates.json")
+        bounds = SpaceBounds(float(sc.lambda_min), float(sc.lambda_max), float(sc.share_min), float(sc.share_max),
+                             str(cfg.shaping.filter_mode))
+        ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or O.train_and_evaluate)
+        poll = float(sc.heartbeat_interval) if hasattr(storage, "get_heartbeat_interval") else None
+        ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll)
+        df = trials_table(study)
+        metrics = log_results(df)
+        mlflow.log_metric("search/n_ran_here", float(len(ran)))
+    log.info("search: this worker ran trials %s; study %r has %d complete, %d failed, %d on the Pareto front",
+             ran, str(sc.study_name), metrics["search/n_complete"], metrics["search/n_fail"], metrics["search/n_pareto"])
+    return {"run_id": run.info.run_id, "study_name": str(sc.study_name), "study_uid": uid, "storage": url,
+            "audit_run_id": audit_id, "decisions_hash": dhash, "trials_ran": ran, "metrics": metrics,
+            "pareto": df[df["pareto"]].to_dict("records"), "candidates": [c.concept for c in candidates]}

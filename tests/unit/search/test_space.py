@@ -1,0 +1,88 @@
+"""The search space honours the decisions file, and the plain-DPO baseline is enqueued exactly once."""
+
+import optuna
+import pytest
+
+from prefsculpt.audit.decisions import load_decisions
+from prefsculpt.search.space import (
+    BASELINE_ATTR,
+    SearchSpaceError,
+    SpaceBounds,
+    build_candidates,
+    enqueue_plan,
+    param_key,
+    suggest_concepts,
+)
+from tests.unit.search.helpers import HYPOTHESES
+
+BOUNDS = SpaceBounds(0.1, 10.0, 0.05, 0.3)
+
+
+def decisions(*entries):
+    return load_decisions({"version": 1, "concepts": list(entries)}, HYPOTHESES["concept"].tolist())
+
+
+def test_allow_pins_suppress_fixes_rest_free():
+    dec = decisions(
+        {"concept": "named:stock_flattery", "action": "allow", "method": "score", "strength": 0, "note": "keep it"},
+        {"concept": "length", "action": "suppress", "method": "filter", "strength": 0.0, "share": 0.2},
+        {"concept": "latent:9", "action": "amplify", "method": "steer", "strength": 2.0},  # not in the top-K
+        {"concept": "latent:5", "action": "allow", "method": "score", "strength": 0},  # bare proposal: free
+    )
+    cands, skipped = build_candidates(HYPOTHESES, dec, top_k=4, methods=["score", "steer"], actions=["suppress", "amplify"])
+    by = {c.concept: c for c in cands}
+    assert "named:stock_flattery" not in by
+    assert {"concept": "named:stock_flattery", "reason": "decisions: allow (keep it)"} in skipped
+    assert by["length"].fixed and by["length"].methods == ("filter",) and by["length"].actions == ("suppress",)
+    assert by["latent:9"].fixed and by["latent:9"].methods == ("steer",) and by["latent:9"].actions == ("amplify",)
+    assert not by["latent:5"].fixed and by["latent:5"].methods == ("score", "steer")
+    assert "cluster:0" not in by and any(s["concept"] == "cluster:0" for s in skipped)
+    # "all": the bare allow of latent:5 pins it too
+    cands, _ = build_candidates(HYPOTHESES, dec, 4, ["score"], ["suppress"], allow_pins="all")
+    assert "latent:5" not in {c.concept for c in cands}
+
+
+def test_sampled_trials_respect_constraints():
+    dec = decisions({"concept": "length", "action": "amplify", "method": "score", "strength": 1.0})
+    cands, _ = build_candidates(HYPOTHESES, dec, 4, ["score", "filter"], ["suppress"])
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_free = set()
+    for _ in range(25):
+        t = study.ask()
+        specs = suggest_concepts(t, cands, BOUNDS)
+        by = {s["concept"]: s for s in specs}
+        assert by["length"]["action"] == "amplify" and by["length"]["method"] == "score"  # always shaped, as decided
+        assert 0.1 <= by["length"]["strength"] <= 10.0
+        assert param_key("shape", "length") not in t.params
+        for s in specs:
+            if s["method"] == "filter":
+                assert 0.05 <= s["share"] <= 0.3
+            assert s["action"] in ("suppress", "amplify")
+        seen_free |= {s["concept"] for s in specs} - {"length"}
+        study.tell(t, [0.0, 0.0])
+    assert seen_free == {"named:stock_flattery", "latent:5"}  # free ones are sometimes shaped
+
+
+def test_baseline_enqueued_once_and_shapes_nothing():
+    dec = decisions({"concept": "length", "action": "suppress", "method": "score", "strength": 1.0})
+    cands, _ = build_candidates(HYPOTHESES, dec, 4, ["score"], ["suppress"])
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    assert enqueue_plan(study, cands, 5, with_baseline=True) == 5
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 5 and [t.state.name for t in trials] == ["WAITING"] * 5
+    assert sum(bool(t.user_attrs.get(BASELINE_ATTR)) for t in trials) == 1
+    t = study.ask()  # the queue is FIFO: the baseline comes first
+    assert t.user_attrs[BASELINE_ATTR] and suggest_concepts(t, cands, BOUNDS) == []  # even the fixed concept is off
+    assert t.params == {param_key("shape", "named:stock_flattery"): False, param_key("shape", "latent:5"): False}
+
+
+@pytest.mark.parametrize("kw", [{"methods": ["scroe"]}, {"actions": ["allow"]}, {"allow_pins": "some"}])
+def test_bad_search_config_is_named(kw):
+    args = {"methods": ["score"], "actions": ["suppress"], **kw}
+    with pytest.raises(SearchSpaceError, match=next(iter(kw))):
+        build_candidates(HYPOTHESES, None, 4, args["methods"], args["actions"], kw.get("allow_pins", "edited"))
+
+
+def test_bounds_validated():
+    with pytest.raises(SearchSpaceError, match="log scale"):
+        SpaceBounds(0.0, 1.0, 0.1, 0.2)
