@@ -237,11 +237,14 @@ def encode_pairs(
     activations: ActivationCache | None = None,
     tokenizer: Any = None,
     pad_id: int | None = None,
+    num_threads: int | None = None,
 ) -> Path:
     """Score every pair into the sharded store at ``out_dir``; finished shards are not redone.
 
     With ``activations`` (an ``ActivationCache`` of these pairs at ``layer``) no forward pass runs.
-    ``tokenizer`` decodes the top contexts (token ids are written if it is None).
+    ``tokenizer`` decodes the top contexts (token ids are written if it is None). ``num_threads``
+    (or ``cfg.num_threads`` if the config has it) sets torch's CPU threads for the run: on a shared
+    machine 1 thread can be several times faster than 2 (bench/README.md).
     """
     out_dir = Path(out_dir)
     if not tokenized:
@@ -282,10 +285,17 @@ def encode_pairs(
             enable_checkpointing=False, callbacks=[writer],
             precision="bf16-mixed" if cfg.precision == "bfloat16" else "32-true",
         )
+        threads = num_threads or getattr(cfg, "num_threads", None)
+        prev_threads = torch.get_num_threads()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*custom batch sampler.*")  # ours yields every pair
-            trainer.predict(encoder, dataloaders=loader, return_predictions=False)
+            try:
+                if threads:
+                    torch.set_num_threads(int(threads))
+                trainer.predict(encoder, dataloaders=loader, return_predictions=False)
+            finally:
+                torch.set_num_threads(prev_threads)
     missing = set(range(n_shards)) - store.finished_shards(out_dir, n_shards)
     if missing:
         raise store.ShardStoreError(f"{out_dir}: shards {sorted(missing)} were not written; run the encoder again")
