@@ -15,6 +15,11 @@ class AuditConfig:
     fdr: float = 0.05
     #: Latents firing on fewer than this share of pairs (either side) are not tested.
     min_support: float = 0.01
+    #: Concepts where fewer pairs differ between chosen and rejected are not tested (not in BH's m).
+    min_nonzero_pairs: int = 10
+    #: Null calibration: re-run the tests this many times with chosen/rejected swapped at random and
+    #: log how many seeds report anything at q < fdr (must stay around fdr * seeds). 0 = off.
+    calibration_seeds: int = 20
     #: Hypotheses kept in the report / proposed decisions.
     top_k: int = 50
     #: Data clusters (spherical k-means on symmetric activity) for "where it holds".

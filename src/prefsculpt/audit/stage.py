@@ -30,7 +30,7 @@ from prefsculpt.audit.labels import (
     explain_labels,
     validate_top_contexts,
 )
-from prefsculpt.audit.stats import half_assignment, test_concepts
+from prefsculpt.audit.stats import calibrate, half_assignment, test_concepts
 from prefsculpt.concepts.scores import ConceptScores
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.report import html as H
@@ -241,9 +241,12 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
             firing = C.firing_matrix(scores, stat)[:, latent_cols]
             groups = [[latent_cols[i] for i in g] for g in C.latent_clusters(
                 firing, float(a.nmi_top_fraction), int(a.min_latent_cluster), int(cfg.seed))]
-        table = test_concepts(scores, keys, stat=stat, test=str(a.test), fdr=float(a.fdr),
-                              min_support=float(a.min_support), extra={"length": scores.length_diff()},
-                              clusters=groups or None)
+        test_kw = dict(stat=stat, test=str(a.test), fdr=float(a.fdr), min_support=float(a.min_support),
+                       min_nonzero=int(a.min_nonzero_pairs))
+        table = test_concepts(scores, keys, extra={"length": scores.length_diff()}, clusters=groups or None,
+                              **test_kw)
+        if int(a.calibration_seeds) > 0:
+            log_calibration(scores, keys, int(a.calibration_seeds), test_kw)
         member_names = [[scores.concept_names[i] for i in g] for g in groups]
         table = select_hypotheses(table, member_names)
         hyp = table[table["rank"].notna()].head(int(a.top_k))
@@ -295,6 +298,18 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
              metrics["n_significant"], metrics["n_tested"], run.info.run_id)
     return {"run_id": run.info.run_id, "scores_run_id": src, **metrics,
             "planted": None if planted is None else planted.to_dict("records")}
+
+
+def log_calibration(scores: ConceptScores, keys: list[str], n_seeds: int, test_kw: dict[str, Any]) -> None:
+    """The swap null on these very pairs (METHOD §3 "Calibration"): how many seeds report anything."""
+    cal = calibrate(scores, keys, n_seeds=n_seeds, extra={"length": scores.length_diff()}, **test_kw)
+    n_reporting = int((cal["n_q_below_fdr"] > 0).sum())  # any q < fdr, replicated or not (strict)
+    n_replicated = int((cal["n_significant"] > 0).sum())
+    mlflow.log_metrics({"calibration/seeds": n_seeds, "calibration/seeds_reporting": n_reporting,
+                        "calibration/seeds_reporting_replicated": n_replicated,
+                        "calibration/share_reporting": n_reporting / n_seeds})
+    mlflow.log_table(cal, "audit/calibration.json")
+    log.info("calibration: %d of %d swap-null seeds report a hypothesis at q < fdr", n_reporting, n_seeds)
 
 
 def write_outputs(out: Path, cfg: DictConfig, run_id: str, src: str, table: pd.DataFrame, hyp: pd.DataFrame,
