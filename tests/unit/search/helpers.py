@@ -21,16 +21,22 @@ HYPOTHESES = pd.DataFrame({
 
 
 def compose_cfg(tmp_path: Path, **search):
-    from prefsculpt.config import compose
+    """The sections search/promote read, typed by their schemas (Hydra composition is left to the
+    integration test: it costs seconds per call)."""
+    from prefsculpt.config import TrackingConfig
+    from prefsculpt.concepts.config import NamedConceptConfig
+    from prefsculpt.shaping.config import ShapingConfig
 
-    cfg = compose("experiment=tiny")
-    OmegaConf.set_struct(cfg, False)
-    cfg.search = OmegaConf.merge(OmegaConf.structured(SearchConfig), {
-        "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "n_trials": 4, "top_k": 4,
-        "methods": ["score", "filter"], "heartbeat_interval": 1, "grace_period": 3, **search})
-    cfg.promote = OmegaConf.structured(PromoteConfig)
-    cfg.cache_dir = str(tmp_path / "cache")
-    cfg.tracking.experiment = "search-test"
+    cfg = OmegaConf.create({
+        "tracking": OmegaConf.structured(TrackingConfig(experiment="search-test")),
+        "shaping": OmegaConf.structured(ShapingConfig),
+        "named_concepts": [OmegaConf.structured(NamedConceptConfig(name="stock_flattery", kind="regex",
+                                                                   pattern="(?i)great question"))],
+        "search": OmegaConf.merge(OmegaConf.structured(SearchConfig), {
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "n_trials": 4, "top_k": 4,
+            "methods": ["score", "filter"], "heartbeat_interval": 1, "grace_period": 3, **search}),
+        "promote": OmegaConf.structured(PromoteConfig),
+        "cache_dir": str(tmp_path / "cache"), "seed": 0})
     return cfg
 
 

@@ -1,0 +1,115 @@
+"""Promotion: the documented pick, the gates against plain DPO and the champion (with margins), and
+aliases that move only when every gate passes — on a sqlite MLflow store with a tiny pyfunc model."""
+
+import mlflow
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from prefsculpt.search.config import PromoteConfig
+from prefsculpt.search.promote import (
+    PromotionRefused,
+    baseline_gates,
+    champion_gates,
+    choose,
+    refusal_message,
+    run_promote,
+)
+from tests.unit.search.helpers import compose_cfg
+
+PC = OmegaConf.structured(PromoteConfig)
+BASE = {"syc_increase": 0.20, "on_target": 0.80}
+
+
+def test_baseline_gates_pass_at_half_and_fail_with_margins():
+    ok = baseline_gates({"syc_increase": 0.10, "on_target": 0.77}, BASE, 0.5, 0.03)  # exactly on both limits
+    assert all(g.passed for g in ok) and refusal_message(ok) is None
+    bad = baseline_gates({"syc_increase": 0.13, "on_target": 0.75}, BASE, 0.5, 0.03)
+    assert [g.passed for g in bad] == [False, False]
+    msg = refusal_message(bad)
+    assert "sycophancy_vs_baseline failed by 0.0300" in msg and "on_target_vs_baseline failed by 0.0200" in msg
+
+
+def test_champion_gates():
+    assert champion_gates({"off_target": 0.3, "on_target": 0.5}, None, 0.0) == []
+    g = champion_gates({"off_target": 0.12, "on_target": 0.81}, {"off_target": 0.10, "on_target": 0.80}, 0.0)
+    assert [x.passed for x in g] == [False, True] and g[0].margin == pytest.approx(-0.02)
+
+
+def frame(rows):
+    return pd.DataFrame(rows, columns=["trial", "baseline", "off_target", "on_target", "syc_increase"])
+
+
+def test_choose_lowest_off_target_among_passing_pareto_trials():
+    df = frame([(0, True, 0.25, 0.80, 0.20),   # plain DPO: never the pick
+                (1, False, 0.02, 0.70, 0.01),  # lowest off-target but fails on-target (0.70 < 0.77)
+                (2, False, 0.08, 0.79, 0.06),  # passes: the pick
+                (3, False, 0.08, 0.78, 0.06),  # dominated by 2
+                (4, False, 0.15, 0.82, 0.12)])  # on the front, fails sycophancy (0.12 > 0.10)
+    pick, passed = choose(df, BASE, PC)
+    assert pick.trial == 2 and passed
+    pick, passed = choose(df[df.trial.isin([0, 1, 4])], BASE, PC)  # none passes: lowest off on the front
+    assert pick.trial == 1 and not passed
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def fake_search(uid: str, trials: list[tuple], model_uri: str) -> str:
+    """A finished search run with finished trial children carrying objectives (as run_trial logs them)."""
+    with mlflow.start_run(run_name="search", tags={"prefsculpt.stage": "search", "prefsculpt.study_uid": uid}) as s:
+        for num, base, off, on, syc in trials:
+            tags = {"prefsculpt.stage": "trial", "prefsculpt.study_uid": uid, "prefsculpt.trial_number": str(num),
+                    "prefsculpt.baseline": str(base).lower(), "prefsculpt.model_uri": model_uri,
+                    "prefsculpt.audit_run_id": "a" * 32, "prefsculpt.decisions_hash": "d" * 64,
+                    "prefsculpt.shaping": "plain DPO" if base else f"latent:{num} score suppress λ=1"}
+            with mlflow.start_run(run_name=f"trial-{num}", nested=True, tags=tags):
+                mlflow.log_metrics({"search/off_target": off, "search/on_target": on, "search/syc_increase": syc})
+    return s.info.run_id
+
+
+def test_alias_moves_only_when_gates_pass(mlflow_uri, tmp_path):
+    cfg = compose_cfg(tmp_path)
+    mlflow.set_experiment("search-test")
+    with mlflow.start_run(run_name="train"):
+        uri = mlflow.pyfunc.log_model(name="policy", python_model=Echo(), pip_requirements=[]).model_uri
+    client = mlflow.MlflowClient()
+    name = str(cfg.promote.model_name)
+
+    # 1. passes both baseline gates, no champion yet: candidate and champion
+    fake_search("s1", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.08, 0.79, 0.06)], uri)
+    r1 = run_promote(cfg)
+    assert r1["promoted"] and r1["trial"] == 1 and r1["refusal"] is None
+    v1 = client.get_model_version_by_alias(name, "champion")
+    v1_s = str(v1.version)
+    assert v1_s == r1["version"] == str(client.get_model_version_by_alias(name, "candidate").version)
+    assert v1.tags["prefsculpt.audit_run_id"] == "a" * 32 and v1.tags["prefsculpt.decisions_hash"] == "d" * 64
+    assert float(v1.tags["prefsculpt.syc_increase"]) == pytest.approx(0.06)
+    assert float(v1.tags["prefsculpt.baseline_syc_increase"]) == pytest.approx(0.20)
+
+    # 2. fails the baseline gates: becomes candidate, champion stays; the refusal names gates and margins
+    fake_search("s2", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.15, 0.75, 0.13)], uri)
+    r2 = run_promote(cfg)
+    assert not r2["promoted"] and r2["version"] != v1_s
+    assert "sycophancy_vs_baseline failed by 0.0300" in r2["refusal"]
+    assert "on_target_vs_baseline failed by 0.0200" in r2["refusal"]
+    assert str(client.get_model_version_by_alias(name, "candidate").version) == r2["version"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1_s
+    assert client.get_model_version(name, r2["version"]).tags["prefsculpt.gates"] == "failed"
+
+    # 3. passes its own baseline but is worse than the champion's off-target (0.08): refused, raised on request
+    fake_search("s3", [(0, True, 0.40, 0.80, 0.30), (1, False, 0.10, 0.80, 0.09)], uri)
+    cfg.promote.fail_on_refusal = True
+    with pytest.raises(PromotionRefused, match=r"off_target_vs_champion failed by 0\.0200"):
+        run_promote(cfg)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1_s
+
+    # 4. better than the champion on both: champion moves
+    fake_search("s4", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.05, 0.81, 0.04)], uri)
+    r4 = run_promote(cfg)
+    assert r4["promoted"] and r4["previous_champion"] == v1_s
+    assert str(client.get_model_version_by_alias(name, "champion").version) == r4["version"]
+    m = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # the registered policy loads
+    assert m.predict(pd.DataFrame({"q": ["x"]}))["q"].tolist() == ["x"]
