@@ -82,6 +82,21 @@ def _attach(run_id: str | None) -> Iterator[None]:
         os.environ.pop("MLFLOW_RUN_ID", None)
 
 
+def _atomic_checkpoint(base: type) -> type:
+    """ModelCheckpoint writing to a temporary name and renaming, so a kill mid-write never leaves a
+    truncated ``last.ckpt`` that the next run would try to resume from."""
+
+    class AtomicCheckpoint(base):  # type: ignore[misc, valid-type]
+        def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+            tmp = f"{filepath}.{uuid.uuid4().hex[:6]}.tmp"
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+            os.replace(tmp, filepath)
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+
+    return AtomicCheckpoint
+
+
 def _run_exists(run_id: str) -> bool:
     try:
         mlflow.MlflowClient().get_run(run_id)
@@ -123,9 +138,15 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir, run_file, done_file = work / "ckpt", work / "run.json", work / "done.json"
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
     resume_id = None
-    if tc.resume and run_file.exists() and (ckpt_dir / "last.ckpt").exists() and not done_file.exists():
+    if tc.resume and run_file.exists() and not done_file.exists():
         rid = json.loads(run_file.read_text())["run_id"]
-        resume_id = rid if _run_exists(rid) else None
+        if not (ckpt_dir / "last.ckpt").exists():
+            log.warning("train: run %s was interrupted before its first checkpoint; starting over", rid)
+        elif not _run_exists(rid):
+            log.warning("train: run %s of %s is not in the tracking store %s; starting over", rid, work,
+                        mlflow.get_tracking_uri())
+        else:
+            resume_id = rid
     if resume_id is None and work.exists():
         shutil.rmtree(work)  # finished, or stale without a checkpoint: start over
     work.mkdir(parents=True, exist_ok=True)
@@ -178,8 +199,9 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
                         "train/pairs_weighted": int(((pre.weights > 0) & (pre.weights < 1)).sum()),
                         "train/precompute_s": t_pre})
     ckpt_dir = work / "ckpt"
-    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
-                           every_n_train_steps=int(tc.checkpoint_every_n_steps))
+    ckpt = _atomic_checkpoint(ModelCheckpoint)(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
+                                               every_n_train_steps=int(tc.checkpoint_every_n_steps),
+                                               enable_version_counter=False)
     logger = MLFlowLogger(tracking_uri=resolve_tracking_uri(cfg.tracking.uri), run_id=run_id)
     trainer = L.Trainer(
         max_epochs=int(tc.epochs), accumulate_grad_batches=int(tc.grad_accum), precision=str(tc.precision),
