@@ -104,9 +104,10 @@ def run_ours(n_steps: int, warm: int, top: int | None) -> dict:
         cache = PrecomputeCache(cache_dir)
         t0 = time.perf_counter()
         ctx = RefContext(model, tok, pairs, toks, OmegaConf.structured(ShapingConfig), [], None, 256)
-        pre = run_precompute(ctx, [], cache, "bench")
         start = freeze_below(model, top)
-        trunk = trunk_cache(model, toks, start, cache, "bench", pad_id=tok.pad_token_id) if start else None
+        ctx.trunk_layer = start - 1 if start else None  # one forward gives the reference and the trunk
+        pre = run_precompute(ctx, [], cache, "bench")
+        trunk = trunk_cache(ctx, start, cache, "bench") if start else None
         pre_s = time.perf_counter() - t0
         dm = PreferenceDataModule(toks, pre, BATCH, tok.pad_token_id, seed=0, trunk=trunk)
         mod = PreferenceModule(model, BETA, LR, start_layer=start)

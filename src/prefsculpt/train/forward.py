@@ -70,7 +70,7 @@ def final_hidden(model: Any, input_ids: torch.Tensor | None = None, trunk: torch
     """Final-normed hidden states (B, T, d): the whole backbone from ``input_ids``, or layers
     ``start_layer..`` from the cached ``trunk`` (the input of layer ``start_layer``)."""
     if trunk is not None and start_layer > 0:
-        return run_layers(model, trunk, start_layer)
+        return run_layers(model, trunk.to(model.model.norm.weight.dtype), start_layer)
     return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.data.tokenize import TokenizedPair
-from prefsculpt.models.hooks import truncated_forward
+from prefsculpt.models.hooks import capture_residual, truncated_forward
 from prefsculpt.shaping.registry import Intervention, ShapingError
 from prefsculpt.train.forward import pad_right, sequence_logps
 
@@ -112,26 +112,57 @@ class RefContext:
         self._scores = None
         self._sae = None
         self._dirs: dict[str, torch.Tensor] | None = None
+        #: Capture the output of this layer during the reference pass (= start layer − 1), or None.
+        self.trunk_layer: int | None = None
+        self._trunk: dict[str, torch.Tensor] | None = None
 
     # -- log-probs ---------------------------------------------------------------------------
     @torch.no_grad()
-    def _logps(self, tokenized: Sequence[TokenizedPair], hooks: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logps(self, tokenized: Sequence[TokenizedPair], hooks: Callable | None,
+               capture: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed response log-probs (chosen, rejected), each (n,); with ``capture`` = ℓ, the output of
+        layer ℓ is kept per pair from the same forward (the trunk for top-layer training)."""
         pad = self.tokenizer.pad_token_id or 0
         out = {s: torch.zeros(len(tokenized), dtype=torch.float64) for s in ("chosen", "rejected")}
+        parts: list[list[torch.Tensor]] = [[] for _ in tokenized]
         for side in ("chosen", "rejected"):
             seqs = [t.sequence(side) for t in tokenized]
             for idx in length_batches([len(s[0]) for s in seqs], self.batch_tokens):
                 ids = pad_right([seqs[i][0] for i in idx], pad)
                 mask = pad_right([seqs[i][1] for i in idx], 0)
-                with hooks(self.model) if hooks else contextlib.nullcontext():
+                with contextlib.ExitStack() as stack:
+                    if hooks:
+                        stack.enter_context(hooks(self.model))
+                    cap = stack.enter_context(capture_residual(self.model, capture)) if capture is not None else None
                     lp = sequence_logps(self.model, ids, mask)
                 out[side][idx] = lp.double()
+                if cap:
+                    _keep_trunk(parts, tokenized, idx, cap[-1], side)
+        if capture is not None:
+            self._trunk = _flat_trunk(parts, tokenized)
         return out["chosen"], out["rejected"]
 
     def ref_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._ref is None:
-            self._ref = self._logps(self.tokenized, None)
+            want = self.trunk_layer if self._trunk is None else None
+            self._ref = self._logps(self.tokenized, None, capture=want)
         return self._ref
+
+    @torch.no_grad()
+    def trunk(self) -> dict[str, torch.Tensor]:
+        """The trunk captured by the reference pass, or computed alone (stopping at its layer)."""
+        if self._trunk is None:
+            if self.trunk_layer is None:
+                raise ValueError("RefContext.trunk_layer is not set")
+            pad = self.tokenizer.pad_token_id or 0
+            parts: list[list[torch.Tensor]] = [[] for _ in self.tokenized]
+            for side in ("chosen", "rejected"):
+                seqs = [t.sequence(side)[0] for t in self.tokenized]
+                for idx in length_batches([len(x) for x in seqs], self.batch_tokens):
+                    h = truncated_forward(self.model, pad_right([seqs[i] for i in idx], pad), None, self.trunk_layer)
+                    _keep_trunk(parts, self.tokenized, idx, h, side)
+            self._trunk = _flat_trunk(parts, self.tokenized)
+        return self._trunk
 
     def logps(self, hooks: Callable | None = None, prompt_suffix: str | None = None):
         toks = self.tokenized if prompt_suffix is None else self._with_suffix(prompt_suffix)
@@ -254,33 +285,41 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
     return Precomputed(ref["c"].numpy(), ref["r"].numpy(), delta, names, np.array(lams, np.float32), weights)
 
 
-@torch.no_grad()
-def trunk_cache(model: Any, tokenized: Sequence[TokenizedPair], start_layer: int, cache: PrecomputeCache,
-                model_fp: str, dtype: str = "float32", batch_tokens: int = 8192, pad_id: int = 0) -> dict[str, torch.Tensor]:
+def _keep_trunk(parts: list[list[torch.Tensor]], tokenized: Sequence[TokenizedPair], idx: list[int],
+                h: torch.Tensor, side: str) -> None:
+    """Per pair keep prompt states once (causal: they do not depend on the response) and each response's."""
+    for j, i in enumerate(idx):
+        p, n = len(tokenized[i].prompt_ids), len(tokenized[i].sequence(side)[0])
+        if side == "chosen":
+            parts[i].insert(0, h[j, :p].clone())
+            parts[i].insert(1, h[j, p:n].clone())
+        else:
+            parts[i].append(h[j, p:n].clone())
+
+
+def _flat_trunk(parts: list[list[torch.Tensor]], tokenized: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
+    offsets, start = [], 0
+    for t in tokenized:
+        offsets.append([start, len(t.prompt_ids), len(t.chosen_ids)])
+        start += len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
+    return {"data": torch.cat([x for ps in parts for x in ps]), "offsets": torch.tensor(offsets, dtype=torch.long)}
+
+
+def trunk_cache(ctx: RefContext, start_layer: int, cache: PrecomputeCache, model_fp: str,
+                dtype: str = "float32") -> dict[str, torch.Tensor]:
     """Input of decoder layer ``start_layer`` (= output of ``start_layer − 1``) per pair, stored flat:
     ``data`` (Σ tokens, d) holding prompt, chosen response, rejected response of each pair (the prompt
-    once: under the causal mask its states do not depend on the response), and ``offsets`` (n, 3) of
-    (start, len(prompt), len(chosen)); the rejected response follows the chosen one."""
-    key = sha({"model": model_fp, "tokens": tokens_fingerprint(tokenized), "what": "trunk",
+    once), and ``offsets`` (n, 3) of (start, len(prompt), len(chosen)); the rejected response follows
+    the chosen one. Set ``ctx.trunk_layer`` before ``run_precompute`` to get it from the same forward
+    as the reference log-probs."""
+    key = sha({"model": model_fp, "tokens": tokens_fingerprint(ctx.tokenized), "what": "trunk",
                "layer": start_layer, "dtype": dtype})
+    ctx.trunk_layer = start_layer - 1
 
     def compute() -> dict[str, torch.Tensor]:
-        n = len(tokenized)
-        per_pair: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        for side in ("chosen", "rejected"):
-            seqs = [t.sequence(side)[0] for t in tokenized]
-            for idx in length_batches([len(s) for s in seqs], batch_tokens):
-                h = truncated_forward(model, pad_right([seqs[i] for i in idx], pad_id), None, start_layer - 1)
-                for j, i in enumerate(idx):
-                    p = len(tokenized[i].prompt_ids)
-                    if side == "chosen":
-                        per_pair[i].append(h[j, :p])
-                    per_pair[i].append(h[j, p : len(seqs[i])])
-        offsets, start = [], 0
-        for t in tokenized:
-            offsets.append([start, len(t.prompt_ids), len(t.chosen_ids)])
-            start += len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
-        data = torch.cat([x for parts in per_pair for x in parts]).to(getattr(torch, dtype))
-        return {"data": data, "offsets": torch.tensor(offsets, dtype=torch.long)}
+        t = ctx.trunk()
+        return {"data": t["data"].to(getattr(torch, dtype)), "offsets": t["offsets"]}
 
-    return cache.get_or_compute(key, compute)
+    out = cache.get_or_compute(key, compute)
+    ctx._trunk = None  # the cache holds it now; free the in-memory copy
+    return out

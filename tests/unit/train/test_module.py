@@ -105,3 +105,26 @@ def test_run_train_plain_dpo_logs_one_run_and_saves_policy(tiny_model_dir, tmp_p
     top = len(after.model.layers) - 1
     assert not torch.equal(before.model.layers[top].mlp.up_proj.weight, after.model.layers[top].mlp.up_proj.weight)
     assert torch.equal(before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight)
+
+
+def test_trunk_from_the_reference_pass_equals_the_truncated_forward(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from omegaconf import OmegaConf
+
+    from prefsculpt.models.loading import load_model
+    from prefsculpt.shaping.config import ShapingConfig
+    from prefsculpt.train.precompute import PrecomputeCache, RefContext, trunk_cache
+
+    _, _, toks = _batch(tiny_tokenizer)
+    model = load_model(tiny_model_dir).eval()
+    sc = OmegaConf.structured(ShapingConfig)
+    joint = RefContext(model, tiny_tokenizer, [None] * len(toks), toks, sc, [], None, 64)
+    joint.trunk_layer = 1
+    joint.ref_logps()  # captures the trunk in the same forward
+    a = trunk_cache(joint, 2, PrecomputeCache(tmp_path / "a"), "m")
+    alone = RefContext(model, tiny_tokenizer, [None] * len(toks), toks, sc, [], None, 64)
+    b = trunk_cache(alone, 2, PrecomputeCache(tmp_path / "b"), "m")
+    torch.testing.assert_close(a["data"], b["data"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(a["offsets"], b["offsets"])
+    t = toks[1]
+    assert a["data"].shape[0] == sum(len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in toks)
+    assert a["offsets"][1].tolist()[1:] == [len(t.prompt_ids), len(t.chosen_ids)]
