@@ -143,14 +143,15 @@ def memory_child(n_pairs: int, layer: int, expansion: int, k: int, batch_tokens:
 def run_memory(args) -> list[dict]:
     results = []
     for n in args.mem_pairs:
-        cmd = [sys.executable, __file__, "--memory-child", str(n), "--layer", str(args.layer),
+        layer = args.layer if args.mem_layer is None else args.mem_layer
+        cmd = [sys.executable, __file__, "--memory-child", str(n), "--layer", str(layer),
                "--expansion", str(args.expansion), "--k", str(args.k), "--batch-tokens", str(args.batch_tokens),
                "--precision", args.precision, "--threads", str(torch.get_num_threads())]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"memory child for {n} pairs failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        sys.stdout.write(f"  memory: {n} pairs -> peak RSS {results[-1]['peak_rss_mb']:.0f} MB "
+        sys.stdout.write(f"  memory: {n} pairs, layer {layer} -> peak RSS {results[-1]['peak_rss_mb']:.0f} MB "
                          f"({results[-1]['seconds']:.0f} s)\n")
         sys.stdout.flush()
     return results
@@ -169,6 +170,8 @@ def main() -> None:
     ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for encoder and naive (default: torch's)")
     ap.add_argument("--mem-pairs", type=int, nargs="*", default=[1000, 4000])
+    ap.add_argument("--mem-layer", type=int, default=None,
+                    help="layer for the memory runs (default --layer); a lower one only saves time on a busy machine")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)

@@ -149,8 +149,16 @@ class PackedCollate:
         return batch
 
 
+class EncodeInterrupted(RuntimeError):
+    """The encoder got SIGTERM; finished shards are kept and a rerun resumes after them."""
+
+
 class ShardWriter(BasePredictionWriter):
-    """Collects batch outputs per shard; writes a shard when all its pairs are in."""
+    """Collects batch outputs per shard; writes a shard when all its pairs are in.
+
+    Lightning's predict loop notes SIGTERM (``trainer.received_sigterm``) but runs on to the end,
+    so ``kill <pid>`` would not stop an encode: the writer stops it after the current batch.
+    """
 
     def __init__(self, out_dir: Path, pair_ids: list[str], shard_size: int, n_concepts: int, top_n: int):
         super().__init__(write_interval="batch")
@@ -191,6 +199,8 @@ class ShardWriter(BasePredictionWriter):
             store.write_shard(self.out_dir, k, arrays)
             del self.buffers[k]
             log.debug("wrote shard %d (%d pairs)", k, b - a)
+        if getattr(trainer, "received_sigterm", False):
+            raise EncodeInterrupted(f"stopped by SIGTERM; finished shards in {self.out_dir} are kept, rerun to resume")
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -230,6 +230,7 @@ def write_top_contexts(
     """
     import pandas as pd
 
+    texts: dict[tuple[int, str, int], tuple[str, str, str]] = {}
     rows: dict[str, list[Any]] = {c: [] for c in ("concept", "rank", "value", "pair_id", "span", "position", "token", "left", "right")}
     for span, (vals, pairs, positions) in top.items():
         for f, name in enumerate(concept_names):
@@ -238,16 +239,20 @@ def write_top_contexts(
                 if not v > 0:
                     break  # sorted descending: the rest did not fire
                 i, t = int(pairs[rank, f]), int(positions[rank, f])
-                seq = sequence(i, span)
+                key = (i, span, t)
+                if key not in texts:  # the same token tops many concepts: decode it once
+                    seq = sequence(i, span)
+                    texts[key] = (
+                        decode(seq[t : t + 1]), decode(seq[max(0, t - window) : t]), decode(seq[t + 1 : t + 1 + window])
+                    )
                 rows["concept"].append(name)
                 rows["rank"].append(rank)
                 rows["value"].append(v)
                 rows["pair_id"].append(pair_ids[i])
                 rows["span"].append(span)
                 rows["position"].append(t)
-                rows["token"].append(decode(seq[t : t + 1]))
-                rows["left"].append(decode(seq[max(0, t - window) : t]))
-                rows["right"].append(decode(seq[t + 1 : t + 1 + window]))
+                for col, text in zip(("token", "left", "right"), texts[key], strict=True):
+                    rows[col].append(text)
     df = pd.DataFrame(rows)
     path = out_dir / TOP
     tmp = out_dir / f".{TOP}.tmp-{os.getpid()}"

@@ -1,3 +1,6 @@
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +91,29 @@ def test_truncated_shard_is_detected_and_redone(setup, tmp_path, counted):
     encode_pairs(model, sae, pairs, out, CFG, LAYER)
     assert sorted(counted) == [3, 4, 5]
     np.testing.assert_array_equal(load_scores(out).get("chosen"), before.get("chosen"))
+
+
+def test_sigterm_stops_the_run_and_the_rerun_resumes(setup, tmp_path, monkeypatch):
+    model, sae, pairs = setup
+    orig = enc.ConceptEncoder.predict_step
+    sent = []
+
+    def step(self, batch, *a, **k):
+        if 3 in batch["pair_index"].tolist() and not sent:  # first batch of shard 1
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler only records it
+        return orig(self, batch, *a, **k)
+
+    monkeypatch.setattr(enc.ConceptEncoder, "predict_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(enc.EncodeInterrupted, match="SIGTERM"):
+        encode_pairs(model, sae, pairs, out, CFG, LAYER)
+    assert finished_shards(out, 3) == {0, 1}  # the batch in flight (all of shard 1) completes; then it stops
+    seen = []
+    monkeypatch.setattr(enc.ConceptEncoder, "predict_step",
+                        lambda self, batch, *a, **k: seen.extend(batch["pair_index"].tolist()) or orig(self, batch, *a, **k))
+    assert load_scores(encode_pairs(model, sae, pairs, out, CFG, LAYER)).n_pairs == 8
+    assert sorted(seen) == [6, 7]
 
 
 def _fake_shard(n=2, f=3):
