@@ -25,8 +25,11 @@ class SAEConfig:
     #: Extra training text files (one document per line) added to the pairs' spans.
     extra_text_files: list[str] = field(default_factory=list)
     #: Training steps x batch: the unique tokens are cycled (reshuffled) until this many are seen.
-    training_tokens: int = 2_000_000
-    lr: float = 3e-4
+    #: 600k (~10 passes over the planted train split's 58k unique tokens) gave held-out EV 0.94 with 8%
+    #: dead latents at expansion 8, k 32, in ~285 CPU-seconds (bf16 autocast).
+    training_tokens: int = 600_000
+    #: Higher than sae-lens' usual 3e-4: a CPU-sized run has only ~150 steps.
+    lr: float = 1e-3
     #: Share of the steps at the end over which the learning rate decays linearly to 0.
     lr_decay_fraction: float = 0.2
     batch_size_tokens: int = 4096
