@@ -1,5 +1,9 @@
 """Benchmark: one policy's full evaluation on default settings (SmolLM2-135M) against 4 minutes.
 
+Reported: wall time and the process's CPU time (user + system, all threads); on a shared box the
+wall time depends on other jobs, CPU time / 2 is what 2 free cores would take (the process uses 2
+threads and is compute bound).
+
 Baseline: the issue's target, **240 s** of wall time on 2 CPU cores for one policy, with the base
 already cached (the base is evaluated once per model digest and inputs, then reused by every policy).
 
@@ -103,17 +107,18 @@ def main() -> None:
     results = {}
     for name, pol in (("base (cold cache)", "base"), ("policy (base cached)", str(policy))):
         cfg = compose([*common, f"eval.policy={pol}"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = run_evaluate(cfg)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         parts = {k.removeprefix("time/").removesuffix("_s"): round(v, 1) for k, v in out["metrics"].items()
                  if k.startswith("time/") and k != "time/total_s"}
-        results[name] = {"wall_s": round(wall, 1), **parts}
-        print(f"{name:22s} wall {wall:6.1f} s   " + "  ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
-    pol_s = results["policy (base cached)"]["wall_s"]
-    verdict = "PASS" if pol_s < TARGET_S else "FAIL"
-    print(f"one policy's full evaluation: {pol_s:.1f} s vs target {TARGET_S:.0f} s: {verdict} "
-          f"({TARGET_S / pol_s:.2f}x the budget)")
+        results[name] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), **parts}
+        print(f"{name:22s} wall {wall:6.1f} s  cpu {cpu:6.1f} s (= {cpu / 2:.1f} s of 2 free cores)   " + "  ".join(f"{k} {v:.1f}" for k, v in parts.items()), flush=True)
+    r = results["policy (base cached)"]
+    pol_s, ideal = r["wall_s"], r["cpu_s"] / 2
+    print(f"one policy's full evaluation: wall {pol_s:.1f} s vs target {TARGET_S:.0f} s: "
+          f"{'PASS' if pol_s < TARGET_S else 'FAIL'}; process CPU {r['cpu_s']:.1f} s, i.e. {ideal:.1f} s on 2 "
+          f"uncontended cores: {'PASS' if ideal < TARGET_S else 'FAIL'} (wall exceeds CPU/2 when other jobs share the cores)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)

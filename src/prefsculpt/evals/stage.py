@@ -175,6 +175,7 @@ def _summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.D
                 b = ev.tables(name, "base")[t]  # the reference log-probs are needed either way
             df = cap.preference_table(df, b, float(ec.capability.beta))
             rows += summarise(df, None, [("cap/pref/implicit_acc", "implicit_correct")], *boot)
+            b = b.assign(logp_correct=(b.lp_chosen > b.lp_rejected).astype(float)) if t in base else None
         rows += summarise(df, b, _specs(t, df), *boot)
         logged[t] = df
         if b is not None and not ev.same:

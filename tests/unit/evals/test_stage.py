@@ -45,7 +45,7 @@ def test_evaluate_policy_against_cached_base(tiny_model_dir, other_policy, tmp_p
     pol = run_evaluate(eval_cfg(tiny_model_dir, tmp_path, {**over, "policy": str(other_policy)}))
     assert all(which == "policy" for _, which in calls)  # the base came from the cache
     pm = pol["metrics"]
-    assert pm["cap/kl/mean_token"] > 0
+    assert pm["cap/kl/mean_token"] > 0 and "cap/pref/logp_acc_diff" in pm and "cap/pref/implicit_acc" in pm
     assert pm["syc/planted/p_agree_base"] == pytest.approx(m["syc/planted/p_agree"])
     assert pm["syc/planted/p_agree_diff"] == pytest.approx(pm["syc/planted/p_agree"] - pm["syc/planted/p_agree_base"])
     assert pm["syc/planted/p_agree_diff_lo"] <= pm["syc/planted/p_agree_diff"] <= pm["syc/planted/p_agree_diff_hi"]
