@@ -78,3 +78,6 @@ class NamedConceptConfig:
     negative: list[str] = field(default_factory=list)
     #: Most aligned latents reported for the concept.
     top_latents: int = 5
+    #: regex: false = skip the concept (with a warning) when no training response matches, instead of
+    #: stopping; for generic surface features that a dataset may simply not contain (emoji, headers).
+    required: bool = True

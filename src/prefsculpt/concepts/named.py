@@ -39,6 +39,10 @@ class NamedConceptError(ValueError):
     """A named concept cannot be built; the message names it and says what to change."""
 
 
+class UnmatchedConceptError(NamedConceptError):
+    """A regex concept matches no training response (skipped instead when ``required: false``)."""
+
+
 @dataclass
 class NamedConcept:
     name: str
@@ -164,9 +168,10 @@ def regex_classes(
             else:
                 neg_rows.append(rows)
     if not n_match:
-        raise NamedConceptError(
+        raise UnmatchedConceptError(
             f"named concept {concept.name!r}: pattern {concept.pattern!r} matches none of the {2 * len(pair_rows)} "
-            "training responses; fix the pattern, or remove the concept from named_concepts"
+            "training responses; fix the pattern, remove the concept from named_concepts, or set "
+            "required: false on it to skip it on data that lacks it"
         )
     if not neg_rows:
         raise NamedConceptError(
@@ -230,6 +235,11 @@ def build_named_concepts(
                 pos = text_means(model, tokenizer, list(c.positive), layer)
                 neg = text_means(model, tokenizer, list(c.negative), layer)
             v, b, acc = mean_difference_direction(pos, neg)
+        except UnmatchedConceptError as exc:
+            if bool(getattr(c, "required", True)):
+                raise
+            log.warning("skipping %s", exc)
+            continue
         except NamedConceptError as exc:
             if str(exc).startswith("named concept"):
                 raise

@@ -114,6 +114,10 @@ def test_regex_without_matches_or_contrast_is_an_error(styled_pairs, tiny_tokeni
         N.build_named_concepts([NamedConceptConfig(name="emoji", pattern="\U0001F600")], **kw)
     with pytest.raises(N.NamedConceptError, match="'any'.*matches every"):
         N.build_named_concepts([NamedConceptConfig(name="any", pattern="a")], **kw)
+    # A generic surface feature the data lacks can be marked optional: skipped, the others still built.
+    got = N.build_named_concepts([NamedConceptConfig(name="emoji", pattern="\U0001F600", required=False),
+                                  NamedConceptConfig(name="bold", pattern=BOLD)], **kw)
+    assert [c.name for c in got] == ["bold"]
 
 
 @pytest.mark.parametrize(
