@@ -19,13 +19,15 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.data.errors import DataSourceError
 from prefsculpt.evals import shift as S
 
 log = logging.getLogger(__name__)
 
 
-class ShiftSourceError(ValueError):
-    """The concept-shift eval has no SAE or no audit hypotheses; the message says what to run."""
+class ShiftSourceError(DataSourceError):
+    """The concept-shift eval has no SAE or no audit hypotheses; the message says what to run (a user
+    error: the CLI prints it and exits 2)."""
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,22 @@ def test_steering_a_latent_is_measured_as_its_shift(tiny_model_dir, tiny_sae):
     table, m = shift_table(cs, base, pol)
     assert table["shift"].idxmax() == 0 and table["shift"][0] > 0  # row 0 = latent:3
     assert m["hyp_sign_agree"] == 1.0 and m["all_spearman"] > 0
+
+
+def test_shift_sources_from_paths_and_clear_errors(tiny_model_dir, tiny_sae, tmp_path, mlflow_uri):
+    from prefsculpt.evals.shift_sources import ShiftSourceError, resolve_shift_sources
+    from tests.unit.evals.helpers import eval_cfg
+
+    sae_dir = tmp_path / "sae"
+    tiny_sae.save_model(sae_dir)
+    hyp = tmp_path / "hypotheses.parquet"
+    hypotheses().to_parquet(hyp)
+    src = resolve_shift_sources(eval_cfg(tiny_model_dir, tmp_path, {"shift": {"sae_path": str(sae_dir),
+                                                                             "hypotheses_path": str(hyp)}}), tmp_path)
+    assert src.sae_path == sae_dir and src.layer == LAYER and len(src.hypotheses) == 6
+    strict = {"shift": {"sae_path": str(sae_dir), "hypotheses_path": str(tmp_path / "nope.parquet"), "skip_if_missing": False}}
+    with pytest.raises(ShiftSourceError, match="hypotheses_path=.*nope.parquet.* does not exist"):
+        resolve_shift_sources(eval_cfg(tiny_model_dir, tmp_path, strict), tmp_path)
+    with pytest.raises(ShiftSourceError, match="no finished sae run"):  # empty tracking store
+        resolve_shift_sources(eval_cfg(tiny_model_dir, tmp_path, {"shift": {"skip_if_missing": False}}), tmp_path)
+    assert resolve_shift_sources(eval_cfg(tiny_model_dir, tmp_path), tmp_path) is None  # skipped, with a warning
