@@ -1,0 +1,60 @@
+"""The search on the tiny random llama with real training and evaluation: two trials (plain DPO
+first), each a trial run with train and evaluate children; then promote registers one of them.
+
+The audit run is a stand-in holding a hypotheses table over concepts training can shape without an
+SAE (the regex concept ``named:stock_flattery`` and the built-in ``length``), so this test exercises
+search + train + evaluate + promote, not the sae/audit stages.
+"""
+
+import mlflow
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
+from prefsculpt.config import CONF_DIR as CONF
+from prefsculpt.search.config import PromoteConfig, SearchConfig
+from tests.unit.search.helpers import fake_audit_run
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_cfg(tmp_path):
+    from prefsculpt.config import compose
+
+    cfg = compose("experiment=tiny eval.evals=[sycophancy,capability] eval.bootstrap=50 eval.capability.known_answer=0 "
+                  "eval.capability.kl=false train.max_pairs=8")
+    OmegaConf.set_struct(cfg, False)
+    search = OmegaConf.load(CONF / "search" / "tiny.yaml")
+    search.pop("defaults", None)
+    cfg.search = OmegaConf.merge(OmegaConf.structured(SearchConfig), search,
+                                 {"storage": f"sqlite:///{tmp_path / 'optuna.db'}", "top_k": 2, "n_trials": 2,
+                                  "objectives": {"style_weight": 0.0}})
+    cfg.promote = OmegaConf.merge(OmegaConf.structured(PromoteConfig), {"model_name": "tiny-policy"})
+    cfg.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+def test_search_real_trials_then_promote(mlflow_uri, tmp_path, monkeypatch):
+    from prefsculpt.search.promote import run_promote
+    from prefsculpt.search.study import run_search
+
+    cfg = tiny_cfg(tmp_path)
+    fake_audit_run(tmp_path, experiment=str(cfg.tracking.experiment))
+    out = run_search(cfg)
+    study = optuna.load_study(study_name=str(cfg.search.study_name), storage=str(cfg.search.storage))
+    states = [t.state.name for t in study.get_trials()]
+    errors = [t.user_attrs.get("error") for t in study.get_trials() if t.state.name == "FAIL"]
+    assert states == ["COMPLETE"] * 2, errors
+    assert study.get_trials()[0].user_attrs["prefsculpt.baseline"]
+    client = mlflow.MlflowClient()
+    for t in study.get_trials():
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == out["run_id"]
+        assert {"search/off_target", "search/on_target"} <= set(run.data.metrics)
+        kids = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert sorted(k.data.tags["prefsculpt.stage"] for k in kids) == ["evaluate", "train"]
+        assert t.user_attrs["model_uri"].startswith("models:/")
+    res = run_promote(cfg)
+    mv = client.get_model_version_by_alias("tiny-policy", "candidate")
+    assert str(mv.version) == res["version"] and mv.tags["prefsculpt.trial_number"] == str(res["trial"])
+    assert res["trial"] != 0  # never the baseline itself
