@@ -40,7 +40,7 @@ def model(tiny_model_dir):
     return load_model(tiny_model_dir).eval()
 
 
-def direct_scores(model, sae, pairs, extra=None):
+def direct_scores(model, sae, pairs, extra=None, layer=LAYER):
     """Full forward per sequence, slice hidden_states[l+1], SAE encode, max / freq per span."""
     out = {f"{s}_{st}": [] for s in ("prompt", "chosen", "rejected") for st in ("max", "freq")}
     with torch.inference_mode():
@@ -48,7 +48,7 @@ def direct_scores(model, sae, pairs, extra=None):
             n_p = len(p.prompt_ids)
             for side in ("chosen", "rejected"):
                 ids, _ = p.sequence(side)
-                h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]  # (T, d)
+                h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]  # (T, d)
                 a = sae.encode(h)
                 if extra is not None:
                     a = torch.cat([a, torch.relu(h @ extra.vectors.T - extra.bias)], dim=-1)
@@ -145,3 +145,20 @@ def test_bf16_is_close(model, tmp_path):
     f32 = load_scores(encode_pairs(model, sae, pairs, tmp_path / "a", EncodeConfig(shard_size=4), LAYER))
     bf = load_scores(encode_pairs(model, sae, pairs, tmp_path / "b", EncodeConfig(shard_size=4, precision="bfloat16"), LAYER))
     np.testing.assert_allclose(bf.get("prompt"), f32.get("prompt"), atol=0.1 * f32.get("prompt").max())
+
+
+@pytest.mark.integration
+def test_smollm2_encoder_matches_direct_computation(smollm2_dir, tmp_path):
+    """The real model (GQA, sdpa, chat template): packed + truncated equals full forward + slice."""
+    from prefsculpt.data.planted import PlantedConfig, generate_planted
+    from prefsculpt.data.tokenize import tokenize_pairs
+    from prefsculpt.models.loading import load_tokenizer
+
+    model, tok = load_model(smollm2_dir).eval(), load_tokenizer(smollm2_dir)
+    pairs = tokenize_pairs(generate_planted(PlantedConfig(n_pairs=4, seed=3)), tok)
+    sae = make_sae(model.config.hidden_size, d_sae=256, k=16)
+    out = encode_pairs(model, sae, pairs, tmp_path / "enc", EncodeConfig(shard_size=2), 15, tokenizer=tok)
+    ref = direct_scores(model, sae, pairs, layer=15)
+    scores = load_scores(out)
+    for (span, stat), v in scores.values.items():
+        np.testing.assert_allclose(v, ref[f"{span}_{stat}"], rtol=0, atol=2e-4, err_msg=f"{span} {stat}")
