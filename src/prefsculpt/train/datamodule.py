@@ -1,8 +1,8 @@
 """Batches of pairs for concept-shaped DPO: length-bucketed, resumable mid-epoch, chosen+rejected stacked.
 
-A batch holds B pairs as 2B right-padded sequences ``[chosen_1..B; rejected_1..B]`` (one forward,
-as TRL), their response masks, the cached reference log-probs, the ΔA columns and the pair weights,
-and, when training the top layers only, the cached trunk output of each sequence.
+A batch holds B pairs packed as B rows ``[prompt, chosen, rejected]`` (``forward.pack_pairs``: one
+forward for both responses, the prompt computed once), the cached reference log-probs, the ΔA
+columns and the pair weights, and, when training the top layers only, the cached trunk of each row.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prefsculpt.data.tokenize import TokenizedPair
-from prefsculpt.train.forward import pad_right
+from prefsculpt.train.forward import pack_pairs
 from prefsculpt.train.precompute import Precomputed
 
 
@@ -45,7 +45,7 @@ class PairDataset(Dataset):
 
     def length(self, i: int) -> int:
         t = self.tokenized[self.idx[i]]
-        return len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
+        return len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = int(self.idx[i])
@@ -54,9 +54,7 @@ class PairDataset(Dataset):
         if self.trunk is not None:
             s, p, c = (int(x) for x in self.trunk["offsets"][j])
             r = len(self.tokenized[j].rejected_ids)
-            data = self.trunk["data"]
-            item["trunk_c"] = data[s : s + p + c]
-            item["trunk_r"] = torch.cat([data[s : s + p], data[s + p + c : s + p + c + r]])
+            item["trunk"] = self.trunk["data"][s : s + p + c + r]  # (P+C+R, d), the packed row's layout
         return item
 
 
@@ -127,19 +125,16 @@ class ResumableLoader(DataLoader):
 
 
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    seqs = [it["pair"].sequence("chosen") for it in items] + [it["pair"].sequence("rejected") for it in items]
-    out = {
-        "input_ids": pad_right([s[0] for s in seqs], pad_id),  # (2B, T)
-        "response_mask": pad_right([s[1] for s in seqs], 0),  # (2B, T)
+    out = pack_pairs([it["pair"] for it in items], pad_id)  # input_ids (B, L), mask (B, 1, L, L), targets
+    out.update({
         "ref_c": torch.tensor(np.array([it["ref_c"] for it in items]), dtype=torch.float64),  # (B,)
         "ref_r": torch.tensor(np.array([it["ref_r"] for it in items]), dtype=torch.float64),
         "delta_a": torch.tensor(np.stack([it["delta_a"] for it in items]), dtype=torch.float32),  # (B, U)
         "weight": torch.tensor(np.array([it["weight"] for it in items]), dtype=torch.float32),  # (B,)
-    }
-    if "trunk_c" in items[0]:
-        hs = [it["trunk_c"] for it in items] + [it["trunk_r"] for it in items]
-        t = out["input_ids"].shape[1]
-        trunk = hs[0].new_zeros(len(hs), t, hs[0].shape[1])  # (2B, T, d)
+    })
+    if "trunk" in items[0]:
+        hs = [it["trunk"] for it in items]
+        trunk = hs[0].new_zeros(len(hs), out["input_ids"].shape[1], hs[0].shape[1])  # (B, L, d)
         for i, h in enumerate(hs):
             trunk[i, : h.shape[0]] = h
         out["trunk"] = trunk

@@ -12,7 +12,7 @@ import torch
 
 from prefsculpt.shaping.losses import shaped_dpo_loss
 from prefsculpt.shaping.registry import Intervention, ShapingError
-from prefsculpt.train.forward import sequence_logps
+from prefsculpt.train.forward import packed_logps
 
 
 def freeze_below(model: Any, top_layers: int | None) -> int:
@@ -66,13 +66,12 @@ class PreferenceModule(L.LightningModule):
         check_hooks_trainable(self.hooks, start_layer)
 
     def policy_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen and rejected summed response log-probs, each (B,), from ONE forward over 2B sequences."""
+        """Chosen and rejected summed response log-probs, each (B,), from ONE forward over the packed pairs."""
         with contextlib.ExitStack() as stack:
             if self.training:  # ablate / prevent act on the policy while training only
                 for iv in self.hooks:
                     stack.enter_context(iv.train_hooks(self.model))
-            lp = sequence_logps(self.model, batch["input_ids"], batch["response_mask"],
-                                trunk=batch.get("trunk"), start_layer=self.start_layer)  # (2B,)
+            lp = packed_logps(self.model, batch, trunk=batch.get("trunk"), start_layer=self.start_layer)  # (2B,)
         return lp.chunk(2)
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

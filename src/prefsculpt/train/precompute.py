@@ -28,7 +28,7 @@ from prefsculpt.data.schema import PreferencePair
 from prefsculpt.data.tokenize import TokenizedPair
 from prefsculpt.models.hooks import capture_residual, truncated_forward
 from prefsculpt.shaping.registry import Intervention, ShapingError
-from prefsculpt.train.forward import pad_right, sequence_logps
+from prefsculpt.train.forward import pack_pairs, packed_logps
 
 log = logging.getLogger(__name__)
 _FP_MEMO: dict[tuple, str] = {}
@@ -120,26 +120,26 @@ class RefContext:
     @torch.no_grad()
     def _logps(self, tokenized: Sequence[TokenizedPair], hooks: Callable | None,
                capture: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs (chosen, rejected), each (n,); with ``capture`` = ℓ, the output of
-        layer ℓ is kept per pair from the same forward (the trunk for top-layer training)."""
+        """Summed response log-probs (chosen, rejected), each (n,), from packed pairs; with ``capture``
+        = ℓ, the output of layer ℓ of each packed row is kept from the same forward (the trunk for
+        top-layer training, already in the training batch's layout)."""
         pad = self.tokenizer.pad_token_id or 0
         out = {s: torch.zeros(len(tokenized), dtype=torch.float64) for s in ("chosen", "rejected")}
-        parts: list[list[torch.Tensor]] = [[] for _ in tokenized]
-        for side in ("chosen", "rejected"):
-            seqs = [t.sequence(side) for t in tokenized]
-            for idx in length_batches([len(s[0]) for s in seqs], self.batch_tokens):
-                ids = pad_right([seqs[i][0] for i in idx], pad)
-                mask = pad_right([seqs[i][1] for i in idx], 0)
-                with contextlib.ExitStack() as stack:
-                    if hooks:
-                        stack.enter_context(hooks(self.model))
-                    cap = stack.enter_context(capture_residual(self.model, capture)) if capture is not None else None
-                    lp = sequence_logps(self.model, ids, mask)
-                out[side][idx] = lp.double()
-                if cap:
-                    _keep_trunk(parts, tokenized, idx, cap[-1], side)
+        rows: list[torch.Tensor | None] = [None] * len(tokenized)
+        lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in tokenized]
+        for idx in length_batches(lengths, self.batch_tokens):
+            batch = pack_pairs([tokenized[i] for i in idx], pad)
+            with contextlib.ExitStack() as stack:
+                if hooks:
+                    stack.enter_context(hooks(self.model))
+                cap = stack.enter_context(capture_residual(self.model, capture)) if capture is not None else None
+                lp = packed_logps(self.model, batch).double()  # (2b,)
+            out["chosen"][idx], out["rejected"][idx] = lp[: len(idx)], lp[len(idx) :]
+            if cap:
+                for j, i in enumerate(idx):
+                    rows[i] = cap[-1][j, : lengths[i]].clone()
         if capture is not None:
-            self._trunk = _flat_trunk(parts, tokenized)
+            self._trunk = _flat_trunk(rows, tokenized)
         return out["chosen"], out["rejected"]
 
     def ref_logps(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,13 +155,15 @@ class RefContext:
             if self.trunk_layer is None:
                 raise ValueError("RefContext.trunk_layer is not set")
             pad = self.tokenizer.pad_token_id or 0
-            parts: list[list[torch.Tensor]] = [[] for _ in self.tokenized]
-            for side in ("chosen", "rejected"):
-                seqs = [t.sequence(side)[0] for t in self.tokenized]
-                for idx in length_batches([len(x) for x in seqs], self.batch_tokens):
-                    h = truncated_forward(self.model, pad_right([seqs[i] for i in idx], pad), None, self.trunk_layer)
-                    _keep_trunk(parts, self.tokenized, idx, h, side)
-            self._trunk = _flat_trunk(parts, self.tokenized)
+            rows: list[torch.Tensor | None] = [None] * len(self.tokenized)
+            lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in self.tokenized]
+            for idx in length_batches(lengths, self.batch_tokens):
+                b = pack_pairs([self.tokenized[i] for i in idx], pad)
+                h = truncated_forward(self.model, b["input_ids"], b["attention_mask"], self.trunk_layer,
+                                      position_ids=b["position_ids"])
+                for j, i in enumerate(idx):
+                    rows[i] = h[j, : lengths[i]].clone()
+            self._trunk = _flat_trunk(rows, self.tokenized)
         return self._trunk
 
     def logps(self, hooks: Callable | None = None, prompt_suffix: str | None = None):
@@ -285,24 +287,13 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
     return Precomputed(ref["c"].numpy(), ref["r"].numpy(), delta, names, np.array(lams, np.float32), weights)
 
 
-def _keep_trunk(parts: list[list[torch.Tensor]], tokenized: Sequence[TokenizedPair], idx: list[int],
-                h: torch.Tensor, side: str) -> None:
-    """Per pair keep prompt states once (causal: they do not depend on the response) and each response's."""
-    for j, i in enumerate(idx):
-        p, n = len(tokenized[i].prompt_ids), len(tokenized[i].sequence(side)[0])
-        if side == "chosen":
-            parts[i].insert(0, h[j, :p].clone())
-            parts[i].insert(1, h[j, p:n].clone())
-        else:
-            parts[i].append(h[j, p:n].clone())
-
-
-def _flat_trunk(parts: list[list[torch.Tensor]], tokenized: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
+def _flat_trunk(rows: Sequence[torch.Tensor | None], tokenized: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
+    """Packed rows [prompt, chosen, rejected] (P+C+R, d) concatenated, with their offsets."""
     offsets, start = [], 0
     for t in tokenized:
         offsets.append([start, len(t.prompt_ids), len(t.chosen_ids)])
         start += len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
-    return {"data": torch.cat([x for ps in parts for x in ps]), "offsets": torch.tensor(offsets, dtype=torch.long)}
+    return {"data": torch.cat([r for r in rows if r is not None]), "offsets": torch.tensor(offsets, dtype=torch.long)}
 
 
 def trunk_cache(ctx: RefContext, start_layer: int, cache: PrecomputeCache, model_fp: str,

@@ -24,14 +24,13 @@ def _trl_trainer(model, ref, tok, tmp_path):
                      [{"role": "assistant", "content": "Hello"}]],
     })
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], report_to=[],
-                     max_length=64, per_device_train_batch_size=3, use_cpu=True, bf16=False,
+                     max_length=512, per_device_train_batch_size=3, use_cpu=True, bf16=False,
                      gradient_checkpointing=False)
     return DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
 
 
 def test_loss_and_grads_match_trl(tiny_model_dir, tmp_path):
     from prefsculpt.models.loading import load_model, load_tokenizer
-    from prefsculpt.train.forward import sequence_logps
     from prefsculpt.train.module import PreferenceModule
 
     tok = load_tokenizer(tiny_model_dir)
@@ -48,13 +47,20 @@ def test_loss_and_grads_match_trl(tiny_model_dir, tmp_path):
     trl_loss = trainer.compute_loss(trainer.model, batch)
     trl_loss.backward()
 
-    mask = batch["completion_mask"]
+    # Our batch: the same tokens (TRL's own tokenization), packed [prompt, chosen, rejected] per row.
+    from prefsculpt.data.tokenize import TokenizedPair
+    from prefsculpt.train.forward import pack_pairs, packed_logps
+
+    ex = [trainer.train_dataset[i] for i in range(3)]
+    toks = [TokenizedPair(str(i), e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], False, False, False)
+            for i, e in enumerate(ex)]
+    packed = pack_pairs(toks, tok.pad_token_id)
+    assert packed["input_ids"].numel() < batch["input_ids"].numel()  # the prompt is there once, not twice
     with torch.no_grad():
-        ref_c, ref_r = sequence_logps(ref, batch["input_ids"], mask).chunk(2)
+        ref_c, ref_r = packed_logps(ref, packed).chunk(2)
     mod = PreferenceModule(ours, beta=0.1, lr=0.0)
     mod.train()
-    ours_batch = {"input_ids": batch["input_ids"], "response_mask": mask, "ref_c": ref_c, "ref_r": ref_r,
-                  "delta_a": torch.zeros(3, 0), "weight": torch.ones(3)}
+    ours_batch = {**packed, "ref_c": ref_c, "ref_r": ref_r, "delta_a": torch.zeros(3, 0), "weight": torch.ones(3)}
     loss, _ = mod.step(ours_batch)
     loss.backward()
 

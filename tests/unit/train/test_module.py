@@ -128,3 +128,18 @@ def test_trunk_from_the_reference_pass_equals_the_truncated_forward(tiny_model_d
     t = toks[1]
     assert a["data"].shape[0] == sum(len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in toks)
     assert a["offsets"][1].tolist()[1:] == [len(t.prompt_ids), len(t.chosen_ids)]
+
+
+def test_packed_pairs_equal_separate_sequences(tiny_model_dir, tiny_tokenizer):
+    from prefsculpt.models.hooks import truncated_forward
+    from prefsculpt.models.loading import load_model
+    from prefsculpt.train.forward import pack_pairs, packed_logps
+
+    model = load_model(tiny_model_dir)
+    ids, mask, toks = _batch(tiny_tokenizer)
+    b = pack_pairs(toks, tiny_tokenizer.pad_token_id)
+    assert b["input_ids"].shape[0] == 2 and b["attention_mask"].shape[1:] == (1, *b["input_ids"].shape[1:] * 2)
+    torch.testing.assert_close(packed_logps(model, b), sequence_logps(model, ids, mask), atol=1e-5, rtol=1e-5)
+    trunk = truncated_forward(model, b["input_ids"], b["attention_mask"], 1, position_ids=b["position_ids"])
+    torch.testing.assert_close(packed_logps(model, b, trunk=trunk, start_layer=2), packed_logps(model, b),
+                               atol=1e-5, rtol=1e-5)
