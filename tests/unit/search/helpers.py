@@ -23,8 +23,8 @@ HYPOTHESES = pd.DataFrame({
 def compose_cfg(tmp_path: Path, **search):
     """The sections search/promote read, typed by their schemas (Hydra composition is left to the
     integration test: it costs seconds per call)."""
-    from prefsculpt.config import TrackingConfig
     from prefsculpt.concepts.config import NamedConceptConfig
+    from prefsculpt.config import TrackingConfig
     from prefsculpt.shaping.config import ShapingConfig
 
     cfg = OmegaConf.create({
