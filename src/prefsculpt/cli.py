@@ -22,6 +22,8 @@ STAGES: dict[str, str] = {
     "audit": "prefsculpt.audit.stage:run_audit",
     "train": "prefsculpt.train.stage:run_train",
     "evaluate": "prefsculpt.evals.stage:run_evaluate",
+    "search": "prefsculpt.search.study:run_search",
+    "promote": "prefsculpt.search.promote:run_promote",
     "main": "prefsculpt.pipeline:run_main",
 }
 
@@ -58,6 +60,10 @@ USER_ERRORS = (
     ("prefsculpt.audit.decisions", "DecisionsError"),
     ("prefsculpt.audit.labels", "ExplainError"),
     ("prefsculpt.concepts.shards", "ShardStoreError"),
+    ("prefsculpt.search.study", "SearchInputError"),
+    ("prefsculpt.search.space", "SearchSpaceError"),
+    ("prefsculpt.search.promote", "PromoteInputError"),
+    ("prefsculpt.search.promote", "PromotionRefused"),
     ("omegaconf.errors", "OmegaConfBaseException"),
     ("hydra.errors", "HydraException"),
 )

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefsculpt.audit.config import AuditConfig
 from prefsculpt.concepts.config import EncodeConfig, NamedConceptConfig, SAEConfig
 from prefsculpt.evals.config import EvalConfig
+from prefsculpt.search.config import PromoteConfig, SearchConfig
 from prefsculpt.shaping.config import ShapingConfig, TrainConfig
 
 #: The repository's ``conf/`` folder (pipelines run from a checkout; see README).
@@ -133,6 +134,8 @@ class RootConfig:
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     #: Concepts named by a regex over response text or by contrastive examples (METHOD §2).
     named_concepts: list[NamedConceptConfig] = field(default_factory=list)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlflow
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prefsculpt.tracking.reuse import find_reusable, stage_key
 from prefsculpt.tracking.runs import COMPLETE_TAG, CURRENT_STAGE_KEY, KEY_TAG, stage_run
@@ -50,9 +50,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("search", "prefsculpt.search.study:run_search",
           (*_CONCEPTS, "audit", "shaping", "train", "eval", "search"), ("audit",),
           (("search.audit_run_id", "audit"),)),
-    Stage("evaluate", "prefsculpt.pipeline:run_final_evaluate",
+    Stage("evaluate", "prefsculpt.search.final:run_final_evaluate",
           (*_CONCEPTS, "audit", "shaping", "train", "eval", "search", "promote"), ("search",),
-          (("promote.search_run_id", "search"),)),
+          (("promote.search_run_id", "search"), ("eval.shift.sae_run_id", "sae"),
+           ("eval.shift.audit_run_id", "audit"))),
     Stage("promote", "prefsculpt.search.promote:run_promote",
           (*_CONCEPTS, "audit", "shaping", "train", "eval", "search", "promote"), ("search", "evaluate"),
           (("promote.search_run_id", "search"),)),
@@ -89,8 +90,7 @@ def run_main(cfg: DictConfig) -> dict[str, Any]:
             with open_dict(cfg):
                 for key, up in st.wiring:
                     if up in results:
-                        node, leaf = key.rsplit(".", 1)
-                        cfg[node][leaf] = results[up]["run_id"]
+                        OmegaConf.update(cfg, key, results[up]["run_id"])
             keys[name] = stage_key(name, cfg, st.sections, [keys[u] for u in st.upstream if u in keys])
             t0 = time.perf_counter()
             earlier = find_reusable(keys[name], [exp]) if reuse else None

@@ -62,6 +62,9 @@ class SearchConfig:
     #: Retries of a trial whose worker died (null = unlimited).
     max_retry: int | None = 2
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    #: Evaluations run inside each trial (the objectives need sycophancy, style, capability); the
+    #: costlier concept-shift eval runs once, on the picked policy, in the pipeline's evaluate stage.
+    trial_evals: list[str] = field(default_factory=lambda: ["sycophancy", "style", "capability"])
 
 
 @dataclass

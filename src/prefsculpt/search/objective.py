@@ -114,6 +114,8 @@ def trial_config(cfg: DictConfig, specs: Sequence[Mapping[str, Any]], sources: M
     for key, val in (("sae_run_id", sources.get("sae_run_id")), ("audit_run_id", sources.get("audit_run_id"))):
         if "eval" in t and not t.eval.shift.get(key) and val:
             t.eval.shift[key] = val
+    if "eval" in t and cfg.get("search") is not None and cfg.search.get("trial_evals"):
+        t.eval.evals = list(cfg.search.trial_evals)
     t.tracking.run_name = None
     OmegaConf.set_struct(t, True)
     return t
