@@ -60,6 +60,8 @@ USER_ERRORS = (
     ("prefsculpt.audit.decisions", "DecisionsError"),
     ("prefsculpt.audit.labels", "ExplainError"),
     ("prefsculpt.concepts.shards", "ShardStoreError"),
+    ("prefsculpt.concepts.sae", "SAESourceError"),
+    ("prefsculpt.concepts.named", "NamedConceptError"),
     ("prefsculpt.search.study", "SearchInputError"),
     ("prefsculpt.search.space", "SearchSpaceError"),
     ("prefsculpt.search.promote", "PromoteInputError"),
