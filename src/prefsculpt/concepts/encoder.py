@@ -103,18 +103,18 @@ class ConceptEncoder(L.LightningModule):
         h = batch["acts"] if "acts" in batch else packed_forward(self.model, batch, self.layer)  # (B, T, d)
         a = self.concept_acts(h)  # (B, T, F)
         seg = batch["segment"]
-        out: dict[str, Any] = {"shard": batch["shard"], "pair_index": batch["pair_index"].numpy()}
+        out: dict[str, Any] = {"shard": batch["shard"], "pair_index": batch["pair_index"].cpu().numpy()}
         for span in SPANS:
             mask = seg == SEGMENT_OF[span]  # (B, T)
             mx, freq = span_scores(a, mask)  # (B, F) each
-            out[f"{span}_max"], out[f"{span}_freq"] = mx.numpy(), freq.numpy()
-            out[f"{span}_n_tokens"] = mask.sum(1).numpy().astype(np.int32)
+            out[f"{span}_max"], out[f"{span}_freq"] = mx.cpu().numpy(), freq.cpu().numpy()
+            out[f"{span}_n_tokens"] = mask.sum(1).cpu().numpy().astype(np.int32)
         top = {}
         for span in store.TOP_SPANS:
             vals, row, col = top_candidates(a, seg == SEGMENT_OF[span], self.top_n)
             pair = batch["pair_index"][row]  # (k, F) global pair index
             pos = batch["position_ids"][row, col]  # (k, F) position in prompt + response
-            top[span] = (vals.numpy(), pair.numpy().astype(np.int32), pos.numpy().astype(np.int32))
+            top[span] = (vals.cpu().numpy(), pair.cpu().numpy().astype(np.int32), pos.cpu().numpy().astype(np.int32))
         out["top"] = top
         return out
 
