@@ -63,6 +63,8 @@ class EncodeConfig:
     top_contexts: int = 8
     #: Tokens either side of a top activation kept as its context.
     context_window: int = 8
+    #: torch CPU threads while encoding (null = torch default); on a busy shared box 1 can be faster.
+    num_threads: int | None = None
 
 
 @dataclass
