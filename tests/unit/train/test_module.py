@@ -87,7 +87,9 @@ def test_run_train_plain_dpo_logs_one_run_and_saves_policy(tiny_model_dir, tmp_p
     from prefsculpt.train.stage import run_train
     from tests.unit.train.helpers import train_cfg
 
-    cfg = train_cfg(tiny_model_dir, tmp_path, train={"max_pairs": 16, "train_top_layers": 2})
+    # bf16 autocast and a bf16 trunk cache (cast back to the fp32 weights) on the way.
+    cfg = train_cfg(tiny_model_dir, tmp_path, train={"max_pairs": 16, "train_top_layers": 2, "precision": "bf16-mixed",
+                                                     "trunk_dtype": "bfloat16"})
     out = run_train(cfg)
     assert out["optimizer_steps"] == 4  # 16 pairs / batch 4, one epoch
     run = mlflow.get_run(out["run_id"])
