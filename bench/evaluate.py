@@ -88,7 +88,14 @@ def main() -> None:
     ap.add_argument("--hypotheses", default=None)
     ap.add_argument("--overrides", default="")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads; on a shared box use 1: with 2 threads and other jobs on the cores, "
+                         "OpenMP spin-waits inflate both wall and CPU time several-fold")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from prefsculpt.cli import setup_logging
     from prefsculpt.config import compose, parse_overrides
