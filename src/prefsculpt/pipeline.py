@@ -34,6 +34,8 @@ class Stage:
     upstream: tuple[str, ...]  # stages whose outputs it reads
     #: how the upstream run ids reach it: config key -> upstream stage
     wiring: tuple[tuple[str, str], ...] = ()
+    #: subpackages of prefsculpt whose code it runs (besides the core); part of its reuse key
+    code: tuple[str, ...] = ()
 
     def fn(self) -> Callable[[DictConfig], dict[str, Any]]:
         mod, name = self.target.split(":")
@@ -44,19 +46,19 @@ _DATA = ("model", "data", "seed")
 _CONCEPTS = (*_DATA, "sae", "encode", "named_concepts")
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "prefsculpt.data.prepare:run_prepare", _DATA, ()),
-    Stage("sae", "prefsculpt.concepts.stage:run_sae", _CONCEPTS, ("prepare",)),
+    Stage("sae", "prefsculpt.concepts.stage:run_sae", _CONCEPTS, ("prepare",), code=("concepts",)),
     Stage("audit", "prefsculpt.audit.stage:run_audit", (*_CONCEPTS, "audit"), ("sae",),
-          (("audit.scores_run_id", "sae"),)),
+          (("audit.scores_run_id", "sae"),), code=("audit", "report", "concepts")),
     Stage("search", "prefsculpt.search.study:run_search",
           (*_CONCEPTS, "audit", "shaping", "train", "eval", "search"), ("audit",),
-          (("search.audit_run_id", "audit"),)),
+          (("search.audit_run_id", "audit"),), code=("search", "train", "shaping", "evals", "concepts", "audit")),
     Stage("evaluate", "prefsculpt.search.final:run_final_evaluate",
           (*_CONCEPTS, "audit", "shaping", "train", "eval", "search", "promote"), ("search",),
           (("promote.search_run_id", "search"), ("eval.shift.sae_run_id", "sae"),
-           ("eval.shift.audit_run_id", "audit"))),
+           ("eval.shift.audit_run_id", "audit")), code=("search", "evals", "concepts")),
     Stage("promote", "prefsculpt.search.promote:run_promote",
           (*_CONCEPTS, "audit", "shaping", "train", "eval", "search", "promote"), ("search", "evaluate"),
-          (("promote.search_run_id", "search"),)),
+          (("promote.search_run_id", "search"),), code=("search",)),
 )}
 DEFAULT_ORDER = tuple(STAGES)
 
@@ -91,7 +93,12 @@ def run_main(cfg: DictConfig) -> dict[str, Any]:
                 for key, up in st.wiring:
                     if up in results:
                         OmegaConf.update(cfg, key, results[up]["run_id"])
-            keys[name] = stage_key(name, cfg, st.sections, [keys[u] for u in st.upstream if u in keys])
+            keys[name] = stage_key(name, cfg, st.sections, [keys[u] for u in st.upstream if u in keys], st.code)
+            if name == "search":
+                # A new key means new inputs: give it its own study, so a study created for another
+                # audit is never mixed in; the same key (a killed search) resumes its study.
+                with open_dict(cfg):
+                    cfg.search.study_name = f"{cfg.search.study_name}-{keys[name][:8]}"
             t0 = time.perf_counter()
             earlier = find_reusable(keys[name], [exp]) if reuse else None
             if earlier is not None:

@@ -21,21 +21,34 @@ from prefsculpt.tracking.runs import COMPLETE_TAG, KEY_TAG
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Digest of every source file of the package: any code change invalidates reuse (conservative)."""
+#: Code every stage runs (data loading, models, tracking, config).
+CORE = ("__init__.py", "config.py", "cli.py", "data", "models", "tracking", "utils")
+
+
+@functools.lru_cache(maxsize=32)
+def code_version(parts: tuple[str, ...] | None = None) -> str:
+    """Digest of the package's source files under ``parts`` (files or subpackages; None = all).
+
+    Conservative: any change to code a stage runs invalidates its reuse (and, through the upstream
+    keys, that of every stage after it).
+    """
     h = hashlib.sha256()
-    for f in sorted(PACKAGE_DIR.rglob("*.py")):
-        h.update(str(f.relative_to(PACKAGE_DIR)).encode())
-        h.update(f.read_bytes())
+    roots = [PACKAGE_DIR] if parts is None else [PACKAGE_DIR / p for p in sorted(set(parts))]
+    for root in roots:
+        files = [root] if root.is_file() else sorted(root.rglob("*.py")) if root.is_dir() else []
+        for f in files:
+            h.update(str(f.relative_to(PACKAGE_DIR)).encode())
+            h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
-def stage_key(stage: str, cfg: DictConfig, sections: Sequence[str], upstream: Iterable[str] = ()) -> str:
+def stage_key(stage: str, cfg: DictConfig, sections: Sequence[str], upstream: Iterable[str] = (),
+              code: Sequence[str] | None = None) -> str:
     """Hash of what the stage's output depends on."""
     cfg_part = {s: OmegaConf.to_container(cfg[s], resolve=True) if isinstance(cfg[s], DictConfig | list)
                 or OmegaConf.is_config(cfg[s]) else cfg[s] for s in sections if s in cfg}
-    blob = json.dumps({"stage": stage, "cfg": cfg_part, "upstream": list(upstream), "code": code_version()},
+    version = code_version(None if code is None else tuple(CORE) + tuple(code))
+    blob = json.dumps({"stage": stage, "cfg": cfg_part, "upstream": list(upstream), "code": version},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
