@@ -20,6 +20,9 @@ class AuditConfig:
     #: Null calibration: re-run the tests this many times with chosen/rejected swapped at random and
     #: log how many seeds report anything at q < fdr (must stay around fdr * seeds). 0 = off.
     calibration_seeds: int = 20
+    #: Ranking of significant hypotheses: conservative (the smaller of the split-half effect and the
+    #: length-controlled effect) | split_half (the smaller half effect only, as in METHOD §3).
+    rank_by: str = "conservative"
     #: Hypotheses kept in the report / proposed decisions.
     top_k: int = 50
     #: Data clusters (spherical k-means on symmetric activity) for "where it holds".

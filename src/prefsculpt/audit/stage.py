@@ -194,7 +194,9 @@ def example_views(j: int, concept: str, d: np.ndarray, direction: int, pairs: li
 def planted_check(hyp: pd.DataFrame, d: np.ndarray, pairs: list[PreferencePair], min_corr: float,
                   fdr: float) -> pd.DataFrame | None:
     """Per planted concept: the best-ranked hypothesis whose d correlates with the planted tag
-    difference (chosen - rejected) at least ``min_corr``. None when the data has no such tags."""
+    difference (chosen - rejected) at least ``min_corr`` in the hypothesis's own direction — "the
+    preferred side has more flattery" or "the preferred side has less correction of the user" both
+    capture a planted concept. None when the data has no such tags."""
     tags = [c for c in PLANTED if any(c in p.chosen_tags for p in pairs)]
     if not tags:
         return None
@@ -205,12 +207,13 @@ def planted_check(hyp: pd.DataFrame, d: np.ndarray, pairs: list[PreferencePair],
     dz = (d - d.mean(0)) / np.maximum(d.std(0), 1e-12)  # (n, H)
     tz = (t - t.mean(0)) / np.maximum(t.std(0), 1e-12)  # (n, T)
     corr = dz.T @ tz / len(pairs)  # (H, T) Pearson correlations
+    aligned = corr * hyp["direction"].to_numpy(dtype=float)[:, None]  # > 0: the hypothesis points the planted way
     rows = []
     for k, c in enumerate(tags):
-        hit = np.flatnonzero(corr[:, k] >= min_corr)
-        j = int(hit[0]) if len(hit) else int(np.argmax(corr[:, k]))
+        hit = np.flatnonzero(aligned[:, k] >= min_corr)
+        j = int(hit[0]) if len(hit) else int(np.argmax(aligned[:, k]))
         r = hyp.iloc[j]
-        same = np.sign(r["half_a"]) == np.sign(r["half_b"]) == 1
+        same = np.sign(r["half_a"]) == np.sign(r["half_b"]) == np.sign(r["direction"]) != 0
         rows.append({"planted concept": c, "rank": int(r["rank"]), "concept": r["concept"], "label": r["label"],
                      "corr": float(corr[j, k]), "q": float(r["q"]), "d_z": float(r["d_z"]),
                      "half_a": float(r["half_a"]), "half_b": float(r["half_b"]),
@@ -242,7 +245,7 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
             groups = [[latent_cols[i] for i in g] for g in C.latent_clusters(
                 firing, float(a.nmi_top_fraction), int(a.min_latent_cluster), int(cfg.seed))]
         test_kw = dict(stat=stat, test=str(a.test), fdr=float(a.fdr), min_support=float(a.min_support),
-                       min_nonzero=int(a.min_nonzero_pairs))
+                       min_nonzero=int(a.min_nonzero_pairs), rank_by=str(a.rank_by))
         table = test_concepts(scores, keys, extra={"length": scores.length_diff()}, clusters=groups or None,
                               **test_kw)
         if int(a.calibration_seeds) > 0:

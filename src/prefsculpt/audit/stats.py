@@ -232,11 +232,13 @@ def length_controlled(d: np.ndarray, length_diff: np.ndarray) -> tuple[np.ndarra
         return _dz(dm, sd), np.where(sd > 0, 2 * sps.t.sf(np.abs(t), n - 1), np.nan)
     b = (xc @ (d - dm)) / sxx  # (F,)
     a = dm - b * xm
-    resid_ss = np.maximum(((d - dm) ** 2).sum(axis=0) - b * b * sxx, 0.0)
+    tot_ss = ((d - dm) ** 2).sum(axis=0)
+    resid_ss = np.maximum(tot_ss - b * b * sxx, 0.0)
     s_e = np.sqrt(resid_ss / (n - 2))
     se_a = s_e * np.sqrt(1.0 / n + xm * xm / sxx)
-    # relative threshold: a concept that equals length up to float error has no residual to test
-    ok = s_e > 1e-9 * (np.abs(dm) + d.std(axis=0) + 1e-300)
+    # a concept that equals length up to float error has no residual to test: the subtraction above
+    # cancels catastrophically there, so judge by the explained share, not by s_e's absolute size
+    ok = (s_e > 1e-9 * (np.abs(dm) + d.std(axis=0) + 1e-300)) & (resid_ss > 1e-9 * tot_ss)
     with np.errstate(divide="ignore", invalid="ignore"):
         eff = np.where(ok, a / s_e, np.nan)
         p = np.where(ok, 2 * sps.t.sf(np.abs(a / se_a), n - 2), np.nan)
@@ -271,6 +273,7 @@ def test_concepts(
     clusters: Sequence[Sequence[int]] | None = None,
     min_nonzero: int = 10,
     salt: str = "",
+    rank_by: str = "conservative",
 ) -> pd.DataFrame:
     """One row per concept: effect, test, q, replication, length control. See the module doc.
 
@@ -284,8 +287,15 @@ def test_concepts(
     concept is nonzero on either side; for built-ins, d ≠ 0) and ≥ ``min_nonzero`` pairs differ. Both
     are swap-invariant. Untested rows are listed with p = q = NaN.
     ``significant`` = q < fdr and replicated (both half d_z agree in sign with the test's direction).
-    Sorted: significant by |rank_effect| descending, then the rest by p (untested last).
+    Sorted: significant by ``rank_score`` descending, then the rest by p (untested last).
+    ``rank_by="split_half"``: rank_score = |rank_effect| (the smaller half effect, METHOD §3).
+    ``rank_by="conservative"`` (default): the smaller of that and the length-controlled effect (0 when
+    length control flips the sign), so a concept that only rides on "the preferred answer is longer"
+    does not crowd out the rest; concepts with no length-controlled effect (length itself) keep
+    |rank_effect|.
     """
+    if rank_by not in ("conservative", "split_half"):
+        raise ValueError(f"audit.rank_by={rank_by!r}: use conservative or split_half")
     if stat not in STATS or ("chosen", stat) not in scores.values:
         raise ValueError(f"audit score {stat!r} not in the concept scores (have {sorted({s for _, s in scores.values})})")
     n = scores.n_pairs
@@ -348,7 +358,13 @@ def test_concepts(
         "length_effect": leff, "length_p": lp, "direction": direction.astype(int),
         "significant": tested & (q < fdr) & rep,
     })
-    key_sig = np.where(df["significant"], -np.abs(df["rank_effect"]), np.inf)
+    score = np.abs(df["rank_effect"].to_numpy())
+    if rank_by == "conservative":
+        le = df["length_effect"].to_numpy()
+        agree = np.sign(le) == df["direction"].to_numpy()
+        score = np.where(np.isfinite(le), np.minimum(score, np.where(agree, np.abs(le), 0.0)), score)
+    df["rank_score"] = score
+    key_sig = np.where(df["significant"], -df["rank_score"], np.inf)
     df = df.assign(_a=~df["significant"], _b=key_sig, _c=~df["tested"], _d=df["p"].fillna(np.inf))
     df = df.sort_values(["_a", "_b", "_c", "_d"], kind="stable").drop(columns=["_a", "_b", "_c", "_d"])
     log.info("audit: %d concepts, %d tested, %d significant (q < %g, replicated)",

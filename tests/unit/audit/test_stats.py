@@ -213,3 +213,14 @@ def test_normal_approximation_is_conservative_in_the_tail():
         tail = exact < 0.01
         assert tail.sum() > 50
         assert (paired_pvalues(d)[tail] >= exact[tail]).all()
+
+
+def test_length_itself_has_no_length_controlled_effect_and_ranks_by_its_own_effect():
+    import numpy as np
+
+    from prefsculpt.audit.stats import length_controlled
+
+    rng = np.random.default_rng(0)
+    length = rng.normal(13.0, 18.0, size=1200).round()  # token-length differences, like real data
+    eff, p = length_controlled(length[:, None], length)
+    assert np.isnan(eff[0]) and np.isnan(p[0])
