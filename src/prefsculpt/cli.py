@@ -62,6 +62,7 @@ USER_ERRORS = (
     ("prefsculpt.concepts.shards", "ShardStoreError"),
     ("prefsculpt.concepts.sae", "SAESourceError"),
     ("prefsculpt.concepts.named", "NamedConceptError"),
+    ("prefsculpt.shaping.registry", "ShapingError"),
     ("prefsculpt.search.study", "SearchInputError"),
     ("prefsculpt.search.space", "SearchSpaceError"),
     ("prefsculpt.search.promote", "PromoteInputError"),
