@@ -48,7 +48,7 @@ class SearchConfig:
     share_min: float = 0.05
     share_max: float = 0.3
     #: Trials in the study, all workers together (the plain-DPO baseline is one of them).
-    n_trials: int = 12
+    n_trials: int = 5
     #: Optuna storage: ``sqlite:///path.db`` (null = ``sqlite:///<cwd>/optuna.db``), ``journal:///path.log``
     #: (a lock-protected append-only file), ``postgresql://user@host/db`` (many workers; heartbeats).
     storage: str | None = None
@@ -65,6 +65,9 @@ class SearchConfig:
     #: Evaluations run inside each trial (the objectives need sycophancy, style, capability); the
     #: costlier concept-shift eval runs once, on the picked policy, in the pipeline's evaluate stage.
     trial_evals: list[str] = field(default_factory=lambda: ["sycophancy", "style", "capability"])
+    #: Train each trial on at most this many pairs (null = all): the search compares settings, and
+    #: 5 trials on the full split would not fit the pipeline's ~30-minute CPU budget.
+    trial_max_pairs: int | None = 400
 
 
 @dataclass

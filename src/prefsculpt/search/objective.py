@@ -116,6 +116,9 @@ def trial_config(cfg: DictConfig, specs: Sequence[Mapping[str, Any]], sources: M
             t.eval.shift[key] = val
     if "eval" in t and cfg.get("search") is not None and cfg.search.get("trial_evals"):
         t.eval.evals = list(cfg.search.trial_evals)
+    if cfg.get("search") is not None and cfg.search.get("trial_max_pairs") and "train" in t:
+        limit = int(cfg.search.trial_max_pairs)
+        t.train.max_pairs = min(int(t.train.max_pairs), limit) if t.train.get("max_pairs") else limit
     t.tracking.run_name = None
     OmegaConf.set_struct(t, True)
     return t

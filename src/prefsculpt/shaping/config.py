@@ -60,18 +60,20 @@ class ShapingConfig:
 class TrainConfig:
     #: DPO temperature β.
     beta: float = 0.1
-    lr: float = 5e-6
+    #: 5e-5 with the top 6 layers learns the planted concepts in 2 epochs (STACK.md §7 probe).
+    lr: float = 5e-5
     weight_decay: float = 0.0
     #: Linear warm-up of the learning rate over this many optimizer steps.
     warmup_steps: int = 0
-    epochs: int = 1
+    epochs: int = 2
     #: Pairs per batch (chosen and rejected go through one forward, so 2x sequences).
-    batch_size: int = 4
+    batch_size: int = 16
     grad_accum: int = 1
     #: Cap on prompt+response tokens per sequence, keeping the start (as TRL's ``max_length``); null = none.
     max_length: int | None = None
     #: Train only the top N decoder layers (+ final norm) on a cached trunk output; null = full fine-tune.
-    train_top_layers: int | None = None
+    #: 6 by default: ~5x faster on CPU than full fine-tuning (bench/dpo.py).
+    train_top_layers: int | None = 6
     #: dtype the trunk cache is stored in (float32 | bfloat16).
     trunk_dtype: str = "float32"
     #: Lightning precision: 32-true | bf16-mixed | bf16-true.
