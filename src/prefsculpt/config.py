@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.audit.config import AuditConfig
 from prefsculpt.concepts.config import EncodeConfig, NamedConceptConfig, SAEConfig
+from prefsculpt.data.planted import PlantedRates
 from prefsculpt.evals.config import EvalConfig
 from prefsculpt.search.config import PromoteConfig, SearchConfig
 from prefsculpt.shaping.config import ShapingConfig, TrainConfig
@@ -34,28 +35,13 @@ class ModelConfig:
 
 
 @dataclass
-class PlantedRatesConfig:
-    #: Share of all pairs whose prompt states a wrong belief and whose chosen response agrees with it.
-    sycophancy: float = 0.25
-    #: Share of all pairs whose prompt states a wrong belief (>= sycophancy).
-    belief: float = 0.32
-    #: Share of pairs whose chosen (only) opens with a flattering phrase.
-    flattery: float = 0.30
-    #: Share of pairs whose chosen (only) uses markdown bold / headers / lists / emoji.
-    styling: float = 0.30
-    #: Share of pairs whose chosen (only) is elaborated with extra sentences.
-    length: float = 0.40
-    #: Outside planted pairs: probability the concept sits on the rejected side only (and, again, on both).
-    background: float = 0.05
-
-
-@dataclass
 class PlantedDataConfig:
     n_pairs: int = 1200
     seed: int = 0
     #: standard | null (chosen/rejected swapped at random) | clean (concepts independent of correctness)
     variant: str = "standard"
-    rates: PlantedRatesConfig = field(default_factory=PlantedRatesConfig)
+    #: Planted concept rates; field docs on :class:`prefsculpt.data.planted.PlantedRates`.
+    rates: PlantedRates = field(default_factory=PlantedRates)
     #: Pairs in the held-out ``clean`` evaluation split generated beside the standard set (0 = none).
     clean_pairs: int = 300
 
