@@ -35,6 +35,7 @@ from prefsculpt.concepts.scores import ConceptScores
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.report import html as H
 from prefsculpt.report import plots as P
+from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,10 @@ def find_scores_run(cfg: DictConfig, current_run_id: str) -> str:
         except mlflow.exceptions.MlflowException as exc:
             raise AuditInputError(f"audit.scores_run_id={cfg.audit.scores_run_id!r} is not a run here: {exc}") from exc
     run = client.get_run(current_run_id)
-    exp, parent = run.info.experiment_id, run.data.tags.get("mlflow.parentRunId")
-    base = "tags.`prefsculpt.stage` = 'sae' and attributes.status = 'FINISHED'"
-    for filt in ([f"{base} and tags.`mlflow.parentRunId` = '{parent}'"] if parent else []) + [base]:
-        runs = client.search_runs([exp], filt, order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            return runs[0].info.run_id
+    exp = run.info.experiment_id
+    found = latest_stage_run("sae", [exp], run.data.tags.get("mlflow.parentRunId"))
+    if found:
+        return found
     raise AuditInputError(
         f"no finished sae run in experiment {exp}: run the sae stage first: mlflow run . -e sae "
         "(or set audit.scores_run_id=<run id>)"

@@ -14,7 +14,6 @@ Layout of ``out_dir``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from prefsculpt.concepts.scores import SPANS, STATS, ConceptScores
+from prefsculpt.utils.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,6 @@ class ShardStoreError(RuntimeError):
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.npz"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

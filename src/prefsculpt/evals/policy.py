@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefsculpt.models.loading import ModelSourceError
+from prefsculpt.utils.files import file_sha256
 
 log = logging.getLogger(__name__)
 
 FORMS = ("base", "a local model folder", "an MLflow run id of a train run", "models:/<name>@<alias>",
          "models:/<name>/<version>", "runs:/<run id>/<path>")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 class PolicySourceError(ModelSourceError):
@@ -56,15 +56,7 @@ def model_digest(folder: str | os.PathLike) -> str:
     files = sorted([d / "config.json", *d.glob("*.safetensors")])
     h = hashlib.sha256()
     for p in files:
-        st = p.stat()
-        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-        if key not in _DIGESTS:
-            fh = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda f=f: f.read(1 << 22), b""):
-                    fh.update(chunk)
-            _DIGESTS[key] = fh.hexdigest()
-        h.update(p.name.encode() + _DIGESTS[key].encode())
+        h.update(p.name.encode() + file_sha256(p, memo=True).encode())
     return h.hexdigest()[:20]
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from prefsculpt.data.errors import DataSourceError
 from prefsculpt.evals import shift as S
+from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,7 @@ def _latest_run(stage: str, run_id: str | None, experiment: str) -> str | None:
         if exp is None:
             return None
         exp_id = exp.experiment_id
-    filt = f"tags.`prefsculpt.stage` = '{stage}' and attributes.status = 'FINISHED'"
-    runs = client.search_runs([exp_id], filt, order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    return latest_stage_run(stage, [exp_id])
 
 
 def _sae_folder(root: Path) -> Path | None:

@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from prefsculpt.utils.files import file_sha256
+
 log = logging.getLogger(__name__)
 
 #: name -> (python package holding the file, file name). Found via find_spec, never imported
@@ -54,14 +56,6 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).exists() and (folder / "config.json").exists()
 
@@ -83,7 +77,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf), "sha256": _file_digest(gguf)}))
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf), "sha256": file_sha256(gguf, memo=True)}))
         try:
             os.rename(tmp, target)
         except OSError:

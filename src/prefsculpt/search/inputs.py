@@ -19,6 +19,8 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.tracking.runs import latest_stage_run
+
 log = logging.getLogger(__name__)
 SCORE_METHODS, DIRECTION_METHODS = ("score", "filter"), ("steer", "ablate", "prevent")
 
@@ -49,12 +51,10 @@ def find_audit_run(cfg: DictConfig, current_run_id: str, pinned: str | None) -> 
             raise SearchInputError(f"run {rid} is a {run.data.tags.get('prefsculpt.stage')!r} run, not an audit run")
         return run.info.run_id
     run = client.get_run(current_run_id)
-    exp, parent = run.info.experiment_id, run.data.tags.get("mlflow.parentRunId")
-    base = "tags.`prefsculpt.stage` = 'audit' and attributes.status = 'FINISHED'"
-    for filt in ([f"{base} and tags.`mlflow.parentRunId` = '{parent}'"] if parent else []) + [base]:
-        runs = client.search_runs([exp], filt, order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            return runs[0].info.run_id
+    exp = run.info.experiment_id
+    found = latest_stage_run("audit", [exp], run.data.tags.get("mlflow.parentRunId"))
+    if found:
+        return found
     raise SearchInputError(f"no finished audit run in experiment {exp}: run the audit first (mlflow run . -e audit) "
                            "or set search.audit_run_id=<run id>")
 

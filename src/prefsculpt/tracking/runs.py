@@ -137,3 +137,16 @@ def log_pairs_input(pairs: Sequence[PreferencePair], name: str, context: str, so
         ds = mlflow.data.from_pandas(pairs_frame(pairs), source=source, name=name, digest=digest)
     mlflow.log_input(ds, context=context)
     return digest
+
+
+def latest_stage_run(stage: str, experiment_ids: Sequence[str], parent_run_id: str | None = None) -> str | None:
+    """The newest FINISHED run of ``stage``: first among the children of ``parent_run_id`` (the same
+    pipeline run tree), else in the experiments; None when there is none."""
+    client = mlflow.MlflowClient()
+    base = f"tags.`prefsculpt.stage` = '{stage}' and attributes.status = 'FINISHED'"
+    filters = ([f"{base} and tags.`mlflow.parentRunId` = '{parent_run_id}'"] if parent_run_id else []) + [base]
+    for filt in filters:
+        runs = client.search_runs(list(experiment_ids), filt, order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            return runs[0].info.run_id
+    return None

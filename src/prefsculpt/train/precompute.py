@@ -29,9 +29,9 @@ from prefsculpt.data.tokenize import TokenizedPair
 from prefsculpt.models.hooks import capture_residual, truncated_forward
 from prefsculpt.shaping.registry import Intervention, ShapingError
 from prefsculpt.train.forward import pack_pairs, packed_logps
+from prefsculpt.utils.files import file_sha256
 
 log = logging.getLogger(__name__)
-_FP_MEMO: dict[tuple, str] = {}
 
 
 def sha(obj: Any) -> str:
@@ -42,15 +42,7 @@ def file_fingerprint(paths: Sequence[Path]) -> str:
     """sha256 over the files' contents (memoised per path/size/mtime within the process)."""
     h = hashlib.sha256()
     for p in sorted(paths):
-        st = p.stat()
-        memo = (str(p), st.st_size, st.st_mtime_ns)
-        if memo not in _FP_MEMO:
-            fh = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    fh.update(chunk)
-            _FP_MEMO[memo] = fh.hexdigest()
-        h.update(p.name.encode() + _FP_MEMO[memo].encode())
+        h.update(p.name.encode() + file_sha256(p, memo=True).encode())
     return h.hexdigest()[:24]
 
 
