@@ -12,13 +12,14 @@ policies evaluates the base once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,25 @@ def _log_eval(name: str, rows: list[Row], tables: dict[str, pd.DataFrame], extra
     return metrics
 
 
+#: mlflow.genai.evaluate's defaults (10 row workers x 10 scorer workers, traces exported by 10 async
+#: threads) exhaust a local SQLAlchemy store's connection pool (5 + 10): every trace then waits 30 s
+#: and is lost ("QueuePool limit ... reached"). Code scorers need no parallelism; a variable the user
+#: set is left alone.
+GENAI_ENV = {"MLFLOW_GENAI_EVAL_MAX_WORKERS": "2", "MLFLOW_GENAI_EVAL_MAX_SCORER_WORKERS": "1",
+             "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}
+
+
+@contextlib.contextmanager
+def _genai_env() -> Iterator[None]:
+    added = [k for k in GENAI_ENV if k not in os.environ]
+    os.environ.update({k: GENAI_ENV[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def _genai_style(tables: dict[str, pd.DataFrame], feats: dict) -> None:
     """The style responses through ``mlflow.genai.evaluate`` with code scorers (its evaluation views)."""
     from mlflow.genai.scorers import scorer
@@ -226,7 +246,8 @@ def _genai_style(tables: dict[str, pd.DataFrame], feats: dict) -> None:
     data = [{"inputs": {"prompt": p}, "outputs": t} for p, t in zip(df.prompt, df.text, strict=True)]
     scorers = [make(f, p) for f, p in feats.items()]
     try:
-        mlflow.genai.evaluate(data=data, scorers=scorers)
+        with _genai_env():
+            mlflow.genai.evaluate(data=data, scorers=scorers)
     except Exception as exc:  # an optional view: never lose the evaluation over it
         log.warning("mlflow.genai.evaluate failed (%s); the style metrics and tables are logged anyway", exc)
         mlflow.set_tag("prefsculpt.genai_error", str(exc)[:500])

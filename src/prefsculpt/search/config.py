@@ -65,6 +65,9 @@ class SearchConfig:
     #: Evaluations run inside each trial (the objectives need sycophancy, style, capability); the
     #: costlier concept-shift eval runs once, on the picked policy, in the pipeline's evaluate stage.
     trial_evals: list[str] = field(default_factory=lambda: ["sycophancy", "style", "capability"])
+    #: After the baseline, try the audit's own proposal first: every free top-K concept suppressed
+    #: with score at the geometric middle of [lambda_min, lambda_max] (space.start_params).
+    informed_start: bool = True
     #: Train each trial on at most this many pairs (null = all): the search compares settings, and
     #: 5 trials on the full split would not fit the pipeline's ~30-minute CPU budget.
     trial_max_pairs: int | None = 400

@@ -13,7 +13,14 @@ TPE with ``multivariate=True, group=True`` (STACK §5).
 
 The plain-DPO baseline is a trial with no concept shaped at all (fixed ones included). It is
 enqueued once, by the worker that creates the study (:func:`enqueue_plan`), with the user attr
-``prefsculpt.baseline``; the objective builds no concepts for it.
+``prefsculpt.baseline``; the objective builds no concepts for it. Every other trial shapes at least
+one concept: when the sampler has turned every free concept off and nothing is fixed, the last free
+concept is shaped anyway (a second plain DPO would only repeat the baseline).
+
+With ``search.informed_start`` the creator also enqueues, right after the baseline, the audit's own
+proposal (:func:`start_params`): every free candidate suppressed with ``score`` (else the first
+allowed method) at the geometric middle of the λ range (the middle of the share range for filter).
+A handful of trials is mostly TPE's random start-up phase; this puts one well-placed point in it.
 """
 
 from __future__ import annotations
@@ -155,9 +162,13 @@ def suggest_concepts(trial: Any, candidates: Sequence[Candidate], b: SpaceBounds
                 trial.suggest_categorical(param_key("shape", c.concept), [False, True])
         return []
     specs = []
+    free = [c for c in candidates if not c.fixed]
     for c in candidates:
-        if not c.fixed and not trial.suggest_categorical(param_key("shape", c.concept), [False, True]):
-            continue
+        if not c.fixed:
+            # Last free concept, nothing shaped so far and nothing fixed: shape it (see module doc).
+            forced = c is free[-1] and not specs and len(free) == len(candidates)
+            if not forced and not trial.suggest_categorical(param_key("shape", c.concept), [False, True]):
+                continue
         action = c.actions[0] if len(c.actions) == 1 else trial.suggest_categorical(param_key("action", c.concept),
                                                                                      list(c.actions))
         method = c.methods[0] if len(c.methods) == 1 else trial.suggest_categorical(param_key("method", c.concept),
@@ -179,6 +190,29 @@ def baseline_params(candidates: Sequence[Candidate]) -> dict[str, bool]:
     return {param_key("shape", c.concept): False for c in candidates if not c.fixed}
 
 
+def start_params(candidates: Sequence[Candidate], b: SpaceBounds) -> dict[str, Any]:
+    """The informed start trial's fixed params (module doc): every free candidate shaped."""
+    import math
+
+    out: dict[str, Any] = {}
+    lam = math.sqrt(b.lambda_min * b.lambda_max)
+    for c in candidates:
+        method = "score" if "score" in c.methods else c.methods[0]
+        if not c.fixed:
+            out[param_key("shape", c.concept)] = True
+            if len(c.actions) > 1:
+                out[param_key("action", c.concept)] = "suppress" if "suppress" in c.actions else c.actions[0]
+            if len(c.methods) > 1:
+                out[param_key("method", c.concept)] = method
+        elif len(c.methods) > 1:
+            continue
+        if method == "filter" and b.filter_mode == "drop":
+            out[param_key("share", c.concept)] = (b.share_min + b.share_max) / 2
+        elif method != "ablate":
+            out[param_key("lambda", c.concept)] = lam
+    return out
+
+
 def describe(specs: Sequence[dict[str, Any]]) -> str:
     """One line for the run list: ``latent:12 score suppress λ=0.52; named:emoji filter ρ=0.10``."""
     if not specs:
@@ -190,13 +224,21 @@ def describe(specs: Sequence[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def enqueue_plan(study: Any, candidates: Sequence[Candidate], n_slots: int, with_baseline: bool) -> int:
-    """Enqueue the study's trials as WAITING slots: the baseline first (when asked), then empty slots
-    the sampler fills when a worker pops them. Workers only ever pop slots (see ``study.claim``), so
-    several workers together run exactly the enqueued number. Returns the number enqueued."""
+START_ATTR = "prefsculpt.informed_start"
+
+
+def enqueue_plan(study: Any, candidates: Sequence[Candidate], n_slots: int, with_baseline: bool,
+                 start: dict[str, Any] | None = None) -> int:
+    """Enqueue the study's trials as WAITING slots: the baseline first (when asked), the informed
+    start (when given), then empty slots the sampler fills when a worker pops them. Workers only ever
+    pop slots (see ``study.claim``), so several workers together run exactly the enqueued number.
+    Returns the number enqueued."""
     n = 0
     if with_baseline and n_slots > 0:
         study.enqueue_trial(baseline_params(candidates), user_attrs={BASELINE_ATTR: True})
+        n += 1
+    if start and n < n_slots:
+        study.enqueue_trial(start, user_attrs={START_ATTR: True})
         n += 1
     for _ in range(n_slots - n):
         study.enqueue_trial({})

@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from prefsculpt.search import objective as O
-from prefsculpt.search.space import BASELINE_ATTR, SpaceBounds, build_candidates, enqueue_plan
+from prefsculpt.search.space import BASELINE_ATTR, SpaceBounds, build_candidates, enqueue_plan, start_params
 
 log = logging.getLogger(__name__)
 UID, PLANNED, AUDIT, DHASH = "prefsculpt.uid", "prefsculpt.planned", "prefsculpt.audit_run_id", "prefsculpt.decisions_hash"
@@ -112,7 +112,7 @@ def _lock(path: Path | None) -> contextlib.AbstractContextManager:
 
 
 def open_study(sc: Any, storage: Any, lock: Path | None, candidates: list, attrs: dict[str, str],
-               wait_s: float = 120.0) -> tuple[optuna.Study, bool]:
+               wait_s: float = 120.0, start: dict[str, Any] | None = None) -> tuple[optuna.Study, bool]:
     """Create the study (and enqueue its plan) or load it; top the plan up to ``n_trials``."""
     name, n = str(sc.study_name), int(sc.n_trials)
     try:
@@ -130,9 +130,10 @@ def open_study(sc: Any, storage: Any, lock: Path | None, candidates: list, attrs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["off_target", "on_target"])
-        enqueue_plan(study, candidates, n, with_baseline=True)
+        enqueue_plan(study, candidates, n, with_baseline=True, start=start)
         study.set_user_attr(PLANNED, n)
-        log.info("search: created study %r with %d trials planned (baseline first)", name, n)
+        log.info("search: created study %r with %d trials planned (baseline first%s)", name, n,
+                 ", then the informed start" if start and n > 1 else "")
         return study, created
     deadline = time.monotonic() + wait_s
     while PLANNED not in study.user_attrs:  # the creator is still enqueueing
@@ -315,7 +316,10 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
         candidates, skipped = build_candidates(hyp, decisions, int(sc.top_k), list(sc.methods), list(sc.actions),
                                                str(sc.allow_pins), I.feasibility(cfg, sources, hyp))
         attrs = {AUDIT: audit_id, **({DHASH: dhash} if dhash else {})}
-        study, created = open_study(sc, storage, lock, candidates, attrs)
+        bounds = SpaceBounds(float(sc.lambda_min), float(sc.lambda_max), float(sc.share_min), float(sc.share_max),
+                             str(cfg.shaping.filter_mode))
+        start = start_params(candidates, bounds) if sc.get("informed_start", True) and candidates else None
+        study, created = open_study(sc, storage, lock, candidates, attrs, start=start)
         uid = str(study.user_attrs[UID])
         mlflow.set_tags({"prefsculpt.study_name": str(sc.study_name), O.STUDY_TAG: uid,
                          "prefsculpt.storage": url.split("@")[-1], "prefsculpt.audit_run_id": audit_id,
@@ -324,8 +328,6 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
                                         "methods": ",".join(c.methods), "actions": ",".join(c.actions)}
                                        for c in candidates] + [{"concept": s["concept"], "skipped": s["reason"]}
                                                                for s in skipped]), "search/candidates.json")
-        bounds = SpaceBounds(float(sc.lambda_min), float(sc.lambda_max), float(sc.share_min), float(sc.share_max),
-                             str(cfg.shaping.filter_mode))
         ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or O.train_and_evaluate)
         poll = float(sc.heartbeat_interval) if hasattr(storage, "get_heartbeat_interval") else None
         ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll)

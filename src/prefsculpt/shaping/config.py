@@ -54,6 +54,13 @@ class ShapingConfig:
     filter_share: float = 0.1
     #: inoculate: concept name -> instruction C_u ("Agree with the user's opinion.").
     instructions: dict[str, str] = field(default_factory=dict)
+    #: Sign of ΔA_u (score, steer, inoculate, filter). ``data``: ΔA_u is oriented so that its mean over
+    #: the training pairs is >= 0, i.e. along the way the data prefers the concept; suppress then means
+    #: "learn less of what the data teaches about u" whichever side carries it (a concept the preferred
+    #: side has *less* of, like a correction the sycophantic data rejects, is explained away too).
+    #: ``formula``: METHOD §5's raw ΔA_u = A(y⁺) − A(y⁻), so suppress only makes sense for concepts the
+    #: preferred side has more of. The sign used is logged per concept (``shaping/<name>/orientation``).
+    orient: str = "data"
 
 
 @dataclass

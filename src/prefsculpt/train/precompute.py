@@ -16,7 +16,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -253,13 +253,28 @@ class Precomputed:
     term_names: list[str]
     lambdas: np.ndarray  # (U,)
     weights: np.ndarray  # (n,) product of filter weights; 0 = dropped
+    #: Intervention name -> the sign ΔA_u was multiplied by (``shaping.orient``; +1 under ``formula``).
+    orientation: dict[str, int] = field(default_factory=dict)
+
+
+ORIENT_MODES = ("data", "formula")
+
+
+def orient_delta(da: np.ndarray, mode: str) -> tuple[np.ndarray, int]:
+    """ΔA_u and its sign under ``shaping.orient``: ``data`` flips it when its mean over the training
+    pairs is negative (the preferred side has less of the concept), ``formula`` keeps it."""
+    if mode not in ORIENT_MODES:
+        raise ValueError(f"shaping.orient={mode!r}: use one of {list(ORIENT_MODES)}")
+    sign = -1 if mode == "data" and float(np.mean(da, dtype=np.float64)) < 0 else 1
+    return (da * sign).astype(np.float32), sign
 
 
 def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache: PrecomputeCache,
-                   model_fp: str) -> Precomputed:
+                   model_fp: str, orient: str = "data") -> Precomputed:
     base = {"model": model_fp, "tokens": tokens_fingerprint(ctx.tokenized)}
     ref = cache.get_or_compute(sha({**base, "what": "ref"}), lambda: dict(zip(("c", "r"), ctx.ref_logps(), strict=True)))
     cols, names, lams = [], [], []
+    signs: dict[str, int] = {}
     weights = np.ones(ctx.n, np.float32)
     src = ctx.source_key()
     for iv in interventions:
@@ -268,6 +283,7 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
         if res is None and iv.touches_layers():
             continue  # training-time edit: nothing to cache (precompute bound its directions)
         da = cache.get_or_compute(key, lambda res=res: {"delta_a": torch.as_tensor(res)})["delta_a"].numpy()
+        da, signs[iv.name] = orient_delta(da, orient)  # the cache keeps the raw ΔA_u
         if iv.in_loss:
             cols.append(da.astype(np.float32))
             names.append(iv.name)
@@ -276,7 +292,7 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
         if w is not None:
             weights = weights * w.astype(np.float32)
     delta = np.stack(cols, 1) if cols else np.zeros((ctx.n, 0), np.float32)
-    return Precomputed(ref["c"].numpy(), ref["r"].numpy(), delta, names, np.array(lams, np.float32), weights)
+    return Precomputed(ref["c"].numpy(), ref["r"].numpy(), delta, names, np.array(lams, np.float32), weights, signs)
 
 
 def _flat_trunk(rows: Sequence[torch.Tensor | None], tokenized: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:

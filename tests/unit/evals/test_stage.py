@@ -1,4 +1,5 @@
 import json
+import os
 
 import mlflow
 import pytest
@@ -72,3 +73,14 @@ def test_bad_inputs_fail_before_any_compute_and_keep_earlier_runs(tiny_model_dir
     kept = mlflow.get_run(first["run_id"])
     assert kept.info.status == "FINISHED" and "syc/planted/p_agree" in kept.data.metrics
     assert len(mlflow.search_runs(search_all_experiments=True)) == 1  # no half-made run for the failures
+
+
+def test_genai_view_gets_every_style_response_with_its_scores(tiny_model_dir, tmp_path, mlflow_uri):
+    """mlflow.genai.evaluate links one trace per style response to the evaluate run, each with the
+    code scorers' assessments (the store's connection pool is not exhausted, no trace is lost)."""
+    out = run_evaluate(eval_cfg(tiny_model_dir, tmp_path, {"evals": ["style"], "genai": True}))
+    traces = mlflow.search_traces(run_id=out["run_id"], return_type="list")
+    assert len(traces) == 6
+    names = {a.name for t in traces for a in t.info.assessments}
+    assert {"style_markdown_bold", "style_exclamation"} <= names, names
+    assert all(k not in os.environ for k in S.GENAI_ENV)  # the process env is restored

@@ -6,11 +6,13 @@ import pytest
 from prefsculpt.audit.decisions import load_decisions
 from prefsculpt.search.space import (
     BASELINE_ATTR,
+    START_ATTR,
     SearchSpaceError,
     SpaceBounds,
     build_candidates,
     enqueue_plan,
     param_key,
+    start_params,
     suggest_concepts,
 )
 from tests.unit.search.helpers import HYPOTHESES
@@ -86,3 +88,31 @@ def test_bad_search_config_is_named(kw):
 def test_bounds_validated():
     with pytest.raises(SearchSpaceError, match="log scale"):
         SpaceBounds(0.0, 1.0, 0.1, 0.2)
+
+
+def test_a_shaped_trial_never_repeats_plain_dpo():
+    cands, _ = build_candidates(HYPOTHESES, None, 4, ["score", "filter"], ["suppress"])
+    assert cands and not any(c.fixed for c in cands)
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(40):
+        t = study.ask()
+        assert suggest_concepts(t, cands, BOUNDS), t.params
+        study.tell(t, [0.0, 0.0])
+
+
+def test_informed_start_follows_the_baseline_and_shapes_every_free_candidate():
+    dec = decisions({"concept": "length", "action": "suppress", "method": "filter", "strength": 0.0, "share": 0.2})
+    cands, _ = build_candidates(HYPOTHESES, dec, 4, ["score", "filter"], ["suppress", "amplify"])
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    assert enqueue_plan(study, cands, 4, with_baseline=True, start=start_params(cands, BOUNDS)) == 4
+    assert study.ask().user_attrs[BASELINE_ATTR]
+    t = study.ask()
+    assert t.user_attrs[START_ATTR]
+    specs = {s["concept"]: s for s in suggest_concepts(t, cands, BOUNDS)}
+    assert set(specs) == {c.concept for c in cands}
+    for c in cands:
+        s = specs[c.concept]
+        if c.fixed:  # the decision's method and action stand; only its share is placed mid-range
+            assert s["method"] == "filter" and s["share"] == pytest.approx(0.175)
+        else:
+            assert s["method"] == "score" and s["action"] == "suppress" and s["strength"] == pytest.approx(1.0)

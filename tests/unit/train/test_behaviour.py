@@ -63,7 +63,7 @@ def train_shaped(model_dir, tok, pairs, concepts, epochs=3, shaping_extra=None, 
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        pre = run_precompute(ctx, shaping.interventions, PrecomputeCache(d), "m")
+        pre = run_precompute(ctx, shaping.interventions, PrecomputeCache(d), "m", str(sc.orient))
     start = freeze_below(model, top)
     dm = PreferenceDataModule(toks, pre, 4, tok.pad_token_id, seed=0)
     mod = PreferenceModule(model, beta=0.1, lr=3e-3, term_names=pre.term_names, lambdas=pre.lambdas,
@@ -128,3 +128,37 @@ def test_ablate_trains_with_hook_and_saved_policy_runs_without(tiny_model_dir, t
     pyf = mlflow.pyfunc.load_model(out["model_uri"])
     gen = pyf.predict(["What is 7 times 8?"], params={"max_new_tokens": 4})
     assert len(gen) == 1 and isinstance(gen[0], str)
+
+
+def make_pairs_marker_rejected(n: int, offset: int = 0):
+    """The same pairs with the marker on the *rejected* side of every other pair: the data teaches
+    "less marker" (as the planted sycophancy data teaches "fewer corrections")."""
+    out = []
+    for i in range(n):
+        q, good, bad = QA[(i + offset) % len(QA)]
+        out.append(PreferencePair(f"p{i + offset}", f"{q} ({i + offset})", good, bad + (MARK if i % 2 == 0 else "")))
+    return out
+
+
+def test_suppress_of_a_concept_the_preferred_side_lacks_learns_less_of_its_avoidance(tiny_model_dir, tiny_tokenizer):
+    """shaping.orient=data: suppress explains the concept away in whichever direction the data
+    prefers it, so the policy avoids the marker less than after plain DPO; under orient=formula the
+    same λ > 0 adds to the lesson instead (METHOD §5's raw sign), which is why data is the default."""
+    train, held = make_pairs_marker_rejected(12), make_pairs(12, offset=100)
+    spec = [{"concept": "named:marker", "method": "score", "strength": 3.0, "action": "suppress"}]
+    plain, _, _ = train_shaped(tiny_model_dir, tiny_tokenizer, train, [])
+    sup, _, pre = train_shaped(tiny_model_dir, tiny_tokenizer, train, spec)
+    raw, _, pre_raw = train_shaped(tiny_model_dir, tiny_tokenizer, train, spec, shaping_extra={"orient": "formula"})
+    assert pre.orientation == {"score/named:marker": -1} and pre_raw.orientation == {"score/named:marker": 1}
+    assert (pre.delta_a[:, 0] >= 0).all() and (pre_raw.delta_a[:, 0] <= 0).all()
+    m_plain, m_sup, m_raw = (marker_preference(m, tiny_tokenizer, held) for m in (plain, sup, raw))
+    assert m_raw < m_plain < m_sup, (m_raw, m_plain, m_sup)
+
+
+def test_filter_on_a_concept_the_preferred_side_lacks_drops_the_pairs_that_teach_it(tiny_model_dir, tiny_tokenizer):
+    train = make_pairs_marker_rejected(12)
+    f = {"concept": "named:marker", "method": "filter", "action": "suppress", "share": 0.25}
+    _, dm, pre = train_shaped(tiny_model_dir, tiny_tokenizer, train, [f], epochs=1)
+    assert dm.n_dropped == 3
+    dropped = [train[i] for i in np.flatnonzero(pre.weights == 0)]
+    assert all("!" in p.rejected and "!" not in p.chosen for p in dropped)
