@@ -100,7 +100,7 @@ def run_main(cfg: DictConfig) -> dict[str, Any]:
                 with open_dict(cfg):
                     cfg.search.study_name = f"{cfg.search.study_name}-{keys[name][:8]}"
             t0 = time.perf_counter()
-            earlier = find_reusable(keys[name], [exp]) if reuse else None
+            earlier = find_reusable(keys[name], [exp], stage=name) if reuse else None
             if earlier is not None:
                 log.info("%s: inputs unchanged, reusing run %s", name, earlier.info.run_id)
                 _reuse_child(name, keys[name], earlier)

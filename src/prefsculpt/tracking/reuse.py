@@ -53,14 +53,18 @@ def stage_key(stage: str, cfg: DictConfig, sections: Sequence[str], upstream: It
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def find_reusable(key: str, experiment_ids: Sequence[str] | None = None) -> mlflow.entities.Run | None:
-    """The newest finished, complete run with this stage key (in the given experiments, else all)."""
+def find_reusable(key: str, experiment_ids: Sequence[str] | None = None,
+                  stage: str | None = None) -> mlflow.entities.Run | None:
+    """The newest finished, complete run with this stage key (in the given experiments, else all),
+    and of this stage (tag ``prefsculpt.stage``) when given."""
     client = mlflow.MlflowClient()
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    of_stage = f" and tags.`prefsculpt.stage` = '{stage}'" if stage else ""
     runs = client.search_runs(
         list(experiment_ids),
-        f"tags.`{KEY_TAG}` = '{key}' and tags.`{COMPLETE_TAG}` = 'true' and attributes.status = 'FINISHED'",
+        f"tags.`{KEY_TAG}` = '{key}' and tags.`{COMPLETE_TAG}` = 'true' and attributes.status = 'FINISHED'"
+        + of_stage,
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )

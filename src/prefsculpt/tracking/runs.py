@@ -97,12 +97,19 @@ def stage_run(cfg: DictConfig, stage: str, nested: bool | None = None) -> Iterat
     key = CURRENT_STAGE_KEY.get()
     if key:
         tags[KEY_TAG] = key
-    with mlflow.start_run(run_name=cfg.tracking.run_name or stage, nested=nested, tags=tags) as run:
-        if under_project or key:
-            mlflow.set_tags(tags)  # an attached run ignores start_run's tags
-        log_config(cfg)
-        yield run
-        mlflow.set_tag(COMPLETE_TAG, "true")
+    # The key belongs to this run only: the runs a stage opens inside itself (the search's trial
+    # train/evaluate runs) must not look like the stage's own run to ``find_reusable``.
+    token = CURRENT_STAGE_KEY.set(None) if key else None
+    try:
+        with mlflow.start_run(run_name=cfg.tracking.run_name or stage, nested=nested, tags=tags) as run:
+            if under_project or key:
+                mlflow.set_tags(tags)  # an attached run ignores start_run's tags
+            log_config(cfg)
+            yield run
+            mlflow.set_tag(COMPLETE_TAG, "true")
+    finally:
+        if token is not None:
+            CURRENT_STAGE_KEY.reset(token)
 
 
 def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
