@@ -66,7 +66,7 @@ class SearchConfig:
     #: costlier concept-shift eval runs once, on the picked policy, in the pipeline's evaluate stage.
     trial_evals: list[str] = field(default_factory=lambda: ["sycophancy", "style", "capability"])
     #: After the baseline, try the audit's own proposal first: every free top-K concept suppressed
-    #: with score at the geometric middle of [lambda_min, lambda_max] (space.start_params).
+    #: with score at λ_min^¾·λ_max^¼ (0.32 by default; space.start_params says why so low).
     informed_start: bool = True
     #: Train each trial on at most this many pairs (null = all): the search compares settings, and
     #: 5 trials on the full split would not fit the pipeline's ~30-minute CPU budget.

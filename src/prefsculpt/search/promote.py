@@ -4,10 +4,11 @@ Everything is read from MLflow, never from local files: the search run names its
 (tag ``prefsculpt.study_uid``); every worker's trial runs carry that tag and their objectives as
 metrics (``search/off_target``, ``search/on_target``, ``search/syc_increase``).
 
-Rule (``promote.rule = lowest_off_target``): over the Pareto front of the finished trials, leave out
-the plain-DPO baseline, keep those passing the baseline gates, take the lowest off-target; ties go
-to the higher on-target, then to the lower trial number. If none passes, the same rule over the whole
-front picks the one registered as ``candidate`` (it cannot become champion).
+Rule (``promote.rule = lowest_off_target``): over the finished trials other than the plain-DPO
+baseline that pass the baseline gates, take the lowest off-target (such a trial is on the Pareto
+front of the passing ones); ties go to the higher on-target, then to the lower trial number. If none
+passes, the same rule over the Pareto front of all the trials picks the one registered as
+``candidate`` (it cannot become champion).
 
 Gates (all must pass to move ``champion``; METHOD §7 and issue 7):
 - ``sycophancy_vs_baseline``: candidate's sycophancy increase over the base <= ``syc_ratio_max`` (0.5)
@@ -104,15 +105,16 @@ def choose(trials: pd.DataFrame, base: dict[str, float], pc: Any) -> tuple[pd.Se
         raise PromoteInputError(f"promote.rule={pc.rule!r}: the only rule is lowest_off_target")
     df = trials.copy()
     df["pareto"] = pareto_mask(df["off_target"].to_numpy(), df["on_target"].to_numpy())
-    front = df[df["pareto"] & ~df["baseline"]]
-    if front.empty:  # only the baseline is on the front: take the best of the rest
-        front = df[~df["baseline"]]
-    if front.empty:
+    shaped = df[~df["baseline"]]
+    if shaped.empty:
         raise PromoteInputError("the study has no finished trial besides the plain-DPO baseline; run more trials")
-    ok = front.apply(lambda r: all(g.passed for g in baseline_gates(
+    ok = shaped.apply(lambda r: all(g.passed for g in baseline_gates(
         {"syc_increase": r.syc_increase, "on_target": r.on_target}, base, float(pc.syc_ratio_max),
         float(pc.on_target_tolerance))), axis=1)
-    pool = front[ok] if ok.any() else front
+    if ok.any():
+        pool = shaped[ok]
+    else:  # nothing passes: the best of the front (only the baseline on it: of the rest)
+        pool = shaped[shaped["pareto"]] if shaped["pareto"].any() else shaped
     best = pool.sort_values(["off_target", "on_target", "trial"], ascending=[True, False, True]).iloc[0]
     return best, bool(ok.any())
 

@@ -19,8 +19,13 @@ concept is shaped anyway (a second plain DPO would only repeat the baseline).
 
 With ``search.informed_start`` the creator also enqueues, right after the baseline, the audit's own
 proposal (:func:`start_params`): every free candidate suppressed with ``score`` (else the first
-allowed method) at the geometric middle of the λ range (the middle of the share range for filter).
-A handful of trials is mostly TPE's random start-up phase; this puts one well-placed point in it.
+allowed method) at a cautious strength, a quarter of the way up the λ range on its log scale
+(λ_min^¾·λ_max^¼ = 0.32 for [0.1, 10]; a quarter of the way up the share range for filter). A handful
+of trials is mostly TPE's random start-up phase; this puts one well-placed point in it. Why low:
+explaining away saturates (ΔA is z-scored, so λ·ΔA = 1 already halves a one-SD pair's gradient and
+nearly doubles that of a pair against the concept). On the planted default (400 pairs, top 6 layers)
+the top 4 at λ = 1 over-corrected sycophancy to −0.61 against the base and lost on-target accuracy
+(0.50 vs plain DPO's 0.57); at 0.32 they gave −0.10 and 0.58.
 """
 
 from __future__ import annotations
@@ -195,7 +200,8 @@ def start_params(candidates: Sequence[Candidate], b: SpaceBounds) -> dict[str, A
     import math
 
     out: dict[str, Any] = {}
-    lam = math.sqrt(b.lambda_min * b.lambda_max)
+    lam = math.exp(0.75 * math.log(b.lambda_min) + 0.25 * math.log(b.lambda_max))
+    share = b.share_min + 0.25 * (b.share_max - b.share_min)
     for c in candidates:
         method = "score" if "score" in c.methods else c.methods[0]
         if not c.fixed:
@@ -207,7 +213,7 @@ def start_params(candidates: Sequence[Candidate], b: SpaceBounds) -> dict[str, A
         elif len(c.methods) > 1:
             continue
         if method == "filter" and b.filter_mode == "drop":
-            out[param_key("share", c.concept)] = (b.share_min + b.share_max) / 2
+            out[param_key("share", c.concept)] = share
         elif method != "ablate":
             out[param_key("lambda", c.concept)] = lam
     return out

@@ -52,6 +52,14 @@ def test_choose_lowest_off_target_among_passing_pareto_trials():
     assert pick.trial == 1 and not passed
 
 
+def test_choose_a_passing_trial_even_when_a_failing_one_dominates_it():
+    df = frame([(0, True, 0.25, 0.80, 0.20),
+                (1, False, 0.05, 0.85, 0.12),   # dominates 2 (style drift lowers its off-target) but fails sycophancy
+                (2, False, 0.09, 0.79, 0.08)])  # off the global front, passes both gates: the pick
+    pick, passed = choose(df, BASE, PC)
+    assert pick.trial == 2 and passed
+
+
 class Echo(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         return model_input

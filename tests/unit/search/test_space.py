@@ -112,7 +112,7 @@ def test_informed_start_follows_the_baseline_and_shapes_every_free_candidate():
     assert set(specs) == {c.concept for c in cands}
     for c in cands:
         s = specs[c.concept]
-        if c.fixed:  # the decision's method and action stand; only its share is placed mid-range
-            assert s["method"] == "filter" and s["share"] == pytest.approx(0.175)
+        if c.fixed:  # the decision's method and action stand; its share a quarter up the range
+            assert s["method"] == "filter" and s["share"] == pytest.approx(0.1125)
         else:
-            assert s["method"] == "score" and s["action"] == "suppress" and s["strength"] == pytest.approx(1.0)
+            assert s["method"] == "score" and s["action"] == "suppress" and s["strength"] == pytest.approx(0.1 ** 0.5)
