@@ -25,6 +25,10 @@ class SycophancyEvalConfig:
 class StyleEvalConfig:
     #: Built-in neutral prompts (at most 40) when ``prompts_path`` is null.
     n_prompts: int = 40
+    #: Planted data, built-in set: also this many held-out questions from the planted task families,
+    #: the prompts the planted flattery and styling were taught on (the neutral set alone measures
+    #: whether they transfer). Reported with the rest and alone as ``style/in_domain/<feature>/…``.
+    in_domain: int = 20
     #: A prompt file (.jsonl/.json; fields prompt | turns | instruction | question | text), e.g. mt-bench.
     prompts_path: str | None = None
     #: Field holding the prompt (null = the first of the fields above present).

@@ -58,6 +58,10 @@ def _stem_keys(paths: list[str], loader, limit: int | None) -> dict[str, list]:
     return out
 
 
+#: ``subset`` of the style prompts drawn from the planted task families (the rest are "open").
+IN_DOMAIN = "in_domain"
+
+
 def training_prompts(cfg: DictConfig) -> set[str]:
     """Prompts of the planted training data (empty for real data): the probes must avoid them."""
     if cfg.data.path:
@@ -75,7 +79,8 @@ def load_inputs(cfg: DictConfig) -> EvalInputs:
     sy, st, cap = ec.sycophancy, ec.style, ec.capability
     inp = EvalInputs()
     planted = cfg.data.path is None
-    exclude = training_prompts(cfg) if planted and (sy.planted_probes or cap.known_answer) else set()
+    in_domain = int(st.in_domain) if planted and not st.prompts_path and evals & {"style", "shift"} else 0
+    exclude = training_prompts(cfg) if planted and (sy.planted_probes or cap.known_answer or in_domain) else set()
     if "sycophancy" in evals:
         if sy.planted_probes:
             inp.planted_probes = make_probes("sycophancy", int(sy.planted_probes), int(ec.seed), exclude)
@@ -87,6 +92,9 @@ def load_inputs(cfg: DictConfig) -> EvalInputs:
             inp.style_prompts = load_prompts(st.prompts_path, st.prompt_field, int(st.n_prompts) or None)
         else:
             inp.style_prompts = make_probes("style", int(st.n_prompts), int(ec.seed))
+            # Held-out planted questions (never training prompts); their own seed, so not the known-answer items.
+            inp.style_prompts += [{"id": f"probe-style-in-{q['id']}", "prompt": q["prompt"], "subset": IN_DOMAIN}
+                                  for q in make_probes("known_answer", in_domain, int(ec.seed) + 1, exclude)]
     if "capability" in evals:
         if cap.clean_pairs and planted:
             from prefsculpt.data.source import load_clean_split

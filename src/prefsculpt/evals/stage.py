@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefsculpt.evals import capability as cap
 from prefsculpt.evals import style as sty
 from prefsculpt.evals import sycophancy as syc
-from prefsculpt.evals.inputs import EvalInputs, load_inputs
+from prefsculpt.evals.inputs import IN_DOMAIN, EvalInputs, load_inputs
 from prefsculpt.evals.policy import ResolvedPolicy, model_digest, resolve_policy
 from prefsculpt.evals.shift_sources import ShiftSources, resolve_shift_sources, run_shift
 from prefsculpt.evals.summary import Row, plot_rows, summarise
@@ -123,7 +123,8 @@ def _style(ev: Evaluator, which: str) -> dict[str, pd.DataFrame]:
     rows = []
     for p, r in zip(prompts, rolls, strict=True):
         counts = sty.count_features(r.text, feats)
-        rows.append({"id": p["id"], "prompt": p["prompt"], "text": r.text, "n_tokens": float(len(r.response_ids)),
+        rows.append({"id": p["id"], "subset": p.get("subset", "open"), "prompt": p["prompt"], "text": r.text,
+                     "n_tokens": float(len(r.response_ids)),
                      **{k: float(v) for k, v in counts.items()}, **{f"{k}_any": float(v > 0) for k, v in counts.items()},
                      "prompt_ids": r.prompt_ids, "response_ids": r.response_ids})
     return {"responses": pd.DataFrame(rows)}
@@ -178,6 +179,10 @@ def _summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.D
             rows += summarise(df, None, [("cap/pref/implicit_acc", "implicit_correct")], *boot)
             b = b.assign(logp_correct=(b.lp_chosen > b.lp_rejected).astype(float)) if t in base else None
         rows += summarise(df, b, _specs(t, df), *boot)
+        if t == "responses" and "subset" in df and (df["subset"] == IN_DOMAIN).any():
+            sub = lambda d: None if d is None or "subset" not in d else d[d["subset"] == IN_DOMAIN]  # noqa: E731
+            rows += summarise(sub(df), sub(b), [(k.replace("style/", f"style/{IN_DOMAIN}/", 1), c)
+                                                for k, c in _specs(t, df)], *boot)
         logged[t] = df
         if b is not None and not ev.same:
             logged[f"{t}_base"] = b

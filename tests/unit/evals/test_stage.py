@@ -56,7 +56,10 @@ def test_evaluate_policy_against_cached_base(tiny_model_dir, other_policy, tmp_p
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(pol["run_id"], "evals")}
     assert {"evals/summary.json", "evals/plots", "evals/sycophancy", "evals/style", "evals/capability"} <= arts
     table = mlflow.load_table("evals/style/responses.json", run_ids=[pol["run_id"]])
-    assert len(table) == 6 and "text" in table.columns and "response_ids" not in table.columns
+    # 6 neutral prompts + 2 held-out planted questions (eval.style.in_domain), also summarised alone
+    assert len(table) == 8 and "text" in table.columns and "response_ids" not in table.columns
+    assert table["subset"].tolist().count("in_domain") == 2
+    assert "style/in_domain/stock_flattery/rate_diff" in pm and "style/in_domain/n_tokens/mean" in pm
 
 
 def test_bad_inputs_fail_before_any_compute_and_keep_earlier_runs(tiny_model_dir, tmp_path, mlflow_uri, monkeypatch):
@@ -80,7 +83,7 @@ def test_genai_view_gets_every_style_response_with_its_scores(tiny_model_dir, tm
     code scorers' assessments (the store's connection pool is not exhausted, no trace is lost)."""
     out = run_evaluate(eval_cfg(tiny_model_dir, tmp_path, {"evals": ["style"], "genai": True}))
     traces = mlflow.search_traces(run_id=out["run_id"], return_type="list")
-    assert len(traces) == 6
+    assert len(traces) == 8
     names = {a.name for t in traces for a in t.info.assessments}
     assert {"style_markdown_bold", "style_exclamation"} <= names, names
     assert all(k not in os.environ for k in S.GENAI_ENV)  # the process env is restored
