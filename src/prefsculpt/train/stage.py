@@ -188,10 +188,17 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
                      if shaping.interventions else layer, int(cfg.data.tokenize.max_prompt_tokens),
                      int(tc.precompute_batch_tokens))
     ctx.trunk_layer = start - 1 if start > 0 else None  # captured in the same forward as the reference
-    pre = run_precompute(ctx, shaping.interventions, cache, model_fp, str(cfg.shaping.get("orient", "data")))
+    # Under a bf16 precision the reference pass runs under the same CPU autocast as training (its own
+    # cache entries); fp32 keeps the model fingerprint as the key, so earlier caches stay valid.
+    bf16 = str(tc.precision).startswith("bf16")
+    pre_fp = f"{model_fp}:bf16-autocast" if bf16 else model_fp
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, str(cfg.shaping.get("orient", "data")))
+        trunk = trunk_cache(ctx, start, cache, pre_fp, str(tc.trunk_dtype)) if start > 0 else None
     if pre.orientation:
         mlflow.log_params({f"shaping/{k}/orientation": v for k, v in pre.orientation.items()})
-    trunk = trunk_cache(ctx, start, cache, model_fp, str(tc.trunk_dtype)) if start > 0 else None
     t_pre = time.perf_counter() - t0
     dm = PreferenceDataModule(tokenized, pre, int(tc.batch_size), tok.pad_token_id or 0, int(tc.seed),
                               int(tc.bucket_batches), trunk)
