@@ -21,7 +21,7 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prefsculpt.tracking.reuse import find_reusable, stage_key
-from prefsculpt.tracking.runs import COMPLETE_TAG, CURRENT_STAGE_KEY, KEY_TAG, stage_run
+from prefsculpt.tracking.runs import COMPLETE_TAG, CURRENT_STAGE_KEY, KEY_TAG, REUSED_TAG, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ DEFAULT_ORDER = tuple(STAGES)
 
 def _reuse_child(stage: str, key: str, earlier: mlflow.entities.Run) -> None:
     """A light child run that records the reuse, so the run tree shows every stage every time."""
-    tags = {"prefsculpt.stage": stage, "prefsculpt.reused_from": earlier.info.run_id, KEY_TAG + "_reused": key}
+    tags = {"prefsculpt.stage": stage, REUSED_TAG: earlier.info.run_id, KEY_TAG + "_reused": key}
     with mlflow.start_run(run_name=f"{stage} (reused)", nested=True, tags=tags):
         metrics = {k: v for k, v in earlier.data.metrics.items()}
         if metrics:

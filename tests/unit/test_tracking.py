@@ -30,3 +30,17 @@ def test_runs_a_stage_opens_inside_itself_are_not_mistaken_for_it(mlflow_uri):
     assert find_reusable("k-search", stage="search").info.run_id == outer.info.run_id
     assert find_reusable("k-search").info.run_id == outer.info.run_id
     assert find_reusable("k-search", stage="evaluate") is None
+
+
+def test_latest_stage_run_sees_through_a_reused_marker(mlflow_uri):
+    """After a second pipeline run, the newest 'sae' run is the light '(reused)' child with no
+    artifacts; lookups (the shift eval's SAE, the search's audit) must land on the run it reused."""
+    from prefsculpt.tracking.runs import REUSED_TAG, latest_stage_run
+
+    cfg = compose("experiment=tiny")
+    with stage_run(cfg, "sae") as real:
+        pass
+    with mlflow.start_run(run_name="sae (reused)", tags={"prefsculpt.stage": "sae", REUSED_TAG: real.info.run_id}):
+        pass
+    exp = real.info.experiment_id
+    assert latest_stage_run("sae", [exp]) == real.info.run_id

@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from prefsculpt.search.objective import BASELINE_TAG, OFF, ON, STUDY_TAG, STYLE, SYC, TRIAL_TAG
 from prefsculpt.search.study import pareto_mask
+from prefsculpt.tracking.runs import REUSED_TAG
 
 log = logging.getLogger(__name__)
 P = "prefsculpt."
@@ -133,7 +134,8 @@ def find_search_run(cfg: DictConfig) -> mlflow.entities.Run:
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise PromoteInputError("no finished search run: run `mlflow run . -e search` first, or set promote.search_run_id")
-    return runs[0]
+    reused = runs[0].data.tags.get(REUSED_TAG)  # a pipeline's "(reused)" marker: the search it stands for
+    return client.get_run(reused) if reused else runs[0]
 
 
 def read_trials(study_uid: str) -> pd.DataFrame:

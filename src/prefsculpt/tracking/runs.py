@@ -72,6 +72,8 @@ def log_config(cfg: DictConfig, path: str = "config/config.yaml") -> None:
 #: Set by the pipeline around a stage call: the stage's reuse key (see ``tracking.reuse``).
 CURRENT_STAGE_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage_key", default=None)
 COMPLETE_TAG = "prefsculpt.complete"
+#: On the light child run a pipeline opens for a reused stage: the id of the run it reused.
+REUSED_TAG = "prefsculpt.reused_from"
 KEY_TAG = "prefsculpt.stage_key"
 
 
@@ -148,12 +150,13 @@ def log_pairs_input(pairs: Sequence[PreferencePair], name: str, context: str, so
 
 def latest_stage_run(stage: str, experiment_ids: Sequence[str], parent_run_id: str | None = None) -> str | None:
     """The newest FINISHED run of ``stage``: first among the children of ``parent_run_id`` (the same
-    pipeline run tree), else in the experiments; None when there is none."""
+    pipeline run tree), else in the experiments; None when there is none. A pipeline's "reused"
+    marker run (tag ``prefsculpt.reused_from``, no artifacts) stands for the run it reused."""
     client = mlflow.MlflowClient()
     base = f"tags.`prefsculpt.stage` = '{stage}' and attributes.status = 'FINISHED'"
     filters = ([f"{base} and tags.`mlflow.parentRunId` = '{parent_run_id}'"] if parent_run_id else []) + [base]
     for filt in filters:
         runs = client.search_runs(list(experiment_ids), filt, order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
-            return runs[0].info.run_id
+            return runs[0].data.tags.get(REUSED_TAG) or runs[0].info.run_id
     return None
