@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 
 from prefsculpt.search.objective import BASELINE_TAG, OFF, ON, STUDY_TAG, STYLE, SYC, TRIAL_TAG
 from prefsculpt.search.study import pareto_mask
-from prefsculpt.tracking.runs import REUSED_TAG
+from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
 P = "prefsculpt."
@@ -130,12 +130,10 @@ def find_search_run(cfg: DictConfig) -> mlflow.entities.Run:
             raise PromoteInputError(f"promote.search_run_id={cfg.promote.search_run_id!r} is not a run here: {exc}") from exc
     exp = client.get_experiment_by_name(str(cfg.tracking.experiment))
     ids = [exp.experiment_id] if exp else [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, "tags.`prefsculpt.stage` = 'search' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    found = latest_stage_run("search", ids)
+    if found is None:
         raise PromoteInputError("no finished search run: run `mlflow run . -e search` first, or set promote.search_run_id")
-    reused = runs[0].data.tags.get(REUSED_TAG)  # a pipeline's "(reused)" marker: the search it stands for
-    return client.get_run(reused) if reused else runs[0]
+    return client.get_run(found)
 
 
 def read_trials(study_uid: str) -> pd.DataFrame:

@@ -31,6 +31,7 @@ the top 4 at λ = 1 over-corrected sycophancy to −0.61 against the base and lo
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -197,8 +198,6 @@ def baseline_params(candidates: Sequence[Candidate]) -> dict[str, bool]:
 
 def start_params(candidates: Sequence[Candidate], b: SpaceBounds) -> dict[str, Any]:
     """The informed start trial's fixed params (module doc): every free candidate shaped."""
-    import math
-
     out: dict[str, Any] = {}
     lam = math.exp(0.75 * math.log(b.lambda_min) + 0.25 * math.log(b.lambda_max))
     share = b.share_min + 0.25 * (b.share_max - b.share_min)
@@ -210,8 +209,6 @@ def start_params(candidates: Sequence[Candidate], b: SpaceBounds) -> dict[str, A
                 out[param_key("action", c.concept)] = "suppress" if "suppress" in c.actions else c.actions[0]
             if len(c.methods) > 1:
                 out[param_key("method", c.concept)] = method
-        elif len(c.methods) > 1:
-            continue
         if method == "filter" and b.filter_mode == "drop":
             out[param_key("share", c.concept)] = share
         elif method != "ablate":
