@@ -26,6 +26,7 @@ run: install
 # The whole suite: unit tests and integration tests (real SmolLM2, ../shared/data when present).
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest tests -q
 
 test-unit: install
@@ -33,6 +34,7 @@ test-unit: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -99,14 +99,15 @@ def main() -> None:
 
     from prefsculpt.cli import setup_logging
     from prefsculpt.config import compose, parse_overrides
-    from prefsculpt.evals.stage import run_evaluate
-    from prefsculpt.models.loading import default_cache_dir, resolve_model_dir
+    from prefsculpt.core.paths import cache_root
+    from prefsculpt.models.loading import resolve_model_dir
+    from prefsculpt.stages.evaluate import run_evaluate
 
     setup_logging("WARNING")
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     base_dir = resolve_model_dir("smollm2-135m-instruct")
-    policy = Path(args.policy) if args.policy else perturbed_policy(base_dir, default_cache_dir() / "bench" / "policy-perturbed")
+    policy = Path(args.policy) if args.policy else perturbed_policy(base_dir, cache_root() / "bench" / "policy-perturbed")
     d_model = json.loads((base_dir / "config.json").read_text())["hidden_size"]
     sae, hyp = (args.sae, args.hypotheses) if args.sae else stand_in_shift_sources(work, d_model)
     common = [f"cache_dir={work / 'cache'}", f"eval.shift.sae_path={sae}", f"eval.shift.hypotheses_path={hyp}",

@@ -47,7 +47,7 @@ def main() -> None:
 
     from prefsculpt.cli import setup_logging
     from prefsculpt.config import compose, parse_overrides
-    from prefsculpt.train.stage import run_train
+    from prefsculpt.stages.train import run_train
 
     setup_logging("WARNING")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-train-"))

@@ -17,7 +17,7 @@ def make_tokenizer(vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from prefsculpt.data.tokenize import FALLBACK_CHAT_TEMPLATE
+    from prefsculpt.models.loading import FALLBACK_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from prefsculpt.audit.analysis import AuditInputError
 from prefsculpt.audit.decisions import load_decisions
-from prefsculpt.audit.stage import AuditInputError
 from prefsculpt.cli import run_stage
 from prefsculpt.concepts import shards
 from prefsculpt.config import compose

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 def test_sae_stage_tiny_on_smollm2(smollm2_dir, mlflow_uri, tmp_path):
     cfg = compose(["experiment=tiny", f"cache_dir={tmp_path / 'cache'}"])
-    from prefsculpt.concepts.stage import run_sae
+    from prefsculpt.stages.sae import run_sae
 
     out = run_sae(cfg)
     m = out["metrics"]

@@ -35,8 +35,8 @@ def tiny_cfg(tmp_path):
 
 
 def test_search_real_trials_then_promote(mlflow_uri, tmp_path, monkeypatch):
-    from prefsculpt.search.promote import run_promote
-    from prefsculpt.search.study import run_search
+    from prefsculpt.stages.promote import run_promote
+    from prefsculpt.stages.search import run_search
 
     cfg = tiny_cfg(tmp_path)
     fake_audit_run(tmp_path, experiment=str(cfg.tracking.experiment))

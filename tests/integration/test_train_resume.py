@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = """
 import json, sys
 from tests.unit.train.helpers import train_cfg
-from prefsculpt.train.stage import run_train
+from prefsculpt.stages.train import run_train
 from pathlib import Path
 cfg = train_cfg(sys.argv[1], Path(sys.argv[2]), train={"max_pairs": 48, "batch_size": 2, "max_length": 96,
                 "checkpoint_every_n_steps": 3, "train_top_layers": None, "lr": 1e-3})

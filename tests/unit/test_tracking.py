@@ -3,8 +3,9 @@
 import mlflow
 
 from prefsculpt.config import compose
+from prefsculpt.core.names import Tag
 from prefsculpt.tracking.reuse import find_reusable
-from prefsculpt.tracking.runs import CURRENT_STAGE_KEY, KEY_TAG, stage_run
+from prefsculpt.tracking.runs import CURRENT_STAGE_KEY, stage_run
 
 
 def test_runs_a_stage_opens_inside_itself_are_not_mistaken_for_it(mlflow_uri):
@@ -23,9 +24,9 @@ def test_runs_a_stage_opens_inside_itself_are_not_mistaken_for_it(mlflow_uri):
     finally:
         CURRENT_STAGE_KEY.reset(token)
     client = mlflow.MlflowClient()
-    assert client.get_run(outer.info.run_id).data.tags[KEY_TAG] == "k-search"
+    assert client.get_run(outer.info.run_id).data.tags[Tag.STAGE_KEY] == "k-search"
     for r in (inner_train, inner_eval):
-        assert KEY_TAG not in client.get_run(r.info.run_id).data.tags
+        assert Tag.STAGE_KEY not in client.get_run(r.info.run_id).data.tags
         assert client.get_run(r.info.run_id).data.tags["mlflow.parentRunId"] == outer.info.run_id
     assert find_reusable("k-search", stage="search").info.run_id == outer.info.run_id
     assert find_reusable("k-search").info.run_id == outer.info.run_id
@@ -35,12 +36,12 @@ def test_runs_a_stage_opens_inside_itself_are_not_mistaken_for_it(mlflow_uri):
 def test_latest_stage_run_sees_through_a_reused_marker(mlflow_uri):
     """After a second pipeline run, the newest 'sae' run is the light '(reused)' child with no
     artifacts; lookups (the shift eval's SAE, the search's audit) must land on the run it reused."""
-    from prefsculpt.tracking.runs import REUSED_TAG, latest_stage_run
+    from prefsculpt.tracking.runs import latest_stage_run
 
     cfg = compose("experiment=tiny")
     with stage_run(cfg, "sae") as real:
         pass
-    with mlflow.start_run(run_name="sae (reused)", tags={"prefsculpt.stage": "sae", REUSED_TAG: real.info.run_id}):
+    with mlflow.start_run(run_name="sae (reused)", tags={"prefsculpt.stage": "sae", Tag.REUSED_FROM: real.info.run_id}):
         pass
     exp = real.info.experiment_id
     assert latest_stage_run("sae", [exp]) == real.info.run_id

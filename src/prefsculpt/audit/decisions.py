@@ -20,6 +20,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from prefsculpt.core.errors import UserError
+
 ACTIONS = ("allow", "suppress", "amplify")
 #: How the concept's signal A_u is obtained or applied (METHOD §5).
 METHODS = ("score", "steer", "inoculate", "filter", "ablate", "prevent")
@@ -56,7 +58,7 @@ HEADER = """\
 """
 
 
-class DecisionsError(ValueError):
+class DecisionsError(UserError):
     """A decisions file that cannot be used; the message lists every offending entry."""
 
 

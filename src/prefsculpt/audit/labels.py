@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from prefsculpt.core.errors import UserError
+
 log = logging.getLogger(__name__)
 
 #: Response spans labels are built from; prompt activations say little about what was preferred.
@@ -156,7 +158,7 @@ def build_labels(
 # ---------------------------------------------------------------- optional explanations (LLM)
 
 
-class ExplainError(RuntimeError):
+class ExplainError(UserError):
     """The configured explanation endpoint failed; the message names the URL and what to do."""
 
 

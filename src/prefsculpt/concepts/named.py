@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from prefsculpt.concepts.config import NamedConceptConfig
+from prefsculpt.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ KINDS = ("regex", "contrastive")
 NEUTRAL_PROMPT = "Please reply."
 
 
-class NamedConceptError(ValueError):
+class NamedConceptError(UserError):
     """A named concept cannot be built; the message names it and says what to change."""
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from prefsculpt.concepts.config import SAEConfig
+from prefsculpt.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ QUALITY_FILE = "quality.json"
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
 
-class SAESourceError(ValueError):
+class SAESourceError(UserError):
     """The SAE asked for cannot be trained or loaded; the message says what to do instead."""
 
 

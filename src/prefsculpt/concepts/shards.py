@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from prefsculpt.concepts.scores import SPANS, STATS, ConceptScores
-from prefsculpt.utils.files import file_sha256
+from prefsculpt.core.errors import UserError
+from prefsculpt.core.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ PLAN, INDEX, MANIFEST, TOP = "plan.json", "shards.jsonl", "manifest.json", "top_
 TOP_SPANS = ("chosen", "rejected")
 
 
-class ShardStoreError(RuntimeError):
+class ShardStoreError(UserError):
     """The score store is incomplete or corrupt; the message names the file and what to do."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from prefsculpt.core.errors import UserError
+
 #: Reasons a row can be rejected; the skip report counts rows per reason.
 REASONS = (
     "malformed",  # the line/record cannot be parsed at all (bad JSON, bad CSV row)
@@ -47,7 +49,7 @@ class RowProblem(ValueError):
         self.detail = detail
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError):
     """A data source had invalid rows and ``on_error`` is ``raise``. Lists every offending row."""
 
     MAX_LISTED = 50
@@ -68,5 +70,5 @@ class DataValidationError(ValueError):
         )
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """The data source itself cannot be read (missing file, unknown extension, hub offline, ...)."""

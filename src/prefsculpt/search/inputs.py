@@ -19,6 +19,7 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.search.errors import SearchInputError
 from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ def pinned_audit_run(storage: Any, study_name: str) -> str | None:
 def find_audit_run(cfg: DictConfig, current_run_id: str, pinned: str | None) -> str:
     """``search.audit_run_id``, else the study's own, else the latest finished audit run beside this
     run (same parent), else the latest in the experiment."""
-    from prefsculpt.search.study import SearchInputError
 
     client = mlflow.MlflowClient()
     rid = cfg.search.audit_run_id or pinned
@@ -82,7 +82,6 @@ def fetch(run_id: str, artifact_path: str, dst: Path) -> Path | None:
 def load_audit(audit_id: str, decisions_path: str | None, cache_root: Path) -> tuple[pd.DataFrame, Any, str | None]:
     """(hypotheses table, validated decisions or None, decisions hash or None)."""
     from prefsculpt.audit.decisions import load_decisions
-    from prefsculpt.search.study import SearchInputError
 
     root = cache_root / "search" / "audit" / audit_id
     hyp_file = fetch(audit_id, "audit/hypotheses.parquet", root / "hypotheses.parquet")

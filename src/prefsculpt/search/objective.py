@@ -32,16 +32,19 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.core.errors import UserError
+from prefsculpt.core.names import Tag
 from prefsculpt.search.space import BASELINE_ATTR, Candidate, SpaceBounds, describe, suggest_concepts
+from prefsculpt.shaping.config import ConceptSpec
 
 log = logging.getLogger(__name__)
 
 #: Metric names logged on every trial run (promote reads these).
 OFF, ON, SYC, STYLE = "search/off_target", "search/on_target", "search/syc_increase", "search/style_drift"
-TRIAL_TAG, STUDY_TAG, BASELINE_TAG = "prefsculpt.trial_number", "prefsculpt.study_uid", "prefsculpt.baseline"
+TRIAL_TAG, STUDY_TAG, BASELINE_TAG = Tag.TRIAL_NUMBER, Tag.STUDY_UID, Tag.BASELINE
 
 
-class ObjectiveError(ValueError):
+class ObjectiveError(UserError):
     """The evaluation lacks a metric an objective needs; the message names it and what exists."""
 
 
@@ -87,26 +90,12 @@ class Outcome:
 Runner = Callable[[DictConfig], Outcome]
 
 
-def train_and_evaluate(cfg: DictConfig) -> Outcome:
-    """The train stage on ``cfg`` (nested under the active trial run), then evaluate its policy."""
-    from prefsculpt.evals.stage import run_evaluate
-    from prefsculpt.train.stage import run_train
-
-    tr = run_train(cfg)
-    ecfg = copy.deepcopy(cfg)
-    OmegaConf.update(ecfg, "eval.policy", tr["run_id"])
-    ev = run_evaluate(ecfg)
-    return Outcome(tr["run_id"], ev["run_id"], tr.get("model_uri"), dict(ev["metrics"]))
-
-
 def trial_config(cfg: DictConfig, specs: Sequence[Mapping[str, Any]], sources: Mapping[str, str | None]) -> DictConfig:
     """The root config of one trial: ``shaping.concepts`` = the trial's specs, the decisions file
     dropped (the search already applied it as constraints), concept sources filled in."""
     t = copy.deepcopy(cfg)
     OmegaConf.set_struct(t, False)
     t.shaping.decisions = None
-    from prefsculpt.shaping.config import ConceptSpec
-
     t.shaping.concepts = [OmegaConf.merge(OmegaConf.structured(ConceptSpec), dict(s)) for s in specs]
     for key in ("scores_dir", "sae_path", "directions_path"):
         if not t.shaping.get(key) and sources.get(key):
@@ -132,8 +121,9 @@ class TrialContext:
     study_uid: str
     #: scores_dir, sae_path, directions_path, sae_run_id, audit_run_id (see study.resolve_sources).
     sources: dict[str, str | None]
-    decisions_hash: str | None = None
-    runner: Runner = train_and_evaluate
+    decisions_hash: str | None
+    #: train + evaluate one trial config; the search stage passes the real stages, tests a cheap fake
+    runner: Runner
 
 
 def retry_of(trial: Any) -> int | None:
@@ -149,7 +139,7 @@ def _close_stale_run(trial: Any) -> None:
     client = mlflow.MlflowClient()
     try:
         if client.get_run(old).info.status == "RUNNING":
-            client.set_tag(old, "prefsculpt.error", "worker died (heartbeat lost); the trial was retried")
+            client.set_tag(old, Tag.ERROR, "worker died (heartbeat lost); the trial was retried")
             client.set_terminated(old, "KILLED")
     except mlflow.exceptions.MlflowException as exc:
         log.warning("could not close the dead trial run %s: %s", old, exc)
@@ -161,11 +151,11 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
     specs = suggest_concepts(trial, ctx.candidates, ctx.bounds)
     baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
     name = f"trial-{trial.number:03d}" + (" (plain DPO baseline)" if baseline else "")
-    tags = {"prefsculpt.stage": "trial", TRIAL_TAG: str(trial.number), STUDY_TAG: ctx.study_uid,
-            BASELINE_TAG: str(baseline).lower(), "prefsculpt.shaping": describe(specs),
-            **({"prefsculpt.decisions_hash": ctx.decisions_hash} if ctx.decisions_hash else {}),
-            **({"prefsculpt.audit_run_id": ctx.sources["audit_run_id"]} if ctx.sources.get("audit_run_id") else {}),
-            **({"prefsculpt.retry_of": str(retry_of(trial))} if retry_of(trial) is not None else {})}
+    tags = {Tag.STAGE: "trial", TRIAL_TAG: str(trial.number), STUDY_TAG: ctx.study_uid,
+            BASELINE_TAG: str(baseline).lower(), Tag.SHAPING: describe(specs),
+            **({Tag.DECISIONS_HASH: ctx.decisions_hash} if ctx.decisions_hash else {}),
+            **({Tag.AUDIT_RUN: ctx.sources["audit_run_id"]} if ctx.sources.get("audit_run_id") else {}),
+            **({Tag.RETRY_OF: str(retry_of(trial))} if retry_of(trial) is not None else {})}
     with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         # Every trial param readable in the UI's params table; the shaping as JSON beside it.
@@ -176,14 +166,14 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
             obj = objectives_from_metrics(out.eval_metrics, ctx.cfg.search.objectives)
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}"
-            mlflow.set_tag("prefsculpt.error", msg[:4000])
+            mlflow.set_tag(Tag.ERROR, msg[:4000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             trial.set_user_attr("error", msg[:2000])
             raise
         mlflow.log_metrics({OFF: obj["off_target"], ON: obj["on_target"], SYC: obj["syc_increase"],
                             STYLE: obj["style_drift"]})
-        ids = {"prefsculpt.train_run_id": out.train_run_id, "prefsculpt.eval_run_id": out.eval_run_id,
-               "prefsculpt.model_uri": out.model_uri}
+        ids = {Tag.TRAIN_RUN: out.train_run_id, Tag.EVAL_RUN: out.eval_run_id,
+               Tag.MODEL_URI: out.model_uri}
         mlflow.set_tags({k: v for k, v in ids.items() if v})
         for k, v in {**obj, "train_run_id": out.train_run_id, "eval_run_id": out.eval_run_id,
                      "model_uri": out.model_uri, "shaping": describe(specs)}.items():

@@ -23,10 +23,9 @@ the headline metrics and every gate; a refusal names each failed gate and its ma
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -34,19 +33,20 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.core.errors import UserError
+from prefsculpt.core.names import Tag
 from prefsculpt.search.objective import BASELINE_TAG, OFF, ON, STUDY_TAG, STYLE, SYC, TRIAL_TAG
 from prefsculpt.search.study import pareto_mask
 from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
-P = "prefsculpt."
 
 
-class PromoteInputError(ValueError):
+class PromoteInputError(UserError):
     """No search run, no finished trials, no baseline or no logged model: the message says what to do."""
 
 
-class PromotionRefused(RuntimeError):
+class PromotionRefused(UserError):
     """Raised only with ``promote.fail_on_refusal``; the message names each failed gate and its margin."""
 
 
@@ -140,7 +140,7 @@ def read_trials(study_uid: str) -> pd.DataFrame:
     """Every finished trial run of the study (any worker, any experiment) with its objectives."""
     client = mlflow.MlflowClient()
     ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, f"tags.`{STUDY_TAG}` = '{study_uid}' and tags.`{P}stage` = 'trial' "
+    runs = client.search_runs(ids, f"tags.`{STUDY_TAG}` = '{study_uid}' and tags.`{Tag.STAGE}` = 'trial' "
                                    "and attributes.status = 'FINISHED'", max_results=50_000)
     rows = []
     for r in runs:
@@ -149,10 +149,10 @@ def read_trials(study_uid: str) -> pd.DataFrame:
             continue
         rows.append({"trial": int(t.get(TRIAL_TAG, -1)), "run_id": r.info.run_id, "baseline": t.get(BASELINE_TAG) == "true",
                      "off_target": m[OFF], "on_target": m[ON], "syc_increase": m.get(SYC, np.nan),
-                     "style_drift": m.get(STYLE, np.nan), "shaping": t.get(f"{P}shaping", ""),
-                     "model_uri": t.get(f"{P}model_uri"), "train_run_id": t.get(f"{P}train_run_id"),
-                     "eval_run_id": t.get(f"{P}eval_run_id"), "audit_run_id": t.get(f"{P}audit_run_id"),
-                     "decisions_hash": t.get(f"{P}decisions_hash")})
+                     "style_drift": m.get(STYLE, np.nan), "shaping": t.get(Tag.SHAPING, ""),
+                     "model_uri": t.get(Tag.MODEL_URI), "train_run_id": t.get(Tag.TRAIN_RUN),
+                     "eval_run_id": t.get(Tag.EVAL_RUN), "audit_run_id": t.get(Tag.AUDIT_RUN),
+                     "decisions_hash": t.get(Tag.DECISIONS_HASH)})
     return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True) if rows else pd.DataFrame()
 
 
@@ -163,15 +163,15 @@ def champion_metrics(name: str, alias: str) -> tuple[Any, dict[str, float] | Non
         mv = client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
         return None, None
-    rid = mv.tags.get(f"{P}trial_run_id")
+    rid = mv.tags.get(Tag.TRIAL_RUN)
     try:
         m = client.get_run(rid).data.metrics if rid else {}
     except mlflow.exceptions.MlflowException:
         m = {}
     if OFF in m and ON in m:
         return mv, {"off_target": m[OFF], "on_target": m[ON]}
-    if f"{P}off_target" in mv.tags:
-        return mv, {"off_target": float(mv.tags[f"{P}off_target"]), "on_target": float(mv.tags[f"{P}on_target"])}
+    if Tag.OFF_TARGET in mv.tags:
+        return mv, {"off_target": float(mv.tags[Tag.OFF_TARGET]), "on_target": float(mv.tags[Tag.ON_TARGET])}
     log.warning("champion %s has no recorded objectives; the champion gates are skipped", mv.version)
     return mv, None
 
@@ -179,15 +179,15 @@ def champion_metrics(name: str, alias: str) -> tuple[Any, dict[str, float] | Non
 def register(name: str, pick: pd.Series) -> Any:
     """The model version of ``pick``'s policy: reused if this trial was registered before."""
     client = mlflow.MlflowClient()
-    found = client.search_model_versions(f"name = '{name}' and tags.`{P}trial_run_id` = '{pick.run_id}'")
+    found = client.search_model_versions(f"name = '{name}' and tags.`{Tag.TRIAL_RUN}` = '{pick.run_id}'")
     if found:
         return found[0]
     if not pick.model_uri:
         raise PromoteInputError(f"trial {pick.trial} (run {pick.run_id}) logged no model: train with train.log_model=true")
-    return mlflow.register_model(str(pick.model_uri), name, tags={f"{P}trial_run_id": str(pick.run_id)})
+    return mlflow.register_model(str(pick.model_uri), name, tags={Tag.TRIAL_RUN: str(pick.run_id)})
 
 
-def _attach(audit_run_id: str | None, eval_run_id: str | None) -> None:
+def attach_artifacts(audit_run_id: str | None, eval_run_id: str | None) -> None:
     """Concept report and decisions of the audit, evaluation table of the pick: artifacts of this run."""
     with tempfile.TemporaryDirectory(prefix="prefsculpt-promote-") as tmp:
         for rid, path in ((audit_run_id, "audit/report.html"), (audit_run_id, "audit/decisions.yaml"),
@@ -199,68 +199,3 @@ def _attach(audit_run_id: str | None, eval_run_id: str | None) -> None:
                 mlflow.log_artifact(got, "promote")
             except (mlflow.exceptions.MlflowException, OSError) as exc:
                 log.warning("promote: could not attach %s of run %s: %s", path, rid, exc)
-
-
-# ---------------------------------------------------------------- the stage
-def run_promote(cfg: DictConfig) -> dict[str, Any]:
-    from prefsculpt.tracking.runs import stage_run
-
-    pc = cfg.promote
-    name = str(pc.model_name)
-    with stage_run(cfg, "promote") as run:
-        search = find_search_run(cfg)
-        uid = search.data.tags.get(STUDY_TAG)
-        if not uid:
-            raise PromoteInputError(f"run {search.info.run_id} is not a search run (no {STUDY_TAG} tag)")
-        trials = read_trials(uid)
-        if trials.empty:
-            raise PromoteInputError(f"search run {search.info.run_id}: no finished trial with objectives")
-        base_rows = trials[trials["baseline"]]
-        if base_rows.empty:
-            raise PromoteInputError("the study's plain-DPO baseline trial has not finished; rerun the search worker")
-        b = base_rows.iloc[0]
-        base = {"syc_increase": float(b.syc_increase), "on_target": float(b.on_target)}
-        pick, _ = choose(trials, base, pc)
-        champ_mv, champ = champion_metrics(name, str(pc.champion_alias))
-        cand = {"syc_increase": float(pick.syc_increase), "on_target": float(pick.on_target),
-                "off_target": float(pick.off_target)}
-        gates = baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance)) + champion_gates(
-            cand, champ, float(pc.champion_tolerance))
-        refusal = refusal_message(gates, str(pc.champion_alias))
-        mv = register(name, pick)
-        client = mlflow.MlflowClient()
-        tags = {f"{P}trial_run_id": pick.run_id, f"{P}trial_number": int(pick.trial), f"{P}search_run_id": search.info.run_id,
-                f"{P}study_uid": uid, f"{P}promote_run_id": run.info.run_id, f"{P}audit_run_id": pick.audit_run_id or "",
-                f"{P}decisions_hash": pick.decisions_hash or "", f"{P}train_run_id": pick.train_run_id or "",
-                f"{P}eval_run_id": pick.eval_run_id or "", f"{P}shaping": pick.shaping,
-                f"{P}off_target": f"{cand['off_target']:.6g}", f"{P}on_target": f"{cand['on_target']:.6g}",
-                f"{P}syc_increase": f"{cand['syc_increase']:.6g}", f"{P}baseline_syc_increase": f"{base['syc_increase']:.6g}",
-                f"{P}baseline_on_target": f"{base['on_target']:.6g}", f"{P}baseline_trial_run_id": str(b.run_id),
-                f"{P}gates": "passed" if refusal is None else "failed",
-                **{f"{P}gate.{g.name}": f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})" for g in gates}}
-        for k, v in tags.items():
-            client.set_model_version_tag(name, mv.version, k, str(v))
-        client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
-        if refusal is None:
-            client.set_registered_model_alias(name, str(pc.champion_alias), mv.version)
-            log.info("promote: %s version %s is now %s and %s (trial %d: %s)", name, mv.version, pc.candidate_alias,
-                     pc.champion_alias, pick.trial, pick.shaping)
-        else:
-            log.warning("promote: %s version %s is %s; %s", name, mv.version, pc.candidate_alias, refusal)
-        mlflow.set_tags({f"{P}model_name": name, f"{P}model_version": str(mv.version), f"{P}promoted": str(refusal is None).lower(),
-                         f"{P}search_run_id": search.info.run_id, **({f"{P}refusal": refusal[:5000]} if refusal else {})})
-        mlflow.log_metrics({"promote/off_target": cand["off_target"], "promote/on_target": cand["on_target"],
-                            "promote/syc_increase": cand["syc_increase"], "promote/promoted": float(refusal is None),
-                            "promote/baseline_syc_increase": base["syc_increase"],
-                            "promote/baseline_on_target": base["on_target"]})
-        mlflow.log_table(pd.DataFrame([asdict(g) for g in gates]), "promote/gates.json")
-        mlflow.log_table(trials, "promote/trials.json")
-        mlflow.log_text(json.dumps({"pick": int(pick.trial), "version": str(mv.version), "refusal": refusal,
-                                    "gates": [g.text() for g in gates]}, indent=2), "promote/decision.json")
-        _attach(pick.audit_run_id, pick.eval_run_id)
-    result = {"run_id": run.info.run_id, "model_name": name, "version": str(mv.version), "trial": int(pick.trial),
-              "promoted": refusal is None, "refusal": refusal, "gates": [asdict(g) for g in gates],
-              "previous_champion": None if champ_mv is None else str(champ_mv.version)}
-    if refusal is not None and pc.fail_on_refusal:
-        raise PromotionRefused(refusal)
-    return result

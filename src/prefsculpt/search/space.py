@@ -39,6 +39,8 @@ from typing import Any
 
 import pandas as pd
 
+from prefsculpt.core.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BASELINE_ATTR = "prefsculpt.baseline"
@@ -54,7 +56,7 @@ KIND_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(UserError):
     """The audit/decisions leave nothing valid to search, or the search config is inconsistent."""
 
 

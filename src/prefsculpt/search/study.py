@@ -37,18 +37,13 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
-from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from prefsculpt.search import objective as O
-from prefsculpt.search.space import BASELINE_ATTR, SpaceBounds, build_candidates, enqueue_plan, start_params
+from prefsculpt.search.errors import SearchInputError
+from prefsculpt.search.space import BASELINE_ATTR, enqueue_plan
 
 log = logging.getLogger(__name__)
 UID, PLANNED, AUDIT, DHASH = "prefsculpt.uid", "prefsculpt.planned", "prefsculpt.audit_run_id", "prefsculpt.decisions_hash"
-
-
-class SearchInputError(ValueError):
-    """Missing/mismatched audit run, storage or study; the message says what to do."""
 
 
 # ---------------------------------------------------------------- storage and study
@@ -295,47 +290,3 @@ def log_results(df: pd.DataFrame) -> dict[str, float]:
     metrics["search/n_pareto"] = float(df["pareto"].sum())
     mlflow.log_metrics(metrics)
     return metrics
-
-
-# ---------------------------------------------------------------- the stage
-def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any]:
-    """One search worker. ``runner`` replaces train + evaluate (tests inject a cheap one)."""
-    from prefsculpt.models.loading import default_cache_dir
-    from prefsculpt.search import inputs as I
-    from prefsculpt.tracking.runs import stage_run
-
-    sc = cfg.search
-    cache_root = Path(cfg.cache_dir).expanduser() if cfg.get("cache_dir") else default_cache_dir()
-    url = storage_url(sc.storage)
-    storage, lock = open_storage(url, sc)
-    with stage_run(cfg, "search") as run:
-        pinned = I.pinned_audit_run(storage, str(sc.study_name))
-        audit_id = I.find_audit_run(cfg, run.info.run_id, pinned)
-        hyp, decisions, dhash = I.load_audit(audit_id, sc.decisions, cache_root)
-        sources = I.resolve_sources(cfg, audit_id, cache_root)
-        candidates, skipped = build_candidates(hyp, decisions, int(sc.top_k), list(sc.methods), list(sc.actions),
-                                               str(sc.allow_pins), I.feasibility(cfg, sources, hyp))
-        attrs = {AUDIT: audit_id, **({DHASH: dhash} if dhash else {})}
-        bounds = SpaceBounds(float(sc.lambda_min), float(sc.lambda_max), float(sc.share_min), float(sc.share_max),
-                             str(cfg.shaping.filter_mode))
-        start = start_params(candidates, bounds) if sc.get("informed_start", True) and candidates else None
-        study, created = open_study(sc, storage, lock, candidates, attrs, start=start)
-        uid = str(study.user_attrs[UID])
-        mlflow.set_tags({"prefsculpt.study_name": str(sc.study_name), O.STUDY_TAG: uid,
-                         "prefsculpt.storage": url.split("@")[-1], "prefsculpt.audit_run_id": audit_id,
-                         "prefsculpt.study_creator": str(created).lower(), **({DHASH: dhash} if dhash else {})})
-        mlflow.log_table(pd.DataFrame([{"concept": c.concept, "rank": c.rank, "fixed": c.fixed,
-                                        "methods": ",".join(c.methods), "actions": ",".join(c.actions)}
-                                       for c in candidates] + [{"concept": s["concept"], "skipped": s["reason"]}
-                                                               for s in skipped]), "search/candidates.json")
-        ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or O.train_and_evaluate)
-        poll = float(sc.heartbeat_interval) if hasattr(storage, "get_heartbeat_interval") else None
-        ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll)
-        df = trials_table(study)
-        metrics = log_results(df)
-        mlflow.log_metric("search/n_ran_here", float(len(ran)))
-    log.info("search: this worker ran trials %s; study %r has %d complete, %d failed, %d on the Pareto front",
-             ran, str(sc.study_name), metrics["search/n_complete"], metrics["search/n_fail"], metrics["search/n_pareto"])
-    return {"run_id": run.info.run_id, "study_name": str(sc.study_name), "study_uid": uid, "storage": url,
-            "audit_run_id": audit_id, "decisions_hash": dhash, "trials_ran": ran, "metrics": metrics,
-            "pareto": df[df["pareto"]].to_dict("records"), "candidates": [c.concept for c in candidates]}

@@ -19,11 +19,13 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
+from prefsculpt.core.errors import UserError
+
 #: method name -> class.
 INTERVENTIONS: dict[str, type[Intervention]] = {}
 
 
-class ShapingError(ValueError):
+class ShapingError(UserError):
     """A shaping spec that cannot be applied; the message names the concept and what to change."""
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from prefsculpt.tracking.runs import COMPLETE_TAG, KEY_TAG
+from prefsculpt.core.names import Tag
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 #: Code every stage runs (data loading, models, tracking, config).
-CORE = ("__init__.py", "config.py", "cli.py", "data", "models", "tracking", "utils")
+CORE = ("__init__.py", "config.py", "cli.py", "core", "data", "models", "tracking", "stages/__init__.py",
+        "stages/main.py")
 
 
 @functools.lru_cache(maxsize=32)
@@ -60,10 +61,10 @@ def find_reusable(key: str, experiment_ids: Sequence[str] | None = None,
     client = mlflow.MlflowClient()
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    of_stage = f" and tags.`prefsculpt.stage` = '{stage}'" if stage else ""
+    of_stage = f" and tags.`{Tag.STAGE}` = '{stage}'" if stage else ""
     runs = client.search_runs(
         list(experiment_ids),
-        f"tags.`{KEY_TAG}` = '{key}' and tags.`{COMPLETE_TAG}` = 'true' and attributes.status = 'FINISHED'"
+        f"tags.`{Tag.STAGE_KEY}` = '{key}' and tags.`{Tag.COMPLETE}` = 'true' and attributes.status = 'FINISHED'"
         + of_stage,
         order_by=["attributes.start_time DESC"],
         max_results=1,

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.core.names import Artifact, Tag
 from prefsculpt.data.schema import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def _flat_params(d: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_config(cfg: DictConfig, path: str = "config/config.yaml") -> None:
+def log_config(cfg: DictConfig, path: str = Artifact.CONFIG) -> None:
     """The resolved config as a YAML artifact, and flattened as params (searchable in the UI)."""
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), path)
     params = _flat_params(OmegaConf.to_container(cfg, resolve=True))
@@ -71,10 +73,6 @@ def log_config(cfg: DictConfig, path: str = "config/config.yaml") -> None:
 
 #: Set by the pipeline around a stage call: the stage's reuse key (see ``tracking.reuse``).
 CURRENT_STAGE_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage_key", default=None)
-COMPLETE_TAG = "prefsculpt.complete"
-#: On the light child run a pipeline opens for a reused stage: the id of the run it reused.
-REUSED_TAG = "prefsculpt.reused_from"
-KEY_TAG = "prefsculpt.stage_key"
 
 
 @contextlib.contextmanager
@@ -92,13 +90,13 @@ def stage_run(cfg: DictConfig, stage: str, nested: bool | None = None) -> Iterat
         mlflow.set_experiment(cfg.tracking.experiment)
     if nested is None:
         nested = active
-    tags = {"prefsculpt.stage": stage}
+    tags = {Tag.STAGE: stage}
     commit = git_commit()
     if commit:
-        tags["prefsculpt.git_commit"] = commit
+        tags[Tag.GIT_COMMIT] = commit
     key = CURRENT_STAGE_KEY.get()
     if key:
-        tags[KEY_TAG] = key
+        tags[Tag.STAGE_KEY] = key
     # The key belongs to this run only: the runs a stage opens inside itself (the search's trial
     # train/evaluate runs) must not look like the stage's own run to ``find_reusable``.
     token = CURRENT_STAGE_KEY.set(None) if key else None
@@ -108,7 +106,7 @@ def stage_run(cfg: DictConfig, stage: str, nested: bool | None = None) -> Iterat
                 mlflow.set_tags(tags)  # an attached run ignores start_run's tags
             log_config(cfg)
             yield run
-            mlflow.set_tag(COMPLETE_TAG, "true")
+            mlflow.set_tag(Tag.COMPLETE, "true")
     finally:
         if token is not None:
             CURRENT_STAGE_KEY.reset(token)
@@ -124,8 +122,6 @@ def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
 
 
 def pairs_frame(pairs: Sequence[PreferencePair]):
-    import pandas as pd
-
     return pd.DataFrame(
         {
             "id": [p.id for p in pairs],
@@ -153,10 +149,10 @@ def latest_stage_run(stage: str, experiment_ids: Sequence[str], parent_run_id: s
     pipeline run tree), else in the experiments; None when there is none. A pipeline's "reused"
     marker run (tag ``prefsculpt.reused_from``, no artifacts) stands for the run it reused."""
     client = mlflow.MlflowClient()
-    base = f"tags.`prefsculpt.stage` = '{stage}' and attributes.status = 'FINISHED'"
+    base = f"tags.`{Tag.STAGE}` = '{stage}' and attributes.status = 'FINISHED'"
     filters = ([f"{base} and tags.`mlflow.parentRunId` = '{parent_run_id}'"] if parent_run_id else []) + [base]
     for filt in filters:
         runs = client.search_runs(list(experiment_ids), filt, order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
-            return runs[0].data.tags.get(REUSED_TAG) or runs[0].info.run_id
+            return runs[0].data.tags.get(Tag.REUSED_FROM) or runs[0].info.run_id
     return None

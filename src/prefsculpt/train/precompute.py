@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from prefsculpt.core.files import file_sha256
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.data.tokenize import TokenizedPair
 from prefsculpt.models.hooks import capture_residual, truncated_forward
 from prefsculpt.shaping.registry import Intervention, ShapingError
 from prefsculpt.train.forward import pack_pairs, packed_logps
-from prefsculpt.utils.files import file_sha256
 
 log = logging.getLogger(__name__)
 

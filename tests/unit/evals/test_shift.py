@@ -91,7 +91,7 @@ def test_steering_a_latent_is_measured_as_its_shift(tiny_model_dir, tiny_sae):
 
 
 def test_shift_sources_from_paths_and_clear_errors(tiny_model_dir, tiny_sae, tmp_path, mlflow_uri):
-    from prefsculpt.evals.shift_sources import ShiftSourceError, resolve_shift_sources
+    from prefsculpt.tracking.shift_sources import ShiftSourceError, resolve_shift_sources
     from tests.unit.evals.helpers import eval_cfg
 
     sae_dir = tmp_path / "sae"

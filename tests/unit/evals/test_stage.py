@@ -4,11 +4,12 @@ import os
 import mlflow
 import pytest
 
-from prefsculpt.evals import stage as S
-from prefsculpt.evals.policy import PolicySourceError
-from prefsculpt.evals.stage import run_evaluate
+from prefsculpt.evals import runner as R
 from prefsculpt.evals.sycophancy import EvalFileError
 from prefsculpt.models.loading import load_model, load_tokenizer
+from prefsculpt.stages import evaluate as S
+from prefsculpt.stages.evaluate import run_evaluate
+from prefsculpt.tracking.policies import PolicySourceError
 from tests.unit.evals.helpers import eval_cfg, sharpen
 
 
@@ -23,8 +24,8 @@ def other_policy(tiny_model_dir, tmp_path_factory):
 
 def count_compute(monkeypatch):
     calls = []
-    for name, fn in list(S.COMPUTE.items()):
-        monkeypatch.setitem(S.COMPUTE, name, lambda ev, which, fn=fn, name=name: calls.append((name, which)) or fn(ev, which))
+    for name, fn in list(R.COMPUTE.items()):
+        monkeypatch.setitem(R.COMPUTE, name, lambda ev, which, fn=fn, name=name: calls.append((name, which)) or fn(ev, which))
     return calls
 
 

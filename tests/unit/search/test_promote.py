@@ -13,8 +13,8 @@ from prefsculpt.search.promote import (
     champion_gates,
     choose,
     refusal_message,
-    run_promote,
 )
+from prefsculpt.stages.promote import run_promote
 from tests.unit.search.helpers import compose_cfg
 
 PC = OmegaConf.structured(PromoteConfig)

@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from prefsculpt.search.study import claim, open_storage, open_study, pareto_mask, run_search, run_worker
+from prefsculpt.search.study import claim, open_storage, open_study, pareto_mask, run_worker
+from prefsculpt.stages.search import run_search
 from tests.unit.search.helpers import FakeRunner, compose_cfg, fake_audit_run
 
 FORK = mp.get_context("fork")

@@ -111,7 +111,7 @@ def test_ablate_trains_with_hook_and_saved_policy_runs_without(tiny_model_dir, t
     import mlflow
     from safetensors.torch import save_file
 
-    from prefsculpt.train.stage import run_train
+    from prefsculpt.stages.train import run_train
     from tests.unit.train.helpers import train_cfg
 
     d = tmp_path / "dirs.safetensors"

@@ -74,7 +74,7 @@ def test_truncate_pair_keeps_start_like_trl(tiny_tokenizer):
 
 def test_hook_below_trained_layers_is_refused(tiny_model_dir, tmp_path, mlflow_uri):
     from prefsculpt.shaping.registry import ShapingError
-    from prefsculpt.train.stage import run_train
+    from prefsculpt.stages.train import run_train
     from tests.unit.train.helpers import train_cfg
 
     cfg = train_cfg(tiny_model_dir, tmp_path, train={"train_top_layers": 1},
@@ -84,7 +84,7 @@ def test_hook_below_trained_layers_is_refused(tiny_model_dir, tmp_path, mlflow_u
 
 
 def test_run_train_plain_dpo_logs_one_run_and_saves_policy(tiny_model_dir, tmp_path, mlflow_uri):
-    from prefsculpt.train.stage import run_train
+    from prefsculpt.stages.train import run_train
     from tests.unit.train.helpers import train_cfg
 
     # bf16 autocast and a bf16 trunk cache (cast back to the fp32 weights) on the way.

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.core.names import Artifact
 from prefsculpt.data.errors import DataSourceError
-from prefsculpt.evals import shift as S
+from prefsculpt.evals.shift import ShiftSources
 from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
@@ -29,14 +28,6 @@ log = logging.getLogger(__name__)
 class ShiftSourceError(DataSourceError):
     """The concept-shift eval has no SAE or no audit hypotheses; the message says what to run (a user
     error: the CLI prints it and exits 2)."""
-
-
-@dataclass(frozen=True)
-class ShiftSources:
-    sae_path: Path
-    hypotheses: pd.DataFrame
-    layer: int
-    origin: str
 
 
 def _latest_run(stage: str, run_id: str | None, experiment: str) -> str | None:
@@ -95,7 +86,7 @@ def resolve_shift_sources(cfg: DictConfig, cache_root: Path) -> ShiftSources | N
                 raise ShiftSourceError("no finished audit run in this experiment: run the audit stage, or set "
                                        "eval.shift.hypotheses_path")
             hyp = pd.read_parquet(mlflow.artifacts.download_artifacts(
-                run_id=rid, artifact_path="audit/hypotheses.parquet", dst_path=str(cache_root / "evals" / "audit" / rid)))
+                run_id=rid, artifact_path=Artifact.HYPOTHESES, dst_path=str(cache_root / "evals" / "audit" / rid)))
             origin += f", audit run {rid}"
     except (ShiftSourceError, mlflow.exceptions.MlflowException, OSError) as exc:
         if not sc.skip_if_missing:
@@ -104,24 +95,3 @@ def resolve_shift_sources(cfg: DictConfig, cache_root: Path) -> ShiftSources | N
         return None
     layer = int(sc.layer) if sc.layer is not None else int(cfg.sae.layer)
     return ShiftSources(sae, hyp, layer, origin)
-
-
-def run_shift(ev: Any, src: ShiftSources | None) -> tuple[list, dict[str, pd.DataFrame], dict[str, float]]:
-    """Encode base and policy rollouts, compare measured shift with the audit's prediction."""
-    if src is None:
-        mlflow.set_tag("prefsculpt.shift", "skipped: no SAE or no audit hypotheses (see the log)")
-        return [], {}, {}
-    from sae_lens import SAE
-
-    sc = ev.ec.shift
-    sae = SAE.load_from_disk(str(src.sae_path), device="cpu").eval()
-    cs = S.select_concepts(src.hypotheses, int(sae.cfg.d_sae), int(sc.top_n), int(sc.n_random), int(ev.ec.seed),
-                           str(sc.predicted))
-    pad, bt = ev.tok.pad_token_id or 0, int(ev.ec.batch_tokens)
-    scores = {}
-    for which in ("base", "policy"):
-        lat = S.rollout_latent_scores(ev.model(which), sae, src.layer, ev.rollouts(which), cs.latents, pad, bt)
-        scores[which] = S.concept_scores(lat, cs.latents, cs)
-    table, m = S.shift_table(cs, scores["base"], scores["policy"])
-    mlflow.set_tag("prefsculpt.shift_sources", src.origin)
-    return [], {"concepts": table}, {f"shift/{k}": v for k, v in m.items() if pd.notna(v)}

@@ -16,57 +16,36 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
+import lightning as L
 import mlflow
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from prefsculpt.data.schema import PreferencePair
+from prefsculpt.core.files import atomic_dir, atomic_write_json, model_fingerprint
+from prefsculpt.core.names import Tag
+from prefsculpt.core.paths import cache_root
 from prefsculpt.data.tokenize import tokenize_pairs
-from prefsculpt.models.loading import default_cache_dir, load_model, load_tokenizer, resolve_model_dir
+from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir
 from prefsculpt.shaping.resolve import resolve_shaping
+from prefsculpt.tracking.models import log_policy
 from prefsculpt.tracking.runs import log_pairs_input, resolve_tracking_uri, stage_run
 from prefsculpt.train.datamodule import PreferenceDataModule, truncate_pair
+from prefsculpt.train.module import PreferenceModule, check_hooks_trainable, freeze_below
 from prefsculpt.train.precompute import (
     PrecomputeCache,
     RefContext,
-    model_fingerprint,
     run_precompute,
     sha,
     tokens_fingerprint,
     trunk_cache,
 )
+from prefsculpt.train.setup import AtomicCheckpoint, check_layers, load_train_pairs
 
 log = logging.getLogger(__name__)
-
-
-def load_train_pairs(cfg: DictConfig) -> list[PreferencePair]:
-    tc = cfg.train
-    if tc.pairs_path:
-        from prefsculpt.data.prepare import read_split
-
-        pairs = read_split(tc.pairs_path)
-    else:
-        from prefsculpt.data.source import load_source
-        from prefsculpt.data.splits import SPLITS, split_pairs
-
-        loaded = load_source(cfg.data)
-        fractions = {s: float(cfg.data.split[s]) for s in SPLITS}
-        pairs = split_pairs(loaded.pairs, fractions, salt=str(cfg.data.split.salt))[str(tc.split)]
-    if tc.max_pairs is not None:
-        pairs = pairs[: int(tc.max_pairs)]
-    if not pairs:
-        raise ValueError(f"no training pairs (train.pairs_path={tc.pairs_path}, split={tc.split}); check the data config")
-    return pairs
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -82,21 +61,6 @@ def _attach(run_id: str | None) -> Iterator[None]:
         os.environ.pop("MLFLOW_RUN_ID", None)
 
 
-def _atomic_checkpoint(base: type) -> type:
-    """ModelCheckpoint writing to a temporary name and renaming, so a kill mid-write never leaves a
-    truncated ``last.ckpt`` that the next run would try to resume from."""
-
-    class AtomicCheckpoint(base):  # type: ignore[misc, valid-type]
-        def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
-            tmp = f"{filepath}.{uuid.uuid4().hex[:6]}.tmp"
-            trainer.save_checkpoint(tmp, self.save_weights_only)
-            os.replace(tmp, filepath)
-            self._last_global_step_saved = trainer.global_step
-            self._last_checkpoint_saved = filepath
-
-    return AtomicCheckpoint
-
-
 def _run_exists(run_id: str) -> bool:
     try:
         mlflow.MlflowClient().get_run(run_id)
@@ -105,22 +69,12 @@ def _run_exists(run_id: str) -> bool:
         return False
 
 
-def _check_layers(model_dir: Path, shaping: Any, top: int | None) -> None:
-    """Refuse a residual edit below the trained layers before opening a run or loading weights."""
-    from transformers import AutoConfig
-
-    from prefsculpt.train.module import check_hooks_trainable
-
-    n = int(AutoConfig.from_pretrained(str(model_dir)).num_hidden_layers)
-    check_hooks_trainable(shaping.interventions, 0 if top is None or top >= n else n - int(top))
-
-
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     tc = cfg.train
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     layer = int(cfg.sae.layer) if "sae" in cfg else None
     shaping = resolve_shaping(cfg.shaping, layer)  # validates the specs before any model is loaded
-    _check_layers(model_dir, shaping, tc.train_top_layers)
+    check_layers(model_dir, shaping, tc.train_top_layers)
     pairs = load_train_pairs(cfg)
     tok = load_tokenizer(model_dir)
     tcfg = cfg.data.tokenize
@@ -131,10 +85,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     pairs, tokenized = [p for p, _ in kept], [t for _, t in kept]
 
     model_fp = model_fingerprint(model_dir)
-    cache_root = Path(cfg.cache_dir) if cfg.get("cache_dir") else default_cache_dir()
+    root = cache_root(cfg.cache_dir)
     key = sha({"cfg": OmegaConf.to_container(cfg, resolve=True), "model": model_fp,
                "tokens": tokens_fingerprint(tokenized), "decisions": shaping.decisions_hash})
-    work = cache_root / "train" / key
+    work = root / "train" / key
     ckpt_dir, run_file, done_file = work / "ckpt", work / "run.json", work / "done.json"
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
     resume_id = None
@@ -155,25 +109,18 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
 
     with _attach(resume_id), stage_run(cfg, "train") as run:
         run_id = run.info.run_id
-        _write_json(run_file, {"run_id": run_id})
+        atomic_write_json(run_file, {"run_id": run_id})
         return _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, layer, work,
-                      cache_root, resume=resume_id is not None)
+                      root, resume=resume_id is not None)
 
 
 def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, layer, work, cache_root, resume):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from prefsculpt.train.module import PreferenceModule, check_hooks_trainable, freeze_below
-    from prefsculpt.train.policy import log_policy
-
     tc = cfg.train
     t0 = time.perf_counter()
-    mlflow.set_tags({"prefsculpt.resumed": str(resume).lower(), "prefsculpt.train_key": work.name})
+    mlflow.set_tags({Tag.RESUMED: str(resume).lower(), Tag.TRAIN_KEY: work.name})
     if shaping.decisions_path:
         mlflow.log_artifact(shaping.decisions_path, "shaping")
-        mlflow.set_tag("prefsculpt.decisions_hash", shaping.decisions_hash)
+        mlflow.set_tag(Tag.DECISIONS_HASH, shaping.decisions_hash)
     mlflow.log_dict({"interventions": shaping.summary()}, "shaping/interventions.json")
     if not resume:
         log_pairs_input(pairs, f"{cfg.data.name}-{tc.split}", context="training")
@@ -192,8 +139,6 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     # cache entries); fp32 keeps the model fingerprint as the key, so earlier caches stay valid.
     bf16 = str(tc.precision).startswith("bf16")
     pre_fp = f"{model_fp}:bf16-autocast" if bf16 else model_fp
-    import torch
-
     with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
         pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, str(cfg.shaping.get("orient", "data")))
         trunk = trunk_cache(ctx, start, cache, pre_fp, str(tc.trunk_dtype)) if start > 0 else None
@@ -208,7 +153,7 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
                         "train/pairs_weighted": int(((pre.weights > 0) & (pre.weights < 1)).sum()),
                         "train/precompute_s": t_pre})
     ckpt_dir = work / "ckpt"
-    ckpt = _atomic_checkpoint(ModelCheckpoint)(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
+    ckpt = AtomicCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
                                                every_n_train_steps=int(tc.checkpoint_every_n_steps),
                                                enable_version_counter=False)
     logger = MLFlowLogger(tracking_uri=resolve_tracking_uri(cfg.tracking.uri), run_id=run_id)
@@ -226,17 +171,16 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     model.eval()
 
     policy_dir = work / "policy"
-    tmp = work / f".policy-{uuid.uuid4().hex[:6]}"
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    os.replace(tmp, policy_dir)
+    with atomic_dir(policy_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
     metrics = {"train/optimizer_steps": float(trainer.global_step), "train/fit_s": fit_s,
                "train/pairs_per_s": len(dm.dataset) * int(tc.epochs) / max(fit_s, 1e-9) if not resume else 0.0}
     mlflow.log_metrics(metrics)
     model_uri = None
     if tc.log_model:
         model_uri = log_policy(policy_dir).model_uri
-    _write_json(work / "done.json", {"run_id": run_id, "optimizer_steps": trainer.global_step})
+    atomic_write_json(work / "done.json", {"run_id": run_id, "optimizer_steps": trainer.global_step})
     if not tc.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.info("train: %d optimizer steps in %.1f s (precompute %.1f s); policy at %s", trainer.global_step, fit_s,

@@ -18,13 +18,14 @@ import hashlib
 import logging
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+
+from prefsculpt.core.files import atomic_dir, model_fingerprint
+from prefsculpt.core.names import Tag
 from prefsculpt.models.loading import ModelSourceError
-from prefsculpt.utils.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ class ResolvedPolicy:
     run_id: str | None = None
 
 
-def model_digest(folder: str | os.PathLike) -> str:
-    """sha256 over config.json and the safetensors weights (memoised per path/size/mtime)."""
-    d = Path(folder)
-    files = sorted([d / "config.json", *d.glob("*.safetensors")])
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + file_sha256(p, memo=True).encode())
-    return h.hexdigest()[:20]
-
-
 def find_hf_folder(root: Path) -> Path | None:
     """``root`` itself if it is a HF model folder, else the shallowest folder under it that is."""
     def ok(d: Path) -> bool:
@@ -73,13 +64,8 @@ def find_hf_folder(root: Path) -> Path | None:
 
 def _download(spec: str, cache: Path) -> Path:
     """Download an MLflow model/artifact URI into ``cache`` atomically; returns the HF folder inside."""
-    import mlflow
-
     key = hashlib.sha1(spec.encode()).hexdigest()[:12]
-    dest = cache / "evals" / "policies" / key
-    tmp = dest.parent / f".tmp-{key}-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_dir(cache / "evals" / "policies" / key) as tmp:
         try:
             got = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(tmp)))
         except Exception as exc:  # MlflowException, OSError: anything means "does not resolve"
@@ -88,22 +74,16 @@ def _download(spec: str, cache: Path) -> Path:
         if hf is None:
             raise _fail(spec, "it downloaded, but holds no Hugging Face model folder (config.json + *.safetensors)")
         rel = hf.relative_to(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-        return dest / rel
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return cache / "evals" / "policies" / key / rel
 
 
 def _from_run(run_id: str, cache: Path) -> Path:
-    import mlflow
-
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
     except Exception as exc:
         raise _fail(run_id, f"no MLflow run with this id at {mlflow.get_tracking_uri()}") from exc
-    key = run.data.tags.get("prefsculpt.train_key")
+    key = run.data.tags.get(Tag.TRAIN_KEY)
     if key:  # trained on this machine: the policy folder is still in the train cache
         local = cache / "train" / key / "policy"
         if (local / "config.json").is_file():
@@ -133,4 +113,4 @@ def resolve_policy(spec: str | None, base_dir: str | os.PathLike, cache_dir: str
     else:
         raise _fail(spec, "not a folder, a run id or an MLflow model URI")
     log.info("evaluate: policy %s -> %s", spec, path)
-    return ResolvedPolicy(spec, path, source, model_digest(path), run_id)
+    return ResolvedPolicy(spec, path, source, model_fingerprint(path), run_id)

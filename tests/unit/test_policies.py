@@ -1,7 +1,8 @@
 import mlflow
 import pytest
 
-from prefsculpt.evals.policy import PolicySourceError, model_digest, resolve_policy
+from prefsculpt.core.files import model_fingerprint as model_digest
+from prefsculpt.tracking.policies import PolicySourceError, resolve_policy
 
 
 def test_base_and_local_folders(tiny_model_dir, tmp_path):
@@ -31,7 +32,7 @@ def test_folder_without_a_model_is_refused(tmp_path):
 
 
 def test_registered_alias_and_train_run_resolve(tiny_model_dir, tmp_path, mlflow_uri):
-    from prefsculpt.train.policy import log_policy
+    from prefsculpt.tracking.models import log_policy
 
     mlflow.set_experiment("evals-policy")
     with mlflow.start_run() as run:

@@ -1,4 +1,8 @@
-"""The ``evaluate`` entry point: one policy against the base, every result tracked in MLflow.
+"""Evaluating one policy against the base, per eval: lazily loaded models, per-item tables (the
+base's cached on disk), and their summaries with CIs. No MLflow here: the ``evaluate`` stage
+(``prefsculpt.stages.evaluate``) logs what this computes.
+
+The stage's contract:
 
 Order of work: resolve the policy and every input (a bad URI or a malformed eval file fails here,
 before any compute, with an error naming it), then inside ``stage_run(cfg, "evaluate")`` run each
@@ -12,30 +16,23 @@ policies evaluates the base once.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.core.files import atomic_path, atomic_write_json
 from prefsculpt.evals import capability as cap
 from prefsculpt.evals import style as sty
 from prefsculpt.evals import sycophancy as syc
-from prefsculpt.evals.inputs import IN_DOMAIN, EvalInputs, load_inputs
-from prefsculpt.evals.policy import ResolvedPolicy, model_digest, resolve_policy
-from prefsculpt.evals.shift_sources import ShiftSources, resolve_shift_sources, run_shift
-from prefsculpt.evals.summary import Row, plot_rows, summarise
-from prefsculpt.models.loading import default_cache_dir, load_model, load_tokenizer, resolve_model_dir
-from prefsculpt.tracking.runs import resolve_tracking_uri, stage_run
+from prefsculpt.evals.inputs import IN_DOMAIN, EvalInputs
+from prefsculpt.evals.summary import Row, summarise
+from prefsculpt.models.loading import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 EVALS = ("sycophancy", "style", "capability", "shift")
@@ -59,22 +56,20 @@ class BaseCache:
         d = self.root / name
         d.mkdir(parents=True, exist_ok=True)
         for t, df in tables.items():
-            tmp = d / f".{t}.{uuid.uuid4().hex[:6]}.parquet"
-            df.to_parquet(tmp, index=False)
-            os.replace(tmp, d / f"{t}.parquet")
-        tmp = self.root / f".{name}.{uuid.uuid4().hex[:6]}.json"
-        tmp.write_text(json.dumps({"tables": sorted(tables)}))
-        os.replace(tmp, self.root / f"{name}.json")
+            with atomic_path(d / f"{t}.parquet", suffix=".parquet") as tmp:
+                df.to_parquet(tmp, index=False)
+        atomic_write_json(self.root / f"{name}.json", {"tables": sorted(tables)})
 
 
 class Evaluator:
     """Lazily loaded models and memoised per-item tables of ``policy`` and ``base``."""
 
-    def __init__(self, cfg: DictConfig, inputs: EvalInputs, base_dir: Path, policy: ResolvedPolicy, cache: BaseCache):
-        self.cfg, self.ec, self.inp, self.policy, self.cache = cfg, cfg.eval, inputs, policy, cache
-        self.paths = {"policy": policy.path, "base": base_dir}
-        self.same = policy.source == "base" or policy.digest == model_digest(base_dir)
-        self.tok = load_tokenizer(policy.path)
+    def __init__(self, cfg: DictConfig, inputs: EvalInputs, base_dir: Path, policy_dir: Path, same: bool,
+                 cache: BaseCache):
+        self.cfg, self.ec, self.inp, self.cache = cfg, cfg.eval, inputs, cache
+        self.paths = {"policy": Path(policy_dir), "base": Path(base_dir)}
+        self.same = same  # the policy is the base model: evaluate once
+        self.tok = load_tokenizer(policy_dir)
         self._models: dict[str, Any] = {}
         self._tables: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
 
@@ -163,7 +158,7 @@ def _specs(table: str, df: pd.DataFrame) -> list[tuple[str, str]]:
     return []
 
 
-def _summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.DataFrame]]:
+def summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.DataFrame]]:
     ec = ev.ec
     pol = ev.tables(name, "policy")
     base = ev.tables(name, "base") if ec.compare_base else {}
@@ -202,62 +197,6 @@ def _summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.D
     return rows, logged
 
 
-def _log_eval(name: str, rows: list[Row], tables: dict[str, pd.DataFrame], extra: dict[str, float],
-              summary: list[dict]) -> dict[str, float]:
-    metrics = {k: v for r in rows for k, v in r.metrics().items()} | extra
-    mlflow.log_metrics(metrics)
-    for t, df in tables.items():
-        mlflow.log_table(df.drop(columns=[c for c in _ID_COLS if c in df.columns]), f"evals/{name}/{t}.json")
-    if any(r.base is not None for r in rows):
-        import matplotlib.pyplot as plt
-
-        fig = plot_rows(rows, f"{name}: policy vs base (95% CI; Δ = paired difference)")
-        mlflow.log_figure(fig, f"evals/plots/{name}.png")
-        plt.close(fig)
-    summary.extend(r.record() for r in rows)
-    mlflow.log_dict({"rows": summary}, "evals/summary.json")  # rewritten after each eval: partial results
-    return metrics
-
-
-#: mlflow.genai.evaluate's defaults (10 row workers x 10 scorer workers, traces exported by 10 async
-#: threads) exhaust a local SQLAlchemy store's connection pool (5 + 10): every trace then waits 30 s
-#: and is lost ("QueuePool limit ... reached"). Code scorers need no parallelism; a variable the user
-#: set is left alone.
-GENAI_ENV = {"MLFLOW_GENAI_EVAL_MAX_WORKERS": "2", "MLFLOW_GENAI_EVAL_MAX_SCORER_WORKERS": "1",
-             "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}
-
-
-@contextlib.contextmanager
-def _genai_env() -> Iterator[None]:
-    added = [k for k in GENAI_ENV if k not in os.environ]
-    os.environ.update({k: GENAI_ENV[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
-def _genai_style(tables: dict[str, pd.DataFrame], feats: dict) -> None:
-    """The style responses through ``mlflow.genai.evaluate`` with code scorers (its evaluation views)."""
-    from mlflow.genai.scorers import scorer
-
-    def make(fname: str, pat: Any):
-        def count(outputs) -> int:
-            return len(pat.findall(str(outputs)))
-        return scorer(count, name=f"style_{fname}")
-
-    df = tables["responses"]
-    data = [{"inputs": {"prompt": p}, "outputs": t} for p, t in zip(df.prompt, df.text, strict=True)]
-    scorers = [make(f, p) for f, p in feats.items()]
-    try:
-        with _genai_env():
-            mlflow.genai.evaluate(data=data, scorers=scorers)
-    except Exception as exc:  # an optional view: never lose the evaluation over it
-        log.warning("mlflow.genai.evaluate failed (%s); the style metrics and tables are logged anyway", exc)
-        mlflow.set_tag("prefsculpt.genai_error", str(exc)[:500])
-
-
 def cache_key(cfg: DictConfig, base_digest: str, inputs: EvalInputs) -> str:
     ec = cfg.eval
     key = {"model": base_digest, "dtype": str(cfg.model.dtype), "inputs": inputs.fingerprint(),
@@ -266,44 +205,3 @@ def cache_key(cfg: DictConfig, base_digest: str, inputs: EvalInputs) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
-    ec = cfg.eval
-    unknown = sorted(set(ec.evals) - set(EVALS))
-    if unknown:
-        raise ValueError(f"eval.evals: unknown evaluation(s) {unknown}; choose from {list(EVALS)}")
-    t0 = time.perf_counter()
-    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
-    cache_root = Path(cfg.cache_dir) if cfg.get("cache_dir") else default_cache_dir()
-    base_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
-    policy = resolve_policy(ec.policy, base_dir, cache_root)  # fails first, naming the URI
-    inputs = load_inputs(cfg)  # every external file validated before any compute
-    shift_src: ShiftSources | None = resolve_shift_sources(cfg, cache_root) if "shift" in ec.evals else None
-    base_digest = model_digest(base_dir)
-    cache = BaseCache(cache_root / "evals" / "base" / cache_key(cfg, base_digest, inputs))
-
-    with stage_run(cfg, "evaluate") as run:
-        mlflow.set_tags({"prefsculpt.policy": policy.spec, "prefsculpt.policy_source": policy.source,
-                         "prefsculpt.policy_digest": policy.digest, "prefsculpt.base_digest": base_digest,
-                         **({"prefsculpt.policy_run_id": policy.run_id} if policy.run_id else {})})
-        ev = Evaluator(cfg, inputs, base_dir, policy, cache)
-        metrics: dict[str, float] = {}
-        summary: list[dict] = []
-        timings = {}
-        for name in ec.evals:
-            t1 = time.perf_counter()
-            if name == "shift":
-                rows, tables, extra = run_shift(ev, shift_src)
-            else:
-                rows, tables = _summarise_eval(ev, name)
-                extra = {}
-            timings[f"time/{name}_s"] = time.perf_counter() - t1
-            metrics |= _log_eval(name, rows, tables, extra | {f"time/{name}_s": timings[f"time/{name}_s"]}, summary)
-            if name == "style" and ec.genai:
-                _genai_style(ev.tables("style", "policy"),
-                             sty.compile_features(OmegaConf.to_container(cfg.named_concepts) if "named_concepts" in cfg else None))
-            log.info("evaluate: %s done in %.1f s", name, timings[f"time/{name}_s"])
-        total = time.perf_counter() - t0
-        mlflow.log_metric("time/total_s", total)
-        log.info("evaluate: %s finished in %.1f s (run %s)", policy.spec, total, run.info.run_id)
-        return {"run_id": run.info.run_id, "metrics": metrics | {"time/total_s": total}, "policy": policy.spec,
-                "policy_path": str(policy.path), "summary": summary}

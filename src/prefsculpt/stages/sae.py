@@ -1,4 +1,4 @@
-"""The ``sae`` entry point: layer-ℓ activations once -> SAE (trained, cached or loaded) -> named
+"""The ``sae`` stage: layer-ℓ activations once -> SAE (trained, cached or loaded) -> named
 concept directions -> span scores of every pair.
 
 Artifacts of the run: ``sae/`` (cfg.json, sae_weights.safetensors, quality.json; a sae-lens
@@ -19,15 +19,16 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
-from prefsculpt.concepts.activations import ActivationCache, collect_activations
+from prefsculpt.concepts.collect import extra_text_activations, get_activations, subset
+from prefsculpt.concepts.encoder import encode_pairs, pairs_digest_tokens, sae_digest
 from prefsculpt.concepts.named import as_directions, build_named_concepts, validate_concepts
 from prefsculpt.concepts.sae import (
     SAESourceError,
@@ -37,86 +38,16 @@ from prefsculpt.concepts.sae import (
     sae_quality,
     select_training_tokens,
 )
+from prefsculpt.core.files import json_digest, model_fingerprint
+from prefsculpt.core.names import Tag
+from prefsculpt.core.paths import cache_root
 from prefsculpt.data.source import dataset_name, load_source
 from prefsculpt.data.splits import SPLITS, split_pairs
 from prefsculpt.data.tokenize import tokenize_pairs
-from prefsculpt.models.loading import default_cache_dir, load_model, load_tokenizer, resolve_model_dir
+from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir
 from prefsculpt.tracking.runs import log_pairs_input, stage_run
 
 log = logging.getLogger(__name__)
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Name plus a digest of config.json and the weight files' names and sizes (cheap, no hashing of GBs)."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return f"{model_dir.name}:{h.hexdigest()[:16]}"
-
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def subset(cache: ActivationCache, pair_rows: Sequence[int]) -> ActivationCache:
-    """The rows of the pairs ``pair_rows`` (pair_index still indexes the full pair list)."""
-    keep = torch.isin(cache.pair_index, torch.as_tensor(list(pair_rows), dtype=cache.pair_index.dtype))
-    return ActivationCache(
-        acts=cache.acts[keep], pair_index=cache.pair_index[keep], span=cache.span[keep],
-        position=cache.position[keep], token_id=cache.token_id[keep], special=cache.special[keep],
-        pair_ids=cache.pair_ids, layer=cache.layer,
-    )
-
-
-def get_activations(model: Any, tokenized: Sequence[Any], tok: Any, cfg: DictConfig, root: Path,
-                    model_id: str) -> tuple[ActivationCache, bool]:
-    """Layer-ℓ activations of all pairs from the on-disk cache, or by running the model once."""
-    from prefsculpt.concepts.encoder import pairs_digest_tokens
-
-    layer = int(cfg.sae.layer)
-    path = root / "activations" / f"{_digest(model_id, layer, pairs_digest_tokens(tokenized))}.safetensors"
-    if path.exists():
-        try:
-            cache = ActivationCache.load(path)
-            if cache.pair_ids == [t.id for t in tokenized] and cache.layer == layer:
-                log.info("activations from cache %s", path)
-                return cache, True
-        except Exception as exc:  # a damaged cache file is recomputed, never trusted
-            log.warning("ignoring unreadable activation cache %s (%s)", path, exc)
-    cache = collect_activations(model, tokenized, layer, batch_tokens=int(cfg.encode.batch_tokens),
-                                special_ids=tok.all_special_ids, pad_id=int(tok.pad_token_id or 0))
-    if cfg.sae.cache_activations:
-        cache.save(path)
-    return cache, False
-
-
-def extra_text_activations(model: Any, tok: Any, files: Sequence[str], layer: int, max_tokens: int,
-                           batch: int = 16) -> torch.Tensor:
-    """(M, d) layer-ℓ activations of extra training documents (one per line), special tokens and
-    position 0 dropped (as for the pairs)."""
-    from prefsculpt.models.hooks import truncated_forward
-
-    docs: list[str] = []
-    for f in files:
-        p = Path(f).expanduser()
-        if not p.is_file():
-            raise SAESourceError(f"sae.extra_text_files: {str(p)!r} does not exist (one document per line)")
-        docs += [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not docs:
-        raise SAESourceError(f"sae.extra_text_files {list(files)} hold no non-empty lines")
-    special = set(tok.all_special_ids)
-    out: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for i in range(0, len(docs), batch):
-            enc = tok(docs[i : i + batch], add_special_tokens=False, truncation=True, max_length=max_tokens,
-                      padding=True, return_tensors="pt")
-            h = truncated_forward(model, enc["input_ids"], enc["attention_mask"], layer).float()  # (B, T, d)
-            keep = enc["attention_mask"].bool()
-            keep[:, 0] = False
-            keep &= ~torch.isin(enc["input_ids"], torch.tensor(sorted(special)))
-            out.append(h[keep])
-    log.info("extra text: %d documents, %d tokens", len(docs), sum(len(o) for o in out))
-    return torch.cat(out)
 
 
 def run_sae(cfg: DictConfig) -> dict[str, Any]:
@@ -129,7 +60,7 @@ def run_sae(cfg: DictConfig) -> dict[str, Any]:
 def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
     t_start, c_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
-    root = Path(str(cfg.cache_dir)).expanduser() if cfg.cache_dir else default_cache_dir()
+    root = cache_root(cfg.cache_dir)
     layer = int(cfg.sae.layer)
 
     loaded = load_source(cfg.data)
@@ -158,7 +89,8 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
     tokenized = tokenize_pairs(pairs, tok, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens))
 
     t0 = time.perf_counter()
-    cache, act_hit = get_activations(model, tokenized, tok, cfg, root, model_id)
+    cache, act_hit = get_activations(model, tokenized, tok, layer, int(cfg.encode.batch_tokens),
+                                      bool(cfg.sae.cache_activations), root, model_id)
     timings["time/collect_seconds"] = time.perf_counter() - t0
     train_cache, held_cache = subset(cache, rows["train"]), subset(cache, rows[held_split])
 
@@ -174,7 +106,7 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
             more = extra_text_activations(model, tok, extra, layer, int(tcfg.max_response_tokens))
             return torch.cat([select_training_tokens(train_cache, cfg.sae), more])
 
-        data_key = _digest(digest, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens), extra_digest)
+        data_key = json_digest(digest, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens), extra_digest)
         sae_cfg = OmegaConf.to_object(cfg.sae)
         sae, sae_metrics, sae_dir, sae_hit = get_or_train_sae(
             training_data, sae_cfg, root, model_id, data_key, held_out=held_cache)
@@ -190,10 +122,8 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
                                  tokenizer=tok, model=model, layer=layer, sae=sae)
     directions = as_directions(named)
 
-    from prefsculpt.concepts.encoder import encode_pairs, pairs_digest_tokens, sae_digest
-
     t0 = time.perf_counter()
-    scores_key = _digest(sae_digest(sae), pairs_digest_tokens(tokenized), layer,
+    scores_key = json_digest(sae_digest(sae), pairs_digest_tokens(tokenized), layer,
                          [(c.name, c.bias, c.vector.tolist()) for c in named])
     scores_dir = encode_pairs(model, sae, tokenized, root / "scores" / scores_key, cfg.encode, layer,
                               extra_directions=directions, activations=cache, tokenizer=tok)
@@ -208,8 +138,6 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
             (sae_art / "quality.json").write_text(json.dumps({"metrics": sae_metrics}, indent=2))
             mlflow.log_artifacts(str(sae_art), "sae")
         if named:
-            from safetensors.torch import save_file
-
             nd = Path(tmp) / "named"
             nd.mkdir()
             save_file({f"named:{c.name}": c.vector.contiguous() for c in named}, str(nd / "directions.safetensors"))
@@ -228,8 +156,8 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         **{f"named/{c.name}/separation": c.separation for c in named},
     }
     mlflow.log_metrics(metrics)
-    mlflow.set_tags({"prefsculpt.dataset": name, "prefsculpt.data_digest": digest,
-                     "prefsculpt.sae_source": str(cfg.sae.source), "prefsculpt.layer": str(layer)})
+    mlflow.set_tags({Tag.DATASET: name, Tag.DATA_DIGEST: digest,
+                     Tag.SAE_SOURCE: str(cfg.sae.source), Tag.LAYER: str(layer)})
     log.info("sae stage: EV %.3f, L0 %.1f, dead %.1f%% (held-out %s); %d pairs scored in %.0f s total",
              metrics.get("sae/explained_variance", float("nan")), metrics.get("sae/l0_mean", float("nan")),
              100 * metrics.get("sae/dead_share", float("nan")), held_split, len(pairs), timings["time/total_seconds"])

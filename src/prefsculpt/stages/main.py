@@ -1,4 +1,4 @@
-"""The ``main`` entry point: prepare → sae → audit → search → evaluate → promote, one run tree.
+"""The ``main`` stage: prepare → sae → audit → search → evaluate → promote, one run tree.
 
 Each stage is a child run of one parent run (the ``mlflow run`` project run, or a run opened here).
 Before a stage runs, its key — the config sections it reads, the keys of the stages it depends on,
@@ -10,74 +10,37 @@ therefore recomputes nothing.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from prefsculpt.core.errors import UserError
+from prefsculpt.core.names import PREFIX, Tag
+from prefsculpt.stages import DEFAULT_ORDER, STAGES
 from prefsculpt.tracking.reuse import find_reusable, stage_key
-from prefsculpt.tracking.runs import COMPLETE_TAG, CURRENT_STAGE_KEY, KEY_TAG, REUSED_TAG, stage_run
+from prefsculpt.tracking.runs import CURRENT_STAGE_KEY, stage_run
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    target: str  # "module:function(cfg) -> dict with run_id"
-    sections: tuple[str, ...]  # config sections its output depends on
-    upstream: tuple[str, ...]  # stages whose outputs it reads
-    #: how the upstream run ids reach it: config key -> upstream stage
-    wiring: tuple[tuple[str, str], ...] = ()
-    #: subpackages of prefsculpt whose code it runs (besides the core); part of its reuse key
-    code: tuple[str, ...] = ()
-
-    def fn(self) -> Callable[[DictConfig], dict[str, Any]]:
-        mod, name = self.target.split(":")
-        return getattr(importlib.import_module(mod), name)
-
-
-_DATA = ("model", "data", "seed")
-_CONCEPTS = (*_DATA, "sae", "encode", "named_concepts")
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare", "prefsculpt.data.prepare:run_prepare", _DATA, ()),
-    Stage("sae", "prefsculpt.concepts.stage:run_sae", _CONCEPTS, ("prepare",), code=("concepts",)),
-    Stage("audit", "prefsculpt.audit.stage:run_audit", (*_CONCEPTS, "audit"), ("sae",),
-          (("audit.scores_run_id", "sae"),), code=("audit", "report", "concepts")),
-    Stage("search", "prefsculpt.search.study:run_search",
-          (*_CONCEPTS, "audit", "shaping", "train", "eval", "search"), ("audit",),
-          (("search.audit_run_id", "audit"),), code=("search", "train", "shaping", "evals", "concepts", "audit")),
-    Stage("evaluate", "prefsculpt.search.final:run_final_evaluate",
-          (*_CONCEPTS, "audit", "shaping", "train", "eval", "search", "promote"), ("search",),
-          (("promote.search_run_id", "search"), ("eval.shift.sae_run_id", "sae"),
-           ("eval.shift.audit_run_id", "audit")), code=("search", "evals", "concepts")),
-    Stage("promote", "prefsculpt.search.promote:run_promote",
-          (*_CONCEPTS, "audit", "shaping", "train", "eval", "search", "promote"), ("search", "evaluate"),
-          (("promote.search_run_id", "search"),), code=("search",)),
-)}
-DEFAULT_ORDER = tuple(STAGES)
-
-
 def _reuse_child(stage: str, key: str, earlier: mlflow.entities.Run) -> None:
     """A light child run that records the reuse, so the run tree shows every stage every time."""
-    tags = {"prefsculpt.stage": stage, REUSED_TAG: earlier.info.run_id, KEY_TAG + "_reused": key}
+    tags = {Tag.STAGE: stage, Tag.REUSED_FROM: earlier.info.run_id, Tag.STAGE_KEY + "_reused": key}
     with mlflow.start_run(run_name=f"{stage} (reused)", nested=True, tags=tags):
         metrics = {k: v for k, v in earlier.data.metrics.items()}
         if metrics:
             mlflow.log_metrics(metrics)
-        mlflow.set_tag(COMPLETE_TAG, "true")
+        mlflow.set_tag(Tag.COMPLETE, "true")
 
 
 def run_main(cfg: DictConfig) -> dict[str, Any]:
     order = list(cfg.pipeline.stages) if cfg.get("pipeline") and cfg.pipeline.stages else list(DEFAULT_ORDER)
-    unknown = [s for s in order if s not in STAGES]
+    unknown = [s for s in order if s not in STAGES or s == "main"]
     if unknown:
-        raise ValueError(f"pipeline.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+        raise UserError(f"pipeline.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
     reuse = bool(cfg.pipeline.reuse) if cfg.get("pipeline") else True
     results: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}
@@ -88,7 +51,7 @@ def run_main(cfg: DictConfig) -> dict[str, Any]:
             st = STAGES[name]
             missing = [u for u in st.upstream if u not in results and u in STAGES and u in order]
             if missing:
-                raise ValueError(f"pipeline.stages: {name} needs {missing} earlier in the list")
+                raise UserError(f"pipeline.stages: {name} needs {missing} earlier in the list")
             with open_dict(cfg):
                 for key, up in st.wiring:
                     if up in results:
@@ -109,11 +72,11 @@ def run_main(cfg: DictConfig) -> dict[str, Any]:
             else:
                 token = CURRENT_STAGE_KEY.set(keys[name])
                 try:
-                    results[name] = {**st.fn()(cfg), "reused": False}
+                    results[name] = {**st.fn(pipeline=True)(cfg), "reused": False}
                 finally:
                     CURRENT_STAGE_KEY.reset(token)
             mlflow.log_metric(f"time/{name}_s", time.perf_counter() - t0)
-            mlflow.set_tag(f"prefsculpt.run.{name}", results[name]["run_id"])
+            mlflow.set_tag(f"{PREFIX}run.{name}", results[name]["run_id"])
         mlflow.log_metric("time/total_s", time.perf_counter() - t_start)
         return {"run_id": parent.info.run_id, "stages": {k: v["run_id"] for k, v in results.items()},
                 "reused": [k for k, v in results.items() if v.get("reused")], "results": results}

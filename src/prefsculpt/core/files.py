@@ -1,0 +1,138 @@
+"""Atomic writes and content digests: one implementation each, shared by every cache and store.
+
+A reader never sees a half-written file or folder: everything is written under a temporary name
+beside its target, then renamed into place (``os.replace`` is atomic on one filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+#: (resolved path, size, mtime_ns) -> sha256: weights are hashed once per process, not per stage.
+_MEMO: dict[tuple[str, int, int], str] = {}
+#: Temporary names start with this, so a later run can clean what a killed one left behind.
+TMP_PREFIX = ".tmp-"
+
+
+def _tmp_beside(target: Path, suffix: str = "") -> Path:
+    return target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it replaces ``target``, on error it is removed.
+
+    ``suffix`` keeps the extension for writers that look at it (``.safetensors``, ``.parquet``).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(target, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike, obj: Any, **kw: Any) -> Path:
+    return atomic_write_text(target, json.dumps(obj, **{"indent": 2, "sort_keys": True, **kw}))
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, is_complete: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``, renamed into place when the block succeeds.
+
+    When another process got there first with a complete folder (``is_complete``), its folder is
+    kept and ours dropped; an incomplete leftover at ``target`` is replaced.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if is_complete is not None and is_complete(target):
+                return  # a concurrent winner: keep its folder
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale_tmp(folder: str | os.PathLike, older_than_s: float = 6 * 3600) -> int:
+    """Remove temporary files/folders a killed process left in ``folder``; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    n, now = 0, time.time()
+    for p in folder.glob(f"{TMP_PREFIX}*"):
+        try:
+            if now - p.stat().st_mtime < older_than_s:
+                continue
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            n += 1
+        except OSError:
+            continue
+    return n
+
+
+def file_sha256(path: str | os.PathLike, memo: bool = False) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks. ``memo`` reuses the digest while size and
+    mtime are unchanged (for large, immutable weights); checksum verification must pass False."""
+    p = Path(path)
+    key = None
+    if memo:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if key in _MEMO:
+            return _MEMO[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if key is not None:
+        _MEMO[key] = digest
+    return digest
+
+
+def files_digest(paths: Sequence[str | os.PathLike], length: int = 24) -> str:
+    """sha256 over the files' names and contents (memoised per path/size/mtime within the process)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(p.name.encode() + file_sha256(p, memo=True).encode())
+    return h.hexdigest()[:length]
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Content digest of a HF model folder: config.json and every safetensors weight file."""
+    d = Path(model_dir)
+    return files_digest([*d.glob("*.safetensors"), d / "config.json"])
+
+
+def json_digest(*parts: Any, length: int = 24) -> str:
+    """Digest of JSON-serialisable parts (cache keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]

@@ -1,0 +1,100 @@
+"""Every MLflow tag key and artifact path prefsculpt writes or reads, in one place.
+
+Tags are how runs find each other (a search finds its audit, promotion finds its trials), so a
+key spelled twice is a lookup that silently fails; import them from here.
+"""
+
+from __future__ import annotations
+
+PREFIX = "prefsculpt."
+
+
+class Tag:
+    """MLflow tag keys (``prefsculpt.*``)."""
+
+    # every stage run
+    STAGE = "prefsculpt.stage"
+    COMPLETE = "prefsculpt.complete"
+    STAGE_KEY = "prefsculpt.stage_key"
+    REUSED_FROM = "prefsculpt.reused_from"
+    GIT_COMMIT = "prefsculpt.git_commit"
+    ERROR = "prefsculpt.error"
+    # data and concepts
+    DATASET = "prefsculpt.dataset"
+    DATA_DIGEST = "prefsculpt.data_digest"
+    PREPARE_RUN = "prefsculpt.prepare_run_id"
+    SAE_SOURCE = "prefsculpt.sae_source"
+    LAYER = "prefsculpt.layer"
+    SCORES_RUN = "prefsculpt.scores_run_id"
+    AUDIT_RUN = "prefsculpt.audit_run_id"
+    DECISIONS_HASH = "prefsculpt.decisions_hash"
+    # training
+    RESUMED = "prefsculpt.resumed"
+    TRAIN_KEY = "prefsculpt.train_key"
+    SHAPING = "prefsculpt.shaping"
+    # evaluation
+    POLICY = "prefsculpt.policy"
+    POLICY_SOURCE = "prefsculpt.policy_source"
+    POLICY_RUN = "prefsculpt.policy_run_id"
+    POLICY_DIGEST = "prefsculpt.policy_digest"
+    BASE_DIGEST = "prefsculpt.base_digest"
+    SHIFT = "prefsculpt.shift"
+    SHIFT_SOURCES = "prefsculpt.shift_sources"
+    GENAI_ERROR = "prefsculpt.genai_error"
+    # search
+    STUDY_NAME = "prefsculpt.study_name"
+    STUDY_UID = "prefsculpt.study_uid"
+    STUDY_CREATOR = "prefsculpt.study_creator"
+    STORAGE = "prefsculpt.storage"
+    TRIAL_NUMBER = "prefsculpt.trial_number"
+    BASELINE = "prefsculpt.baseline"
+    RETRY_OF = "prefsculpt.retry_of"
+    TRAIN_RUN = "prefsculpt.train_run_id"
+    EVAL_RUN = "prefsculpt.eval_run_id"
+    MODEL_URI = "prefsculpt.model_uri"
+    SEARCH_RUN = "prefsculpt.search_run_id"
+    TRIAL_RUN = "prefsculpt.trial_run_id"
+    # promotion (on the model version and the promote run)
+    PROMOTE_RUN = "prefsculpt.promote_run_id"
+    OFF_TARGET = "prefsculpt.off_target"
+    ON_TARGET = "prefsculpt.on_target"
+    SYC_INCREASE = "prefsculpt.syc_increase"
+    BASELINE_SYC_INCREASE = "prefsculpt.baseline_syc_increase"
+    BASELINE_ON_TARGET = "prefsculpt.baseline_on_target"
+    BASELINE_TRIAL_RUN = "prefsculpt.baseline_trial_run_id"
+    GATES = "prefsculpt.gates"
+    GATE_PREFIX = "prefsculpt.gate."
+    MODEL_NAME = "prefsculpt.model_name"
+    MODEL_VERSION = "prefsculpt.model_version"
+    PROMOTED = "prefsculpt.promoted"
+    REFUSAL = "prefsculpt.refusal"
+    # review
+    DECISIONS_LATEST = "prefsculpt.decisions.latest"
+
+
+class Attr:
+    """Optuna study / trial user-attribute keys."""
+
+    UID = "prefsculpt.uid"
+    PLANNED = "prefsculpt.planned"
+    AUDIT_RUN = Tag.AUDIT_RUN
+    DECISIONS_HASH = Tag.DECISIONS_HASH
+    BASELINE = Tag.BASELINE
+    INFORMED_START = "prefsculpt.informed_start"
+
+
+class Artifact:
+    """Artifact paths inside a stage's run."""
+
+    CONFIG = "config/config.yaml"
+    DATA_DIR = "data"
+    PREPARED = "data/prepared"
+    SAE_DIR = "sae"
+    SCORES_DIR = "scores"
+    NAMED_DIR = "named"
+    TOP_CONTEXTS = "top_contexts.parquet"
+    AUDIT_DIR = "audit"
+    HYPOTHESES = "audit/hypotheses.parquet"
+    DECISIONS = "audit/decisions.yaml"
+    REPORT = "audit/report.html"
+    POLICY_DIR = "policy"

@@ -1,0 +1,97 @@
+"""The ``promote`` stage: register the policy the documented rule picks, gate it, move the aliases.
+
+The rule and the gates live in :mod:`prefsculpt.search.promote`; this stage reads the trials of
+the search's study, registers the pick (alias ``candidate``), and moves ``champion`` only when every
+gate passes; the decision, gates and trials are logged on the run and tagged on the version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import mlflow
+import pandas as pd
+from omegaconf import DictConfig
+
+from prefsculpt.core.names import Tag
+from prefsculpt.search.promote import (
+    PromoteInputError,
+    PromotionRefused,
+    attach_artifacts,
+    baseline_gates,
+    champion_gates,
+    champion_metrics,
+    choose,
+    find_search_run,
+    read_trials,
+    refusal_message,
+    register,
+)
+from prefsculpt.tracking.runs import stage_run
+
+log = logging.getLogger(__name__)
+
+
+def run_promote(cfg: DictConfig) -> dict[str, Any]:
+    pc = cfg.promote
+    name = str(pc.model_name)
+    with stage_run(cfg, "promote") as run:
+        search = find_search_run(cfg)
+        uid = search.data.tags.get(Tag.STUDY_UID)
+        if not uid:
+            raise PromoteInputError(f"run {search.info.run_id} is not a search run (no {Tag.STUDY_UID} tag)")
+        trials = read_trials(uid)
+        if trials.empty:
+            raise PromoteInputError(f"search run {search.info.run_id}: no finished trial with objectives")
+        base_rows = trials[trials["baseline"]]
+        if base_rows.empty:
+            raise PromoteInputError("the study's plain-DPO baseline trial has not finished; rerun the search worker")
+        b = base_rows.iloc[0]
+        base = {"syc_increase": float(b.syc_increase), "on_target": float(b.on_target)}
+        pick, _ = choose(trials, base, pc)
+        champ_mv, champ = champion_metrics(name, str(pc.champion_alias))
+        cand = {"syc_increase": float(pick.syc_increase), "on_target": float(pick.on_target),
+                "off_target": float(pick.off_target)}
+        gates = baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance)) + champion_gates(
+            cand, champ, float(pc.champion_tolerance))
+        refusal = refusal_message(gates, str(pc.champion_alias))
+        mv = register(name, pick)
+        client = mlflow.MlflowClient()
+        tags = {Tag.TRIAL_RUN: pick.run_id, Tag.TRIAL_NUMBER: int(pick.trial), Tag.SEARCH_RUN: search.info.run_id,
+                Tag.STUDY_UID: uid, Tag.PROMOTE_RUN: run.info.run_id, Tag.AUDIT_RUN: pick.audit_run_id or "",
+                Tag.DECISIONS_HASH: pick.decisions_hash or "", Tag.TRAIN_RUN: pick.train_run_id or "",
+                Tag.EVAL_RUN: pick.eval_run_id or "", Tag.SHAPING: pick.shaping,
+                Tag.OFF_TARGET: f"{cand['off_target']:.6g}", Tag.ON_TARGET: f"{cand['on_target']:.6g}",
+                Tag.SYC_INCREASE: f"{cand['syc_increase']:.6g}", Tag.BASELINE_SYC_INCREASE: f"{base['syc_increase']:.6g}",
+                Tag.BASELINE_ON_TARGET: f"{base['on_target']:.6g}", Tag.BASELINE_TRIAL_RUN: str(b.run_id),
+                Tag.GATES: "passed" if refusal is None else "failed",
+                **{f"{Tag.GATE_PREFIX}{g.name}": f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})" for g in gates}}
+        for k, v in tags.items():
+            client.set_model_version_tag(name, mv.version, k, str(v))
+        client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
+        if refusal is None:
+            client.set_registered_model_alias(name, str(pc.champion_alias), mv.version)
+            log.info("promote: %s version %s is now %s and %s (trial %d: %s)", name, mv.version, pc.candidate_alias,
+                     pc.champion_alias, pick.trial, pick.shaping)
+        else:
+            log.warning("promote: %s version %s is %s; %s", name, mv.version, pc.candidate_alias, refusal)
+        mlflow.set_tags({Tag.MODEL_NAME: name, Tag.MODEL_VERSION: str(mv.version), Tag.PROMOTED: str(refusal is None).lower(),
+                         Tag.SEARCH_RUN: search.info.run_id, **({Tag.REFUSAL: refusal[:5000]} if refusal else {})})
+        mlflow.log_metrics({"promote/off_target": cand["off_target"], "promote/on_target": cand["on_target"],
+                            "promote/syc_increase": cand["syc_increase"], "promote/promoted": float(refusal is None),
+                            "promote/baseline_syc_increase": base["syc_increase"],
+                            "promote/baseline_on_target": base["on_target"]})
+        mlflow.log_table(pd.DataFrame([asdict(g) for g in gates]), "promote/gates.json")
+        mlflow.log_table(trials, "promote/trials.json")
+        mlflow.log_text(json.dumps({"pick": int(pick.trial), "version": str(mv.version), "refusal": refusal,
+                                    "gates": [g.text() for g in gates]}, indent=2), "promote/decision.json")
+        attach_artifacts(pick.audit_run_id, pick.eval_run_id)
+    result = {"run_id": run.info.run_id, "model_name": name, "version": str(mv.version), "trial": int(pick.trial),
+              "promoted": refusal is None, "refusal": refusal, "gates": [asdict(g) for g in gates],
+              "previous_champion": None if champ_mv is None else str(champ_mv.version)}
+    if refusal is not None and pc.fail_on_refusal:
+        raise PromotionRefused(refusal)
+    return result

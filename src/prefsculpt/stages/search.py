@@ -1,0 +1,83 @@
+"""The ``search`` stage: one Optuna worker over the audit's hypotheses (see ``prefsculpt.search``).
+
+Each trial is a nested MLflow run whose runner is the ``train`` stage then the ``evaluate`` stage on
+the trial's shaping; several workers (processes or machines) share one study through its storage.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import mlflow
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from prefsculpt.core import paths
+from prefsculpt.core.names import Attr, Tag
+from prefsculpt.search import inputs as I
+from prefsculpt.search import objective as O
+from prefsculpt.search.space import SpaceBounds, build_candidates, start_params
+from prefsculpt.search.study import (
+    log_results,
+    open_storage,
+    open_study,
+    run_worker,
+    storage_url,
+    trials_table,
+)
+from prefsculpt.stages.evaluate import run_evaluate
+from prefsculpt.stages.train import run_train
+from prefsculpt.tracking.runs import stage_run
+
+log = logging.getLogger(__name__)
+
+
+def train_and_evaluate(cfg: DictConfig) -> O.Outcome:
+    """The trial's runner: the train stage on ``cfg`` (nested under the active trial run), then the
+    evaluate stage on its policy."""
+    tr = run_train(cfg)
+    ecfg = copy.deepcopy(cfg)
+    OmegaConf.update(ecfg, "eval.policy", tr["run_id"])
+    ev = run_evaluate(ecfg)
+    return O.Outcome(tr["run_id"], ev["run_id"], tr.get("model_uri"), dict(ev["metrics"]))
+
+
+def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any]:
+    """One search worker. ``runner`` replaces train + evaluate (tests inject a cheap one)."""
+    sc = cfg.search
+    cache_root = paths.cache_root(cfg.cache_dir)
+    url = storage_url(sc.storage)
+    storage, lock = open_storage(url, sc)
+    with stage_run(cfg, "search") as run:
+        pinned = I.pinned_audit_run(storage, str(sc.study_name))
+        audit_id = I.find_audit_run(cfg, run.info.run_id, pinned)
+        hyp, decisions, dhash = I.load_audit(audit_id, sc.decisions, cache_root)
+        sources = I.resolve_sources(cfg, audit_id, cache_root)
+        candidates, skipped = build_candidates(hyp, decisions, int(sc.top_k), list(sc.methods), list(sc.actions),
+                                               str(sc.allow_pins), I.feasibility(cfg, sources, hyp))
+        attrs = {Attr.AUDIT_RUN: audit_id, **({Attr.DECISIONS_HASH: dhash} if dhash else {})}
+        bounds = SpaceBounds(float(sc.lambda_min), float(sc.lambda_max), float(sc.share_min), float(sc.share_max),
+                             str(cfg.shaping.filter_mode))
+        start = start_params(candidates, bounds) if sc.get("informed_start", True) and candidates else None
+        study, created = open_study(sc, storage, lock, candidates, attrs, start=start)
+        uid = str(study.user_attrs[Attr.UID])
+        mlflow.set_tags({Tag.STUDY_NAME: str(sc.study_name), Tag.STUDY_UID: uid,
+                         Tag.STORAGE: url.split("@")[-1], Tag.AUDIT_RUN: audit_id,
+                         Tag.STUDY_CREATOR: str(created).lower(), **({Tag.DECISIONS_HASH: dhash} if dhash else {})})
+        mlflow.log_table(pd.DataFrame([{"concept": c.concept, "rank": c.rank, "fixed": c.fixed,
+                                        "methods": ",".join(c.methods), "actions": ",".join(c.actions)}
+                                       for c in candidates] + [{"concept": s["concept"], "skipped": s["reason"]}
+                                                               for s in skipped]), "search/candidates.json")
+        ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or train_and_evaluate)
+        poll = float(sc.heartbeat_interval) if hasattr(storage, "get_heartbeat_interval") else None
+        ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll)
+        df = trials_table(study)
+        metrics = log_results(df)
+        mlflow.log_metric("search/n_ran_here", float(len(ran)))
+    log.info("search: this worker ran trials %s; study %r has %d complete, %d failed, %d on the Pareto front",
+             ran, str(sc.study_name), metrics["search/n_complete"], metrics["search/n_fail"], metrics["search/n_pareto"])
+    return {"run_id": run.info.run_id, "study_name": str(sc.study_name), "study_uid": uid, "storage": url,
+            "audit_run_id": audit_id, "decisions_hash": dhash, "trials_ran": ran, "metrics": metrics,
+            "pareto": df[df["pareto"]].to_dict("records"), "candidates": [c.concept for c in candidates]}

@@ -1,0 +1,51 @@
+"""What the train stage needs before it opens a run: the pairs, a layer check, atomic checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+from transformers import AutoConfig
+
+from prefsculpt.core.errors import UserError
+from prefsculpt.core.files import atomic_path
+from prefsculpt.data.prepare import read_split
+from prefsculpt.data.schema import PreferencePair
+from prefsculpt.data.source import load_source
+from prefsculpt.data.splits import SPLITS, split_pairs
+from prefsculpt.train.module import check_hooks_trainable
+
+
+def load_train_pairs(cfg: DictConfig) -> list[PreferencePair]:
+    tc = cfg.train
+    if tc.pairs_path:
+        pairs = read_split(tc.pairs_path)
+    else:
+        loaded = load_source(cfg.data)
+        fractions = {s: float(cfg.data.split[s]) for s in SPLITS}
+        pairs = split_pairs(loaded.pairs, fractions, salt=str(cfg.data.split.salt))[str(tc.split)]
+    if tc.max_pairs is not None:
+        pairs = pairs[: int(tc.max_pairs)]
+    if not pairs:
+        raise UserError(f"no training pairs (train.pairs_path={tc.pairs_path}, split={tc.split}); check the data config")
+    return pairs
+
+
+def check_layers(model_dir: Path, shaping: Any, top: int | None) -> None:
+    """Refuse a residual edit below the trained layers before opening a run or loading weights."""
+    n = int(AutoConfig.from_pretrained(str(model_dir)).num_hidden_layers)
+    check_hooks_trainable(shaping.interventions, 0 if top is None or top >= n else n - int(top))
+
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint writing to a temporary name and renaming, so a kill mid-write never leaves a
+    truncated ``last.ckpt`` that the next run would try to resume from."""
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        with atomic_path(filepath, suffix=".ckpt") as tmp:
+            trainer.save_checkpoint(str(tmp), self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
