@@ -45,6 +45,15 @@ def seed_everything(seed: int) -> None:
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OmegaConfBaseException, HydraException)
 
 
+def user_message(exc: BaseException) -> str:
+    """The error and, for config errors, the cause Hydra wraps (it names the key and the allowed values)."""
+    msg = str(exc)
+    cause = exc.__cause__
+    if isinstance(exc, HydraException | OmegaConfBaseException) and cause is not None and str(cause) not in msg:
+        msg += f"\n{cause}"
+    return msg
+
+
 def run_stage(stage: str, overrides: str | list[str] | None) -> dict:
     os.environ.setdefault("WANDB_MODE", "disabled")  # sae_lens imports wandb (STACK.md §0)
     cfg = compose(overrides)
@@ -66,7 +75,7 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
         result = run_stage(stage, [args.overrides, *args.extra])
     except USER_ERRORS as exc:
         # Plain text on stderr: the message lists rows/files and must not be re-wrapped.
-        sys.stderr.write(f"prefsculpt {stage} failed: {exc}\n")
+        sys.stderr.write(f"prefsculpt {stage} failed: {user_message(exc)}\n")
         return 2
     logging.getLogger("prefsculpt").info("%s finished: run %s", stage, result.get("run_id"))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.audit.config import AuditConfig
 from prefsculpt.concepts.config import EncodeConfig, NamedConceptConfig, SAEConfig
+from prefsculpt.core.choices import DType
 from prefsculpt.data.planted import PlantedRates
 from prefsculpt.evals.config import EvalConfig
 from prefsculpt.search.config import PromoteConfig, SearchConfig
@@ -24,6 +26,23 @@ from prefsculpt.shaping.config import ShapingConfig, TrainConfig
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+class PlantedVariant(StrEnum):
+    standard = "standard"
+    null = "null"
+    clean = "clean"
+
+
+class DataFormat(StrEnum):
+    auto = "auto"
+    plain = "plain"
+    chat = "chat"
+    hh_rlhf = "hh_rlhf"
+
+
+#: ``raise`` is a keyword, so this enum is built by name (OmegaConf matches members by name).
+OnError = StrEnum("OnError", {"raise": "raise", "skip": "skip"})
+
+
 @dataclass
 class ModelConfig:
     #: ``smollm2-135m-instruct`` (embedded GGUF), a local HF folder, or a hub name (online only).
@@ -31,7 +50,7 @@ class ModelConfig:
     #: Where converted models live; null = ``$PREFSCULPT_CACHE/models`` or ``~/.cache/prefsculpt/models``.
     cache_dir: str | None = None
     #: Weights dtype for loading (float32 | bfloat16).
-    dtype: str = "float32"
+    dtype: DType = DType.float32
 
 
 @dataclass
@@ -39,7 +58,7 @@ class PlantedDataConfig:
     n_pairs: int = 1200
     seed: int = 0
     #: standard | null (chosen/rejected swapped at random) | clean (concepts independent of correctness)
-    variant: str = "standard"
+    variant: PlantedVariant = PlantedVariant.standard
     #: Planted concept rates; field docs on :class:`prefsculpt.data.planted.PlantedRates`.
     rates: PlantedRates = field(default_factory=PlantedRates)
     #: Pairs in the held-out ``clean`` evaluation split generated beside the standard set (0 = none).
@@ -71,17 +90,20 @@ class DataConfig:
     #: a ``datasets`` folder, a folder of such files, or a hub dataset name (online only).
     path: str | None = None
     #: auto | plain | chat | hh_rlhf
-    format: str = "auto"
+    format: DataFormat = DataFormat.auto
     #: Map our field names (id, prompt, chosen, rejected, chosen_tags, rejected_tags) to your columns.
     columns: dict[str, str] = field(default_factory=dict)
     #: raise: stop on the first load with every bad row listed; skip: drop them into the skip report.
-    on_error: str = "raise"
+    on_error: OnError = OnError("raise")
     #: A prompt or response longer than this many characters is an invalid row.
     max_chars: int = 32_000
     #: Split to read from a DatasetDict folder or a hub dataset.
     hub_split: str = "train"
     #: Read at most this many rows (null = all).
     limit: int | None = None
+    #: The prepare run whose prepared artifact later stages read (null = the newest prepare run of this
+    #: same data, model and code; run one first when there is none). ``main`` sets it to its own.
+    prepared_run_id: str | None = None
     #: Rows shown in the MLflow sample table.
     sample_rows: int = 50
     planted: PlantedDataConfig = field(default_factory=PlantedDataConfig)

@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ScoreStat(StrEnum):
+    """Span statistic (METHOD §2): the max activation over the span, or the share of tokens firing."""
+
+    max = "max"
+    freq = "freq"
+
+
+class PairedTest(StrEnum):
+    wilcoxon = "wilcoxon"
+    sign = "sign"
+
+
+class RankBy(StrEnum):
+    conservative = "conservative"
+    split_half = "split_half"
 
 
 @dataclass
 class AuditConfig:
     #: Span statistic tested: max | freq.
-    score: str = "max"
+    score: ScoreStat = ScoreStat.max
     #: wilcoxon | sign
-    test: str = "wilcoxon"
+    test: PairedTest = PairedTest.wilcoxon
     #: FDR level for Benjamini–Hochberg.
     fdr: float = 0.05
     #: Latents firing on fewer than this share of pairs (either side) are not tested.
@@ -22,7 +40,7 @@ class AuditConfig:
     calibration_seeds: int = 20
     #: Ranking of significant hypotheses: conservative (the smaller of the split-half effect and the
     #: length-controlled effect) | split_half (the smaller half effect only, as in METHOD §3).
-    rank_by: str = "conservative"
+    rank_by: RankBy = RankBy.conservative
     #: Hypotheses kept in the report / proposed decisions.
     top_k: int = 50
     #: Data clusters (spherical k-means on symmetric activity) for "where it holds".

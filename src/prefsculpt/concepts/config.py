@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+from prefsculpt.core.choices import DType
+
+
+class SAESource(StrEnum):
+    train = "train"
+    path = "path"
+    pretrained = "pretrained"
+
+
+class SAEArchitecture(StrEnum):
+    topk = "topk"
+    batchtopk = "batchtopk"
+    jumprelu = "jumprelu"
+    standard = "standard"
+
+
+class NamedKind(StrEnum):
+    regex = "regex"
+    contrastive = "contrastive"
 
 
 @dataclass
 class SAEConfig:
     #: train (sae-lens on our own activations) | path (a local SAE folder) | pretrained (sae-lens registry; online)
-    source: str = "train"
+    source: SAESource = SAESource.train
     #: Residual-stream layer ℓ: the output of decoder layer ``model.layers.<layer>`` (METHOD §2).
     layer: int = 15
     #: topk | batchtopk | jumprelu | standard
-    architecture: str = "topk"
+    architecture: SAEArchitecture = SAEArchitecture.topk
     #: Latents = expansion * d_model.
     expansion: int = 8
     #: Active latents per token for (batch)topk.
@@ -58,7 +79,7 @@ class EncodeConfig:
     #: Tokens per batch (length-bucketed batches).
     batch_tokens: int = 8192
     #: Compute dtype of the truncated forward (float32 | bfloat16).
-    precision: str = "float32"
+    precision: DType = DType.float32
     #: Top-activating contexts kept per latent (for labels).
     top_contexts: int = 8
     #: Tokens either side of a top activation kept as its context.
@@ -72,7 +93,7 @@ class NamedConceptConfig:
     #: Concept name (unique; referenced by decisions.yaml).
     name: str = ""
     #: regex | contrastive
-    kind: str = "regex"
+    kind: NamedKind = NamedKind.regex
     #: For kind=regex: pattern searched in response text.
     pattern: str | None = None
     #: For kind=contrastive: texts with and without the concept.

@@ -12,9 +12,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig
-
+from prefsculpt.data.planted import make_probes
+from prefsculpt.data.prepared import Prepared
 from prefsculpt.data.schema import PreferencePair
+from prefsculpt.evals.config import EvalConfig
 from prefsculpt.evals.style import load_prompts
 from prefsculpt.evals.sycophancy import ABItem, MCItem, load_bct, load_opinion_ab
 
@@ -62,25 +63,21 @@ def _stem_keys(paths: list[str], loader, limit: int | None) -> dict[str, list]:
 IN_DOMAIN = "in_domain"
 
 
-def training_prompts(cfg: DictConfig) -> set[str]:
-    """Prompts of the planted training data (empty for real data): the probes must avoid them."""
-    if cfg.data.path:
+def training_prompts(prepared: Prepared) -> set[str]:
+    """Prompts of the planted data's pairs (empty for real data): the probes must avoid them."""
+    if not prepared.meta.get("planted"):
         return set()
-    from prefsculpt.data.source import load_source
-
-    return {p.prompt_text() for p in load_source(cfg.data).pairs}
+    return {p.prompt_text() for p in prepared.all_pairs()}
 
 
-def load_inputs(cfg: DictConfig) -> EvalInputs:
-    from prefsculpt.data.planted import make_probes
-
-    ec = cfg.eval
+def load_inputs(ec: EvalConfig, prepared: Prepared) -> EvalInputs:
+    """Every evaluation input, validated before any compute (a bad file fails here, naming it)."""
     evals = set(ec.evals)
     sy, st, cap = ec.sycophancy, ec.style, ec.capability
     inp = EvalInputs()
-    planted = cfg.data.path is None
-    in_domain = int(st.in_domain) if planted and not st.prompts_path and evals & {"style", "shift"} else 0
-    exclude = training_prompts(cfg) if planted and (sy.planted_probes or cap.known_answer or in_domain) else set()
+    planted = bool(prepared.meta.get("planted"))
+    in_domain = st.in_domain if planted and not st.prompts_path and evals & {"style", "shift"} else 0
+    exclude = training_prompts(prepared) if planted and (sy.planted_probes or cap.known_answer or in_domain) else set()
     if "sycophancy" in evals:
         if sy.planted_probes:
             inp.planted_probes = make_probes("sycophancy", int(sy.planted_probes), int(ec.seed), exclude)
@@ -97,9 +94,7 @@ def load_inputs(cfg: DictConfig) -> EvalInputs:
                                   for q in make_probes("known_answer", in_domain, int(ec.seed) + 1, exclude)]
     if "capability" in evals:
         if cap.clean_pairs and planted:
-            from prefsculpt.data.source import load_clean_split
-
-            inp.clean_pairs = load_clean_split(cfg.data)[: int(cap.clean_pairs)]
+            inp.clean_pairs = prepared.splits.get("clean", [])[: cap.clean_pairs]
         if cap.known_answer:
             inp.known_answer = make_probes("known_answer", int(cap.known_answer), int(ec.seed), exclude)
     log.info("evaluate inputs: %d planted probes, %d opinion, %d suggested, %d are-you-sure, %d style prompts, "

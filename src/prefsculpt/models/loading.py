@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prefsculpt.core.errors import UserError
-from prefsculpt.core.files import file_sha256
+from prefsculpt.core.files import file_sha256, files_digest
 from prefsculpt.core.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,14 @@ def ensure_chat_template(tokenizer: Any) -> Any:
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     return tokenizer
+
+
+def tokenizer_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Digest of the tokenizer files in a model folder (token ids made with it are interchangeable)."""
+    d = Path(model_dir)
+    files = [p for p in d.iterdir() if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "vocab",
+                                                                           "merges", "added_tokens")) or p.suffix == ".model")]
+    return files_digest(files)
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:

@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class AllowPins(StrEnum):
+    edited = "edited"
+    all = "all"
+
+
+class SamplerName(StrEnum):
+    tpe = "tpe"
+    nsga2 = "nsga2"
+    random = "random"
+
+
+class PickRule(StrEnum):
+    lowest_off_target = "lowest_off_target"
 
 
 @dataclass
@@ -34,7 +50,7 @@ class SearchConfig:
     decisions: str | None = None
     #: Which ``allow`` entries pin a concept to "never shape": ``edited`` = only those a person touched
     #: (a note or a strength > 0; the audit proposes every hypothesis as a bare ``allow``), ``all``.
-    allow_pins: str = "edited"
+    allow_pins: AllowPins = AllowPins.edited
     #: Hypotheses (by audit rank) that are candidates.
     top_k: int = 4
     #: Methods the search may choose for a free concept (METHOD §5).
@@ -54,7 +70,7 @@ class SearchConfig:
     storage: str | None = None
     study_name: str = "prefsculpt"
     #: tpe (multivariate, grouped: the space is conditional) | nsga2 | random.
-    sampler: str = "tpe"
+    sampler: SamplerName = SamplerName.tpe
     seed: int = 0
     #: RDB storages: a trial whose worker stops beating for ``grace_period`` s is failed and retried.
     heartbeat_interval: int = 60
@@ -83,7 +99,7 @@ class PromoteConfig:
     #: lowest_off_target: among Pareto trials (not the baseline) passing the baseline gates, the lowest
     #: off_target; ties -> higher on_target, then lower trial number. None passing -> the same rule over
     #: all Pareto trials; it becomes ``candidate`` but not ``champion``.
-    rule: str = "lowest_off_target"
+    rule: PickRule = PickRule.lowest_off_target
     #: Gate: candidate's sycophancy increase over the base <= syc_ratio_max x the plain-DPO baseline's.
     syc_ratio_max: float = 0.5
     #: Gate: candidate's on_target >= baseline's on_target - on_target_tolerance (accuracy points / 100).

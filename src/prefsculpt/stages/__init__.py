@@ -42,22 +42,25 @@ class Stage:
 
 
 _DATA = ("model", "data", "seed")
+#: every stage after prepare reads its prepared artifact
+_PREPARED = ("data.prepared_run_id", "prepare")
 _CONCEPTS = (*_DATA, "sae", "encode", "named_concepts")
 _SEARCH = (*_CONCEPTS, "audit", "shaping", "train", "eval", "search")
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prepare", "prefsculpt.stages.prepare:run_prepare", _DATA, code=("stages/prepare.py",)),
-    Stage("sae", "prefsculpt.stages.sae:run_sae", _CONCEPTS, ("prepare",), code=("concepts", "stages/sae.py")),
+    Stage("sae", "prefsculpt.stages.sae:run_sae", _CONCEPTS, ("prepare",), (_PREPARED,),
+          code=("concepts", "stages/sae.py")),
     Stage("audit", "prefsculpt.stages.audit:run_audit", (*_CONCEPTS, "audit"), ("sae",),
-          (("audit.scores_run_id", "sae"),), code=("audit", "report", "concepts", "stages/audit.py")),
+          (("audit.scores_run_id", "sae"), _PREPARED), code=("audit", "report", "concepts", "stages/audit.py")),
     Stage("train", "prefsculpt.stages.train:run_train", (*_CONCEPTS, "shaping", "train"), in_pipeline=False,
           code=("train", "shaping", "stages/train.py")),
     Stage("search", "prefsculpt.stages.search:run_search", _SEARCH, ("audit",),
-          (("search.audit_run_id", "audit"),),
+          (("search.audit_run_id", "audit"), _PREPARED),
           code=("search", "train", "shaping", "evals", "concepts", "audit", "stages/search.py", "stages/train.py",
                 "stages/evaluate.py")),
     Stage("evaluate", "prefsculpt.stages.evaluate:run_evaluate", (*_SEARCH, "promote"), ("search",),
           (("promote.search_run_id", "search"), ("eval.shift.sae_run_id", "sae"),
-           ("eval.shift.audit_run_id", "audit")), code=("search", "evals", "concepts", "stages/evaluate.py"),
+           ("eval.shift.audit_run_id", "audit"), _PREPARED), code=("search", "evals", "concepts", "stages/evaluate.py"),
           pipeline_target="prefsculpt.stages.evaluate:run_pipeline_evaluate"),
     Stage("promote", "prefsculpt.stages.promote:run_promote", (*_SEARCH, "promote"), ("search", "evaluate"),
           (("promote.search_run_id", "search"),), code=("search", "stages/promote.py")),

@@ -38,8 +38,9 @@ from prefsculpt.concepts.scores import ConceptScores
 from prefsculpt.concepts.shards import load_scores
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
-from prefsculpt.data.source import dataset_name, load_source
+from prefsculpt.data.source import dataset_name
 from prefsculpt.report import html as H
+from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.tracking.runs import latest_stage_run, log_pairs_input, stage_run
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,16 @@ def download_scores(run_id: str, dst: Path) -> tuple[ConceptScores, pd.DataFrame
 def run_audit(cfg: DictConfig) -> dict[str, Any]:
     a = cfg.audit
     stat = str(a.score)
+    prepared, prepare_run = prepared_data(cfg)
     with stage_run(cfg, "audit") as run, tempfile.TemporaryDirectory(prefix="prefsculpt-audit-") as tmp:
+        mlflow.set_tag(Tag.PREPARE_RUN, prepare_run)
         src = find_scores_run(cfg, run.info.run_id)
         mlflow.set_tag(Tag.SCORES_RUN, src)
         scores, top = download_scores(src, Path(tmp) / "in")
         top = validate_top_contexts(top)
-        loaded = load_source(cfg.data)
-        pairs = align_pairs(loaded.pairs, scores.pair_ids, loaded.source)
-        log_pairs_input(pairs, dataset_name(cfg.data), context="audit", source=loaded.source)
+        source = str(prepared.meta.get("source", ""))
+        pairs = align_pairs(prepared.all_pairs(), scores.pair_ids, source)
+        log_pairs_input(pairs, dataset_name(cfg.data), context="audit", source=source)
         keys = [p.prompt_key() for p in pairs]
         latent_cols = [i for i, c in enumerate(scores.concept_names) if c.startswith("latent:")]
 

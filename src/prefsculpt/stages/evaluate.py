@@ -39,6 +39,7 @@ from prefsculpt.evals.shift import compute_shift
 from prefsculpt.evals.summary import Row, plot_rows
 from prefsculpt.models.loading import resolve_model_dir
 from prefsculpt.search.promote import PromoteInputError, choose, find_search_run, read_trials
+from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.tracking.policies import resolve_policy
 from prefsculpt.tracking.runs import resolve_tracking_uri, stage_run
 from prefsculpt.tracking.shift_sources import ShiftSources, resolve_shift_sources
@@ -123,7 +124,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     root = cache_root(cfg.cache_dir)
     base_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     policy = resolve_policy(ec.policy, base_dir, root)  # fails first, naming the URI
-    inputs = load_inputs(cfg)  # every external file validated before any compute
+    prepared, prepare_run = prepared_data(cfg)
+    inputs = load_inputs(cfg.eval, prepared)  # every external file validated before any compute
     shift_src = resolve_shift_sources(cfg, root) if "shift" in ec.evals else None
     base_digest = model_fingerprint(base_dir)
     cache = BaseCache(root / "evals" / "base" / cache_key(cfg, base_digest, inputs))
@@ -131,7 +133,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     with stage_run(cfg, "evaluate") as run:
         mlflow.set_tags({Tag.POLICY: policy.spec, Tag.POLICY_SOURCE: policy.source,
                          Tag.POLICY_DIGEST: policy.digest, Tag.BASE_DIGEST: base_digest,
-                         **({Tag.POLICY_RUN: policy.run_id} if policy.run_id else {})})
+                         Tag.PREPARE_RUN: prepare_run, **({Tag.POLICY_RUN: policy.run_id} if policy.run_id else {})})
         same = policy.source == "base" or policy.digest == base_digest
         ev = Evaluator(cfg, inputs, base_dir, policy.path, same, cache)
         metrics: dict[str, float] = {}

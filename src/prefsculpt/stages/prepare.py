@@ -17,14 +17,24 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
-from prefsculpt.core.names import Tag
+from prefsculpt.core.names import Artifact, Tag
+from prefsculpt.core.paths import cache_root
 from prefsculpt.data.planted import planted_tag_rates
 from prefsculpt.data.prepare import tag_stats, write_split
-from prefsculpt.data.source import dataset_name, load_clean_split, load_source
-from prefsculpt.data.splits import SPLITS, split_pairs
+from prefsculpt.data.prepared import (
+    MANIFEST,
+    Prepared,
+    PreparedError,
+    read_prepared,
+    split_source,
+    write_prepared,
+)
+from prefsculpt.data.splits import SPLITS
 from prefsculpt.data.tokenize import TRUNCATION_POLICY, token_stats, tokenize_pairs
-from prefsculpt.models.loading import load_tokenizer, resolve_model_dir
-from prefsculpt.tracking.runs import log_pairs_input, pairs_frame, stage_run
+from prefsculpt.models.loading import load_tokenizer, resolve_model_dir, tokenizer_fingerprint
+from prefsculpt.stages import STAGES
+from prefsculpt.tracking.reuse import find_reusable, stage_key
+from prefsculpt.tracking.runs import CURRENT_STAGE_KEY, log_pairs_input, pairs_frame, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +46,10 @@ def run_prepare(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
-    loaded = load_source(cfg.data)
-    name = dataset_name(cfg.data)
-    fractions = {s: float(cfg.data.split[s]) for s in SPLITS}
-    splits = split_pairs(loaded.pairs, fractions, salt=str(cfg.data.split.salt))
-    clean = load_clean_split(cfg.data)
+    prepared, loaded = split_source(cfg.data)
+    name = prepared.meta["dataset"]
+    splits = {s: prepared.splits[s] for s in SPLITS}
+    clean = prepared.splits.get("clean", [])
     if clean:
         train_keys = {p.prompt_key() for p in splits["train"]}
         n_overlap = sum(p.prompt_key() in train_keys for p in clean)
@@ -67,8 +76,9 @@ def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         "rows_skipped": len(loaded.skipped),
     }
     named = {**splits, **({"clean": clean} if clean else {})}
+    tokens = {}
     for split, pairs in named.items():
-        toks = tokenize_pairs(pairs, tok, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens))
+        toks = tokens[split] = tokenize_pairs(pairs, tok, tcfg.max_prompt_tokens, tcfg.max_response_tokens)
         ts = token_stats(toks)
         st = {"n_pairs": len(pairs), "n_prompts": len({p.prompt_key() for p in pairs}), **ts, **tag_stats(pairs)}
         stats["splits"][split] = st
@@ -87,6 +97,9 @@ def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "data"
         out.mkdir()
+        write_prepared(out / "prepared", named, prepared.source_rows, tokens, {
+            **prepared.meta, "tokenize": {"tokenizer": tokenizer_fingerprint(model_dir), "max_prompt_tokens": tcfg.max_prompt_tokens,
+                         "max_response_tokens": tcfg.max_response_tokens}})
         for split, pairs in named.items():
             write_split(pairs, out / f"{split}.parquet")
         (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
@@ -107,3 +120,34 @@ def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
              len(loaded.skipped), {s: len(p) for s, p in named.items()})
     return {"run_id": run_id, "metrics": metrics, "stats": stats, "digests": digests,
             "splits": {s: len(p) for s, p in named.items()}}
+
+
+def prepared_data(cfg: DictConfig) -> tuple[Prepared, str]:
+    """The prepared artifact this config means, and the prepare run it comes from.
+
+    ``data.prepared_run_id`` when set (the ``main`` pipeline sets it to its prepare run); else the
+    newest complete prepare run whose inputs (data, model, seed, code) equal this config's; else the
+    prepare stage runs now, as its own run. Call it before opening the caller's own run.
+    """
+    run_id = cfg.data.prepared_run_id
+    if not run_id:
+        st = STAGES["prepare"]
+        key = stage_key("prepare", cfg, st.sections, (), st.code)
+        found = find_reusable(key, stage="prepare")
+        if found is not None:
+            run_id = found.info.run_id
+        else:
+            log.info("no prepare run for this data yet: running the prepare stage first")
+            token = CURRENT_STAGE_KEY.set(key)  # tag the run with its key, so the next stage finds it
+            try:
+                run_id = run_prepare(cfg)["run_id"]
+            finally:
+                CURRENT_STAGE_KEY.reset(token)
+    dest = cache_root(cfg.cache_dir) / "prepared" / run_id
+    if not (dest / "prepared" / MANIFEST).is_file():
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=Artifact.PREPARED, dst_path=str(dest))
+        except mlflow.exceptions.MlflowException as exc:
+            raise PreparedError(f"prepare run {run_id} has no {Artifact.PREPARED} artifact ({exc}); rerun prepare, or "
+                                "unset data.prepared_run_id") from exc
+    return read_prepared(dest / "prepared"), run_id

@@ -41,10 +41,12 @@ from prefsculpt.concepts.sae import (
 from prefsculpt.core.files import json_digest, model_fingerprint
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
-from prefsculpt.data.source import dataset_name, load_source
-from prefsculpt.data.splits import SPLITS, split_pairs
+from prefsculpt.data.prepared import Prepared
+from prefsculpt.data.source import dataset_name
+from prefsculpt.data.splits import SPLITS
 from prefsculpt.data.tokenize import tokenize_pairs
-from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir
+from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
+from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.tracking.runs import log_pairs_input, stage_run
 
 log = logging.getLogger(__name__)
@@ -53,20 +55,20 @@ log = logging.getLogger(__name__)
 def run_sae(cfg: DictConfig) -> dict[str, Any]:
     """Run the stage inside its MLflow run; returns run id, metrics and local paths."""
     validate_concepts(list(cfg.named_concepts))  # fail before any model runs
+    prepared, prepare_run = prepared_data(cfg)
     with stage_run(cfg, "sae") as run:
-        return _sae(cfg, run.info.run_id)
+        mlflow.set_tag(Tag.PREPARE_RUN, prepare_run)
+        return _sae(cfg, run.info.run_id, prepared)
 
 
-def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
+def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
     t_start, c_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     root = cache_root(cfg.cache_dir)
     layer = int(cfg.sae.layer)
 
-    loaded = load_source(cfg.data)
-    pairs = loaded.pairs
-    fractions = {s: float(cfg.data.split[s]) for s in SPLITS}
-    splits = split_pairs(pairs, fractions, salt=str(cfg.data.split.salt))
+    pairs = prepared.all_pairs()
+    splits = {s: prepared.split(s) for s in SPLITS}
     index = {p.id: i for i, p in enumerate(pairs)}
     rows = {s: [index[p.id] for p in ps] for s, ps in splits.items()}
     if not rows["train"]:
@@ -74,7 +76,7 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
     held_split = "validation" if rows["validation"] else "train"
     if held_split == "train":
         log.warning("no validation pairs: SAE quality is measured on the training tokens")
-    name = dataset_name(cfg.data)
+    name = prepared.meta.get("dataset") or dataset_name(cfg.data)
     digest = log_pairs_input(splits["train"], f"{name}-train", context="train",
                              source=str(cfg.data.path) if cfg.data.path else None)
 
@@ -86,7 +88,9 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
     if not 0 <= layer < n_layers:
         raise SAESourceError(f"sae.layer={layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     tcfg = cfg.data.tokenize
-    tokenized = tokenize_pairs(pairs, tok, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens))
+    tokenized = prepared.tokens_for(pairs, tokenizer_fingerprint(model_dir), tcfg.max_prompt_tokens,
+                                    tcfg.max_response_tokens) or tokenize_pairs(
+        pairs, tok, tcfg.max_prompt_tokens, tcfg.max_response_tokens)
 
     t0 = time.perf_counter()
     cache, act_hit = get_activations(model, tokenized, tok, layer, int(cfg.encode.batch_tokens),

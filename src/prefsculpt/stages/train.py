@@ -29,8 +29,9 @@ from prefsculpt.core.files import atomic_dir, atomic_write_json, model_fingerpri
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.tokenize import tokenize_pairs
-from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir
+from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
 from prefsculpt.shaping.resolve import resolve_shaping
+from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.tracking.models import log_policy
 from prefsculpt.tracking.runs import log_pairs_input, resolve_tracking_uri, stage_run
 from prefsculpt.train.datamodule import PreferenceDataModule, truncate_pair
@@ -75,10 +76,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     layer = int(cfg.sae.layer) if "sae" in cfg else None
     shaping = resolve_shaping(cfg.shaping, layer)  # validates the specs before any model is loaded
     check_layers(model_dir, shaping, tc.train_top_layers)
-    pairs = load_train_pairs(cfg)
+    prepared = None if tc.pairs_path else prepared_data(cfg)[0]
+    pairs = load_train_pairs(OmegaConf.to_object(tc), prepared)
     tok = load_tokenizer(model_dir)
     tcfg = cfg.data.tokenize
-    tokenized = tokenize_pairs(pairs, tok, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens))
+    tokenized = (prepared and prepared.tokens_for(pairs, tokenizer_fingerprint(model_dir), tcfg.max_prompt_tokens,
+                                                  tcfg.max_response_tokens)) or tokenize_pairs(
+        pairs, tok, tcfg.max_prompt_tokens, tcfg.max_response_tokens)
     kept = [(p, t2) for p, t in zip(pairs, tokenized, strict=True) if (t2 := truncate_pair(t, tc.max_length))]
     if len(kept) < len(pairs):
         log.warning("train: %d pairs dropped: their prompt alone fills train.max_length=%s", len(pairs) - len(kept), tc.max_length)

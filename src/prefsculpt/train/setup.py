@@ -6,28 +6,26 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
 from transformers import AutoConfig
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.files import atomic_path
 from prefsculpt.data.prepare import read_split
+from prefsculpt.data.prepared import Prepared
 from prefsculpt.data.schema import PreferencePair
-from prefsculpt.data.source import load_source
-from prefsculpt.data.splits import SPLITS, split_pairs
+from prefsculpt.shaping.config import TrainConfig
 from prefsculpt.train.module import check_hooks_trainable
 
 
-def load_train_pairs(cfg: DictConfig) -> list[PreferencePair]:
-    tc = cfg.train
+def load_train_pairs(tc: TrainConfig, prepared: Prepared | None) -> list[PreferencePair]:
+    """``train.pairs_path`` when set, else the ``train.split`` of the prepared data; at most ``max_pairs``."""
     if tc.pairs_path:
         pairs = read_split(tc.pairs_path)
     else:
-        loaded = load_source(cfg.data)
-        fractions = {s: float(cfg.data.split[s]) for s in SPLITS}
-        pairs = split_pairs(loaded.pairs, fractions, salt=str(cfg.data.split.salt))[str(tc.split)]
+        assert prepared is not None, "the stage passes the prepared data when train.pairs_path is unset"
+        pairs = prepared.split(tc.split)
     if tc.max_pairs is not None:
-        pairs = pairs[: int(tc.max_pairs)]
+        pairs = pairs[: tc.max_pairs]
     if not pairs:
         raise UserError(f"no training pairs (train.pairs_path={tc.pairs_path}, split={tc.split}); check the data config")
     return pairs
@@ -36,7 +34,7 @@ def load_train_pairs(cfg: DictConfig) -> list[PreferencePair]:
 def check_layers(model_dir: Path, shaping: Any, top: int | None) -> None:
     """Refuse a residual edit below the trained layers before opening a run or loading weights."""
     n = int(AutoConfig.from_pretrained(str(model_dir)).num_hidden_layers)
-    check_hooks_trainable(shaping.interventions, 0 if top is None or top >= n else n - int(top))
+    check_hooks_trainable(shaping.interventions, 0 if top is None or top >= n else n - top)
 
 
 

@@ -76,7 +76,9 @@ def test_bad_inputs_fail_before_any_compute_and_keep_earlier_runs(tiny_model_dir
     assert len(calls) == n_calls  # nothing was computed for the failing calls
     kept = mlflow.get_run(first["run_id"])
     assert kept.info.status == "FINISHED" and "syc/planted/p_agree" in kept.data.metrics
-    assert len(mlflow.search_runs(search_all_experiments=True)) == 1  # no half-made run for the failures
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert (runs["tags.prefsculpt.stage"] == "evaluate").sum() == 1  # no half-made run for the failures
+    assert set(runs["tags.prefsculpt.stage"]) == {"evaluate", "prepare"}  # the prepared data it read
 
 
 def test_genai_view_gets_every_style_response_with_its_scores(tiny_model_dir, tmp_path, mlflow_uri):

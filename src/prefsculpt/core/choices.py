@@ -1,0 +1,15 @@
+"""Enumerated config choices shared by several sections.
+
+Every choice in the config is a ``StrEnum``: OmegaConf validates it when the config is composed
+(``Invalid value 'x', expected one of [...]`` with the full key), and a member compares equal to its
+string, so ``cfg.model.dtype == "float32"`` keeps working.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
