@@ -12,6 +12,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.audit.config import AuditConfig
@@ -92,7 +96,8 @@ class DataConfig:
     #: auto | plain | chat | hh_rlhf
     format: DataFormat = DataFormat.auto
     #: Map our field names (id, prompt, chosen, rejected, chosen_tags, rejected_tags) to your columns.
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=lambda: {k: k for k in (
+        "id", "prompt", "chosen", "rejected", "chosen_tags", "rejected_tags")})
     #: raise: stop on the first load with every bad row listed; skip: drop them into the skip report.
     on_error: OnError = OnError("raise")
     #: A prompt or response longer than this many characters is an invalid row.
@@ -164,11 +169,6 @@ def parse_overrides(overrides: str | list[str] | None) -> list[str]:
 
 def compose(overrides: str | list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with overrides and validate it against :class:`RootConfig`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-
     # The schema comes first in conf/config.yaml's defaults, so every field exists (with its type)
     # before the YAML groups and the user's overrides are applied: `sae.layer=10` works even when
     # a group's YAML leaves that field at its default.

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from prefsculpt.concepts.config import NamedConceptConfig
+from prefsculpt.concepts.encoder import NamedDirections
 from prefsculpt.core.errors import UserError
+from prefsculpt.models.hooks import truncated_forward
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +190,6 @@ def regex_classes(
 @torch.no_grad()
 def text_means(model: Any, tokenizer: Any, texts: Sequence[str], layer: int) -> torch.Tensor:
     """(n, d): per text, the mean layer-ℓ residual over its tokens as an assistant reply."""
-    from prefsculpt.models.hooks import truncated_forward
-
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": NEUTRAL_PROMPT}], add_generation_prompt=True, tokenize=False
     )
@@ -254,8 +254,6 @@ def build_named_concepts(
 
 def as_directions(concepts: Sequence[NamedConcept]) -> Any:
     """The encoder's ``NamedDirections`` (names, vectors (K, d), bias (K,)), or None when empty."""
-    from prefsculpt.concepts.encoder import NamedDirections
-
     if not concepts:
         return None
     return NamedDirections(

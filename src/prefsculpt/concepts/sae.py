@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from prefsculpt.concepts.config import SAEConfig
 from prefsculpt.core.errors import UserError
+from prefsculpt.core.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -319,19 +319,9 @@ def save_sae_dir(sae: Any, target: Path, quality: dict[str, Any]) -> Path:
     """Write ``target`` (cfg.json, sae_weights.safetensors, quality.json) atomically: files go to a
     temporary sibling folder that is renamed into place, so a crash never leaves a folder that looks
     complete. If another process won the race with a complete folder, its copy is kept."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(target, is_complete=is_complete_sae_dir) as tmp:
         sae.save_model(str(tmp))
         (tmp / QUALITY_FILE).write_text(json.dumps(quality, indent=2, sort_keys=True))  # written last
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not is_complete_sae_dir(target):
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

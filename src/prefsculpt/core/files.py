@@ -82,6 +82,25 @@ def atomic_dir(target: str | os.PathLike, is_complete: Callable[[Path], bool] | 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def publish(src: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move a finished file or folder into place; when another process already published ``target``
+    (the same content, by a content-addressed name), keep theirs and drop ``src``."""
+    src, target = Path(src), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, target)
+    except OSError:
+        if not target.exists():
+            raise
+        shutil.rmtree(src, ignore_errors=True) if src.is_dir() else src.unlink(missing_ok=True)
+    return target
+
+
+def tmp_beside(target: str | os.PathLike) -> Path:
+    """A fresh temporary name beside ``target`` (cleaned by :func:`clean_stale_tmp` if left behind)."""
+    return _tmp_beside(Path(target))
+
+
 def clean_stale_tmp(folder: str | os.PathLike, older_than_s: float = 6 * 3600) -> int:
     """Remove temporary files/folders a killed process left in ``folder``; returns how many."""
     folder = Path(folder)

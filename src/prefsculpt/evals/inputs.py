@@ -8,8 +8,11 @@ data (``make_probes(..., exclude_prompts=...)``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefsculpt.data.planted import make_probes
@@ -35,9 +38,6 @@ class EvalInputs:
     def fingerprint(self) -> dict[str, Any]:
         """What the cached base results depend on: every item's id and text."""
         def h(x: Any) -> str:
-            import hashlib
-            import json
-
             return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
         return {"planted": h(self.planted_probes), "opinion": h({k: [vars(i) for i in v] for k, v in self.opinion.items()}),
@@ -48,8 +48,6 @@ class EvalInputs:
 
 
 def _stem_keys(paths: list[str], loader, limit: int | None) -> dict[str, list]:
-    from pathlib import Path
-
     out: dict[str, list] = {}
     for p in paths:
         key = Path(p).stem

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from prefsculpt.data.errors import DataSourceError
+from prefsculpt.data.planted_facts import FLATTERY_PHRASES
 from prefsculpt.evals.logprobs import Prompt, prompt_ids
 
 #: Used when the config names no regex concepts (same as conf/config.yaml's defaults).
@@ -43,8 +44,6 @@ def _scoped(pat: str) -> str:
 def compile_features(named_concepts: Iterable[Mapping[str, Any]] | None = None) -> dict[str, re.Pattern]:
     """name -> compiled pattern from the config's regex named concepts (else DEFAULT_PATTERNS); the
     flattery feature is widened by the planted flattering phrases (literal, case-insensitive)."""
-    from prefsculpt.data.planted_facts import FLATTERY_PHRASES
-
     pats = {str(c["name"]): str(c["pattern"]) for c in (named_concepts or [])
             if c.get("kind", "regex") == "regex" and c.get("pattern")}
     pats = pats or dict(DEFAULT_PATTERNS)

@@ -9,8 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import matplotlib
 import numpy as np
 import pandas as pd
+
+matplotlib.use("Agg")  # headless: figures are logged, never shown
+import matplotlib.pyplot as plt  # noqa: E402
 
 from prefsculpt.evals.stats import Estimate, bootstrap_ci, paired_bootstrap
 
@@ -58,11 +62,6 @@ def summarise(pol: pd.DataFrame, base: pd.DataFrame | None, specs: Sequence[tupl
 def plot_rows(rows: Sequence[Row], title: str):
     """Policy vs base bars with CI whiskers, one pair per metric (metrics on their own scales, so
     each gets its own small axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rows if r.base is not None]
     n = max(len(rows), 1)
     cols = min(n, 4)

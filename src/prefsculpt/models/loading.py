@@ -17,12 +17,14 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from prefsculpt.core.errors import UserError
-from prefsculpt.core.files import file_sha256, files_digest
+from prefsculpt.core.files import atomic_dir, file_sha256, files_digest
 from prefsculpt.core.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -57,12 +59,7 @@ def is_complete(folder: Path) -> bool:
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantise ``gguf`` into a plain safetensors folder at ``target``, atomically."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(target, is_complete=is_complete) as tmp:
         log.info("converting %s to %s (one time)", gguf.name, target)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -73,14 +70,6 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf), "sha256": file_sha256(gguf, memo=True)}))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not is_complete(target):  # not a concurrent winner: a stale, incomplete folder
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -115,7 +104,7 @@ def resolve_model_dir(name_or_path: str, cache_dir: str | os.PathLike | None = N
             f"Use the embedded default (model.name_or_path={next(iter(EMBEDDED_MODELS))}), a local model "
             "folder, or unset HF_HUB_OFFLINE on a machine with hub access."
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # optional: hub access only, never offline
 
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
@@ -148,8 +137,6 @@ def tokenizer_fingerprint(model_dir: str | os.PathLike) -> str:
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -157,7 +144,4 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Any:
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str = "float32") -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))

@@ -8,9 +8,7 @@ folder, then renamed, so concurrent workers never see a half-downloaded folder).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.core.files import publish, tmp_beside
 from prefsculpt.search.errors import SearchInputError
 from prefsculpt.tracking.runs import latest_stage_run
 
@@ -67,16 +66,12 @@ def fetch(run_id: str, artifact_path: str, dst: Path) -> Path | None:
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, parent)}
     if artifact_path not in names:
         return None
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(tmp)))
+    dl = tmp_beside(dst)
     try:
-        os.replace(got, dst)
-    except OSError:  # another worker got there first
-        if not dst.exists():
-            raise
-    shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+        got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dl)))
+        return publish(got, dst)  # another worker may have got there first: same content, keep theirs
+    finally:
+        shutil.rmtree(dl, ignore_errors=True)
 
 
 def load_audit(audit_id: str, decisions_path: str | None, cache_root: Path) -> tuple[pd.DataFrame, Any, str | None]:
