@@ -32,6 +32,7 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.search.slots import retry_of
 from prefsculpt.search.space import BASELINE_ATTR, Candidate, SpaceBounds, describe, suggest_concepts
 
 log = logging.getLogger(__name__)
@@ -134,11 +135,6 @@ class TrialContext:
     sources: dict[str, str | None]
     decisions_hash: str | None = None
     runner: Runner = train_and_evaluate
-
-
-def retry_of(trial: Any) -> int | None:
-    """The number of the trial this one retries (its worker died), else None."""
-    return trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
 
 
 def _close_stale_run(trial: Any) -> None:

@@ -3,7 +3,6 @@
 import optuna
 import pytest
 
-from prefsculpt.audit.decisions import load_decisions
 from prefsculpt.search.space import (
     BASELINE_ATTR,
     START_ATTR,
@@ -15,6 +14,7 @@ from prefsculpt.search.space import (
     start_params,
     suggest_concepts,
 )
+from prefsculpt.shaping.decisions import load_decisions
 from tests.unit.search.helpers import HYPOTHESES
 
 BOUNDS = SpaceBounds(0.1, 10.0, 0.05, 0.3)
