@@ -55,6 +55,6 @@ def storage_trial_id(storage: Any, study: optuna.Study, number: int) -> int:
 
 
 def retry_of(trial: optuna.Trial) -> int | None:
-    """The number of the trial this one retries (its worker died), else None."""
-    frozen = frozen_trial(trial.study, trial.number)
-    return optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    """The number of the trial this one retries (its worker died), else None: the system attr the
+    heartbeat retry callback (``RetryHeartbeatStaleTrialCallback``) writes on the stored trial."""
+    return frozen_trial(trial.study, trial.number).system_attrs.get("failed_trial")

@@ -100,7 +100,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 def n_planned(study: optuna.Study) -> int:
     """Trials that count towards ``n_trials``: all, minus those a retry replaced (and unplanned ones)."""
     trials = [t for t in study.get_trials(deepcopy=False) if not is_unplanned(t)]
-    replaced = {n for t in trials for n in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return len(trials) - len(replaced)
 
 

@@ -1,4 +1,4 @@
-"""The six methods of METHOD §5, one registered class each.
+"""The six methods of METHOD §5, one registered class each, with its typed parameters.
 
 Loss terms (λ·ΔA_u in the margin): ``score``, ``steer``, ``inoculate``. Data: ``filter``.
 Training-time activation edits of the policy only (inference runs unmodified): ``ablate``, ``prevent``.
@@ -19,7 +19,6 @@ from prefsculpt.models.hooks import add_to_residual, project_out_residual
 from prefsculpt.shaping.losses import filter_weights
 from prefsculpt.shaping.params import SearchRange, param
 from prefsculpt.shaping.registry import (
-    STRENGTH_RANGE,
     Intervention,
     PrecomputeContext,
     ShapingError,
@@ -129,7 +128,7 @@ class FilterShaping(Intervention):
     def search_ranges(cls, fixed: Mapping[str, Any]) -> dict[str, SearchRange]:
         """Drop mode searches the share ρ, weight mode the strength κ (on λ's scale)."""
         if fixed.get("mode", FilterParams.mode) == "weight":
-            return {"strength": STRENGTH_RANGE}
+            return {"strength": cls.strength_range}
         return {"share": super().search_ranges(fixed)["share"]}
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
@@ -167,6 +166,7 @@ class AblateShaping(_ResidualEdit):
     concept directions. Only suppresses (there is no amplifying ablation)."""
 
     strength_doc = None  # the directions are projected out entirely
+    strength_range = None
     actions = (Action.suppress,)
     groups = True
 

@@ -123,7 +123,7 @@ class Intervention:
 
     A subclass declares, as class attributes: ``Params`` (a frozen dataclass of :func:`param` fields),
     ``needs`` (the :class:`Source` it reads), ``strength_doc`` (what the strength means; None = it has
-    none), ``actions`` it supports, and ``in_loss`` / ``groups``. The first docstring line is its
+    none) and ``strength_range``, the ``actions`` it supports, and ``in_loss`` / ``groups``. The first docstring line is its
     summary in the README table."""
 
     concepts: list[str]
@@ -139,6 +139,8 @@ class Intervention:
     in_loss: ClassVar[bool] = False
     needs: ClassVar[Source] = Source.scores
     strength_doc: ClassVar[str | None] = "λ ≥ 0"
+    #: The range the search draws the strength from (None: the search never draws it).
+    strength_range: ClassVar[SearchRange | None] = STRENGTH_RANGE
     #: Where it acts, for the README table: a loss term, the data, or a training-time edit.
     role: ClassVar[str] = "loss term"
     actions: ClassVar[tuple[Action, ...]] = (Action.suppress, Action.amplify)
@@ -178,7 +180,7 @@ class Intervention:
     def search_ranges(cls, fixed: Mapping[str, Any]) -> dict[str, SearchRange]:
         """Parameter name (``strength`` or a Params field) -> the range the search draws it from,
         given the parameters it does not search (``fixed``, e.g. filter's mode)."""
-        out = {"strength": STRENGTH_RANGE} if cls.strength_doc is not None else {}
+        out = {"strength": cls.strength_range} if cls.strength_range is not None else {}
         out.update({f.name: f.metadata[SEARCH] for f in fields(cls.Params) if f.metadata.get(SEARCH)})
         return out
 
