@@ -55,7 +55,7 @@ HEADER = """\
 #   strength: lambda >= 0 (the sign comes from the action: suppress = +lambda, amplify = -lambda;
 #             ignored for allow)
 #   note:     free text (why)
-#   optional: the method's parameters (e.g. share for filter, multiplier for steer, instruction for inoculate)
+#   optional: the method's own parameters, by name (the same table lists them; absent = the defaults)
 # The other fields (rank, label, direction, effect = paired d_z, mean_diff, q, support) are the
 # audit's figures, for reading only. You may add any concept the audit tested (see hypotheses.json;
 # built-ins: length) or delete entries: an unlisted concept is allowed.

@@ -78,7 +78,7 @@ def _check_entry(i: int, e: Any, known: set[str] | None) -> tuple[list[str], Dec
         errs.append(f"{where}: note must be text, got {note!r}")
     params = {k: e[k] for k in params_known if e.get(k) is not None}
     if method in INTERVENTIONS:
-        errs.extend(f"{where}: {p}" for p in INTERVENTIONS[method].check(params))
+        errs.extend(f"{where}: {p}" for p in INTERVENTIONS[method].validate_params(params))
     if errs:
         return errs, None
     return [], Decision(concept, Action(action), method, float(strength), note or "", params)

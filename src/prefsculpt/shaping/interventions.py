@@ -21,6 +21,7 @@ from prefsculpt.shaping.params import SearchRange, param
 from prefsculpt.shaping.registry import (
     Intervention,
     PrecomputeContext,
+    Role,
     ShapingError,
     Source,
     register_intervention,
@@ -122,7 +123,7 @@ class FilterShaping(Intervention):
 
     Params = FilterParams
     strength_doc = "κ ≥ 0 in weight mode; unused in drop mode"
-    role = "data"
+    role = Role.data
 
     @classmethod
     def search_ranges(cls, fixed: Mapping[str, Any]) -> dict[str, SearchRange]:
@@ -142,7 +143,7 @@ class FilterShaping(Intervention):
 
 class _ResidualEdit(Intervention):
     needs = Source.direction
-    role = "training-time edit"
+    role = Role.edit
 
     def validate(self) -> None:
         if self.layer is None:

@@ -61,6 +61,17 @@ class Source(enum.StrEnum):
     instruction = "instruction"
 
 
+class Role(enum.StrEnum):
+    """Where a method acts (the README table's "acts on" column)."""
+
+    #: λ·ΔA_u in the margin of the DPO loss.
+    loss = "loss term"
+    #: per-pair weights (0 drops a pair).
+    data = "data"
+    #: an edit of the policy's residual stream while training only (inference runs unmodified).
+    edit = "training-time edit"
+
+
 def register_intervention(name: str) -> Callable[[type[Intervention]], type[Intervention]]:
     """Class decorator: the one place a method name is bound to its class (and so to its parameters)."""
 
@@ -123,8 +134,8 @@ class Intervention:
 
     A subclass declares, as class attributes: ``Params`` (a frozen dataclass of :func:`param` fields),
     ``needs`` (the :class:`Source` it reads), ``strength_doc`` (what the strength means; None = it has
-    none) and ``strength_range``, the ``actions`` it supports, and ``in_loss`` / ``groups``. The first docstring line is its
-    summary in the README table."""
+    none) and ``strength_range``, the ``actions`` it supports, and ``in_loss`` / ``groups``. The first
+    paragraph of its docstring is its summary in the README table."""
 
     concepts: list[str]
     #: Signed strength: λ > 0 suppresses, λ < 0 amplifies (METHOD §5).
@@ -132,6 +143,8 @@ class Intervention:
     #: Parameter values (plain, for cache keys and logs); ``args`` holds them typed.
     params: dict[str, Any] = field(default_factory=dict)
     layer: int | None = None
+    #: ``params`` as the typed ``Params`` instance (set from ``params``).
+    args: Any = field(init=False, repr=False, compare=False)
 
     method: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
@@ -141,8 +154,7 @@ class Intervention:
     strength_doc: ClassVar[str | None] = "λ ≥ 0"
     #: The range the search draws the strength from (None: the search never draws it).
     strength_range: ClassVar[SearchRange | None] = STRENGTH_RANGE
-    #: Where it acts, for the README table: a loss term, the data, or a training-time edit.
-    role: ClassVar[str] = "loss term"
+    role: ClassVar[Role] = Role.loss
     actions: ClassVar[tuple[Action, ...]] = (Action.suppress, Action.amplify)
     #: Entries of this method at one layer form a single intervention.
     groups: ClassVar[bool] = False
@@ -157,7 +169,7 @@ class Intervention:
 
     # ------------------------------------------------------------ declared (class-level) behaviour
     @classmethod
-    def check(cls, values: Mapping[str, Any]) -> list[str]:
+    def validate_params(cls, values: Mapping[str, Any]) -> list[str]:
         """Problems with ``values`` as this method's parameters, each naming the parameter."""
         return problems(cls.method, cls.Params, values)
 
@@ -229,7 +241,7 @@ class Spec:
 
 
 def _check_spec(cls: type[Intervention], s: Spec) -> None:
-    bad = cls.check(s.params)
+    bad = cls.validate_params(s.params)
     if bad:
         raise ShapingError(f"{s.concept}: " + "; ".join(bad))
     if s.action not in cls.actions:

@@ -121,6 +121,16 @@ def test_a_registered_method_is_known_everywhere(nudge):
     assert "Nudge the concept a little." in row and "`offset` [0.25, 1.5]" in row and "`offset` = 0.5" in row
 
 
+def test_every_entry_parameter_has_a_typed_config_field():
+    from dataclasses import fields
+
+    from prefsculpt.shaping.config import ConceptSpec
+    from prefsculpt.shaping.decisions import param_fields
+
+    assert set(param_fields()) == {"multiplier", "instruction", "share"}
+    assert set(param_fields()) <= {f.name for f in fields(ConceptSpec)}  # shaping.concepts items can set them
+
+
 def test_registration_refuses_a_second_name_and_a_non_dataclass_params():
     with pytest.raises(ValueError, match="registered twice"):
         register_intervention("score")(type("Again", (Intervention,), {}))
