@@ -86,6 +86,18 @@ def choices(params_cls: type, name: str) -> tuple[Any, ...]:
     return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
 
 
+def check_declaration(method: str, params_cls: type) -> None:
+    """Refuse a Params class validation could not check: each field made with :func:`param`, typed
+    float, str or a Literal of choices (optionally ``| None``)."""
+    for f in fields(params_cls):
+        kind = _kind(params_cls, f.name)
+        if DOC not in f.metadata:
+            raise TypeError(f"intervention {method!r}: parameter {f.name!r} must be declared with param(...)")
+        if kind not in (float, str) and not choices(params_cls, f.name):
+            raise TypeError(f"intervention {method!r}: parameter {f.name!r} has type {kind!r}; use float, str or a "
+                            "Literal of choices")
+
+
 def problems(method: str, params_cls: type, values: Mapping[str, Any]) -> list[str]:
     """Every problem with ``values`` as parameters of ``method``, each naming the parameter (empty = fine).
     ``None`` stands for "not given" and is never a problem here."""

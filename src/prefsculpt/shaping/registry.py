@@ -34,6 +34,7 @@ from prefsculpt.shaping.params import (
     SEARCH,
     NoParams,
     SearchRange,
+    check_declaration,
     coerce,
     fields,
     problems,
@@ -80,6 +81,7 @@ def register_intervention(name: str) -> Callable[[type[Intervention]], type[Inte
             raise ValueError(f"intervention {name!r} is registered twice")
         if not dataclasses.is_dataclass(cls.Params):
             raise TypeError(f"intervention {name!r}: Params must be a dataclass, got {cls.Params!r}")
+        check_declaration(name, cls.Params)
         cls.method = name
         INTERVENTIONS[name] = cls
         return cls

@@ -136,7 +136,14 @@ def test_registration_refuses_a_second_name_and_a_non_dataclass_params():
         register_intervention("score")(type("Again", (Intervention,), {}))
     with pytest.raises(TypeError, match="Params must be a dataclass"):
         register_intervention("broken")(type("Broken", (Intervention,), {"Params": dict}))
+    with pytest.raises(TypeError, match="'count' has type <class 'int'>"):
+        register_intervention("broken")(type("Broken", (Intervention,), {"Params": _IntParams}))
     assert "broken" not in INTERVENTIONS
+
+
+@dataclass(frozen=True)
+class _IntParams:
+    count: int = param(3, "how many")
 
 
 def test_search_range_checks_itself_and_finds_fractions():
