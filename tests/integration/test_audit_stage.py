@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from prefsculpt.audit.analysis import AuditInputError
-from prefsculpt.audit.decisions import load_decisions
 from prefsculpt.cli import run_stage
 from prefsculpt.concepts import shards
 from prefsculpt.config import compose
 from prefsculpt.data.source import load_source
+from prefsculpt.shaping.decisions import load_decisions
 
 pytestmark = pytest.mark.integration
 

@@ -171,8 +171,9 @@ def planted_check(hyp: pd.DataFrame, d: np.ndarray, pairs: list[PreferencePair],
 
 def write_outputs(out: Path, a: AuditConfig, data_name: str, run_id: str, src: str, table: pd.DataFrame,
                   hyp: pd.DataFrame, views: list[H.HypothesisView], labels: dict[str, ConceptLabel],
-                  planted: pd.DataFrame | None) -> Path:
-    """Every audit file, written locally (uploaded by the stage once all exist)."""
+                  planted: pd.DataFrame | None, methods_help: str = "") -> Path:
+    """Every audit file, written locally (uploaded by the stage once all exist). ``methods_help``: the
+    per-method comment lines of the proposed decisions file (the stage has them from the registry)."""
     (out / "plots").mkdir(parents=True)
     table.to_parquet(out / "hypotheses.parquet", index=False)
     records = []
@@ -182,7 +183,7 @@ def write_outputs(out: Path, a: AuditConfig, data_name: str, run_id: str, src: s
                  example_pairs=[e.pair_id for e in v.examples])
         records.append(r)
     (out / "hypotheses.json").write_text(json.dumps(records, indent=1, default=_json_default, ensure_ascii=False))
-    write_decisions(propose_decisions(hyp, None, audit_run_id=run_id), out / "decisions.yaml")
+    write_decisions(propose_decisions(hyp, None, audit_run_id=run_id), out / "decisions.yaml", methods_help)
     lab = {c: x.label for c, x in labels.items()}
     images = {}
     for name, fig in (("volcano", P.volcano(table, float(a.fdr), lab)), ("top_effects", P.top_effects(hyp, 20, lab))):

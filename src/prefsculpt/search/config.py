@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from prefsculpt.shaping.interventions import SHARE_RANGE
+from prefsculpt.shaping.registry import STRENGTH_RANGE
+
 
 class AllowPins(StrEnum):
     edited = "edited"
@@ -53,16 +56,17 @@ class SearchConfig:
     allow_pins: AllowPins = AllowPins.edited
     #: Hypotheses (by audit rank) that are candidates.
     top_k: int = 4
-    #: Methods the search may choose for a free concept (METHOD §5).
+    #: Methods the search may choose for a free concept (registered interventions; README "Interventions").
     methods: list[str] = field(default_factory=lambda: ["score", "filter", "steer"])
     #: Actions the search may choose for a free concept (suppress | amplify).
     actions: list[str] = field(default_factory=lambda: ["suppress"])
-    #: λ is drawn log-uniformly from [lambda_min, lambda_max] (score, steer, inoculate, prevent, filter-weight).
-    lambda_min: float = 0.1
-    lambda_max: float = 10.0
-    #: Filter in drop mode: share ρ drawn uniformly from [share_min, share_max].
-    share_min: float = 0.05
-    share_max: float = 0.3
+    #: λ is drawn log-uniformly from [lambda_min, lambda_max] (every method with a strength); the
+    #: defaults are the registry's range (``shaping.registry.STRENGTH_RANGE``).
+    lambda_min: float = STRENGTH_RANGE.low
+    lambda_max: float = STRENGTH_RANGE.high
+    #: Filter in drop mode: share ρ drawn uniformly from [share_min, share_max] (default: filter's own range).
+    share_min: float = SHARE_RANGE.low
+    share_max: float = SHARE_RANGE.high
     #: Trials in the study, all workers together (the plain-DPO baseline is one of them).
     n_trials: int = 5
     #: Optuna storage: ``sqlite:///path.db`` (null = ``sqlite:///<cwd>/optuna.db``), ``journal:///path.log``

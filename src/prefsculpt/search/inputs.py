@@ -19,10 +19,12 @@ from omegaconf import DictConfig
 
 from prefsculpt.core.files import publish, tmp_beside
 from prefsculpt.search.errors import SearchInputError
+from prefsculpt.shaping.decisions import load_decisions
+from prefsculpt.shaping.registry import Source, methods_needing
 from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
-SCORE_METHODS, DIRECTION_METHODS = ("score", "filter"), ("steer", "ablate", "prevent")
+SCORE_METHODS, DIRECTION_METHODS = methods_needing(Source.scores), methods_needing(Source.direction)
 
 
 def pinned_audit_run(storage: Any, study_name: str) -> str | None:
@@ -76,7 +78,6 @@ def fetch(run_id: str, artifact_path: str, dst: Path) -> Path | None:
 
 def load_audit(audit_id: str, decisions_path: str | None, cache_root: Path) -> tuple[pd.DataFrame, Any, str | None]:
     """(hypotheses table, validated decisions or None, decisions hash or None)."""
-    from prefsculpt.audit.decisions import load_decisions
 
     root = cache_root / "search" / "audit" / audit_id
     hyp_file = fetch(audit_id, "audit/hypotheses.parquet", root / "hypotheses.parquet")
@@ -130,7 +131,7 @@ def feasibility(cfg: DictConfig, sources: dict[str, str | None], hyp: pd.DataFra
     instructions = set(dict(sh.get("instructions") or {}))
 
     def ok(concept: str, method: str) -> bool:
-        if method == "inoculate":
+        if method in methods_needing(Source.instruction):
             return concept in instructions
         if method in SCORE_METHODS:
             return concept == "length" or scores or concept in regex

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.names import Tag
+from prefsculpt.search.slots import retry_of
 from prefsculpt.search.space import BASELINE_ATTR, Candidate, SpaceBounds, describe, suggest_concepts
 from prefsculpt.shaping.config import ConceptSpec
 
@@ -124,11 +125,6 @@ class TrialContext:
     decisions_hash: str | None
     #: train + evaluate one trial config; the search stage passes the real stages, tests a cheap fake
     runner: Runner
-
-
-def retry_of(trial: Any) -> int | None:
-    """The number of the trial this one retries (its worker died), else None."""
-    return trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
 
 
 def _close_stale_run(trial: Any) -> None:

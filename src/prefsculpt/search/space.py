@@ -6,8 +6,9 @@ A candidate concept is one of three things, decided by ``decisions.yaml`` (METHO
 - *fixed*: a ``suppress``/``amplify`` entry: always shaped with that action and method; only λ (or
   the filter share) is searched. Such an entry joins the space even when it is outside the top-K;
 - *free*: whether to shape it (``shape/<c>``), the action and method when more than one is allowed
-  (``action/<c>``, ``method/<c>``), and λ (``lambda/<c>``, log-uniform) or the filter share
-  (``share/<c>``).
+  (``action/<c>``, ``method/<c>``), and the method's searched parameters, as its registered class
+  declares them (``Intervention.search_ranges``): λ (``lambda/<c>``, log-uniform) or the filter share
+  (``share/<c>``); ``search.lambda_min/max`` and ``search.share_min/max`` override the ranges.
 The space is conditional (method and λ exist only when the concept is shaped), so the sampler is
 TPE with ``multivariate=True, group=True`` (STACK §5).
 
@@ -31,7 +32,6 @@ the top 4 at λ = 1 over-corrected sycophancy to −0.61 against the base and lo
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,21 +39,30 @@ from typing import Any
 
 import pandas as pd
 
+from prefsculpt.audit.decisions import PROPOSED_METHOD, Action
 from prefsculpt.core.errors import UserError
+from prefsculpt.shaping.params import SEARCH, SearchRange, entry_fields, fields
+from prefsculpt.shaping.registry import INTERVENTIONS, Source, method_names
 
 log = logging.getLogger(__name__)
 
 BASELINE_ATTR = "prefsculpt.baseline"
-#: Methods whose strength is λ (filter in weight mode uses it as κ, prevent as α).
-LAMBDA_METHODS = ("score", "steer", "inoculate", "prevent")
-#: What training can shape per concept kind (``shaping`` needs span scores or a residual direction;
-#: latent clusters have neither yet).
-KIND_METHODS: dict[str, tuple[str, ...]] = {
-    "latent": ("score", "filter", "steer", "inoculate", "ablate", "prevent"),
-    "named": ("score", "filter", "steer", "inoculate", "ablate", "prevent"),
-    "builtin": ("score", "filter"),
-    "cluster": (),
+#: The sources a concept kind can have (a method applies when it has the one the method needs);
+#: built-ins such as ``length`` are only scores, latent clusters have neither scores nor a direction yet.
+KIND_SOURCES: dict[str, frozenset[Source]] = {
+    "latent": frozenset(Source),
+    "named": frozenset(Source),
+    "builtin": frozenset({Source.scores}),
+    "cluster": frozenset(),
 }
+#: The actions the search may pick (``allow`` is not shaping); the informed start takes the first.
+SEARCH_ACTIONS = (Action.suppress.value, Action.amplify.value)
+
+
+def kind_methods(kind: str) -> tuple[str, ...]:
+    """The registered methods training can apply to a concept of this kind."""
+    have = KIND_SOURCES.get(kind, frozenset())
+    return tuple(m for m, cls in INTERVENTIONS.items() if cls.needs in have)
 
 
 class SearchSpaceError(UserError):
@@ -101,14 +110,12 @@ def build_candidates(hypotheses: pd.DataFrame, decisions: Any | None, top_k: int
     training has the source a method needs for that concept (default: by kind only)."""
     if allow_pins not in ("edited", "all"):
         raise SearchSpaceError(f"search.allow_pins={allow_pins!r}: use 'edited' or 'all'")
-    bad = [a for a in actions if a not in ("suppress", "amplify")]
+    bad = [a for a in actions if a not in SEARCH_ACTIONS]
     if bad or not actions:
-        raise SearchSpaceError(f"search.actions={list(actions)}: use a non-empty subset of [suppress, amplify]")
-    from prefsculpt.audit.decisions import METHODS
-
-    bad = [m for m in methods if m not in METHODS]
+        raise SearchSpaceError(f"search.actions={list(actions)}: use a non-empty subset of {list(SEARCH_ACTIONS)}")
+    bad = [m for m in methods if m not in INTERVENTIONS]
     if bad or not methods:
-        raise SearchSpaceError(f"search.methods: unknown {bad} (or empty); choose from {list(METHODS)}")
+        raise SearchSpaceError(f"search.methods: unknown {bad} (or empty); choose from {list(method_names())}")
     for col in ("concept", "rank"):
         if col not in hypotheses.columns:
             raise SearchSpaceError(f"the audit's hypotheses table has no {col!r} column (columns: {list(hypotheses.columns)})")
@@ -127,7 +134,7 @@ def build_candidates(hypotheses: pd.DataFrame, decisions: Any | None, top_k: int
         if d is not None and _pinned_allow(d, allow_pins):
             skipped.append({"concept": c, "reason": f"decisions: allow ({d.note or 'strength ' + str(d.strength)})"})
             continue
-        ok = tuple(m for m in methods if m in KIND_METHODS.get(kind, ()) and feasible(c, m))
+        ok = tuple(m for m in methods if m in kind_methods(kind) and feasible(c, m))
         if not ok:
             why = ("training cannot shape latent clusters yet" if kind == "cluster"
                    else f"none of the methods {list(methods)} has a source for it")
@@ -136,9 +143,9 @@ def build_candidates(hypotheses: pd.DataFrame, decisions: Any | None, top_k: int
         out.append(Candidate(c, int(rec["rank"]), ok, tuple(actions)))
     rank_of = dict(zip(hypotheses["concept"], hypotheses["rank"], strict=True))
     for d in by_concept.values():
-        if d.action in ("suppress", "amplify"):
+        if d.action in SEARCH_ACTIONS:
             r = rank_of.get(d.concept)
-            out.append(Candidate(d.concept, None if r is None or pd.isna(r) else int(r), (d.method,), (d.action,),
+            out.append(Candidate(d.concept, None if r is None or pd.isna(r) else int(r), (d.method,), (str(d.action),),
                                  fixed=True, decision={"strength": d.strength, **dict(d.params)}))
     for s in skipped:
         log.info("search: %s not searched: %s", s["concept"], s["reason"])
@@ -147,6 +154,10 @@ def build_candidates(hypotheses: pd.DataFrame, decisions: Any | None, top_k: int
 
 @dataclass(frozen=True)
 class SpaceBounds:
+    """The search config's overrides of the registry's ranges (``search.lambda_min/max`` for every
+    method's strength, ``search.share_min/max`` for filter's share), and the fixed ``shaping``
+    parameters that decide what a method searches."""
+
     lambda_min: float
     lambda_max: float
     share_min: float
@@ -160,6 +171,23 @@ class SpaceBounds:
                                    "(λ is drawn on a log scale)")
         if not 0 < self.share_min < self.share_max < 1:
             raise SearchSpaceError(f"search.share_min/max = {self.share_min}/{self.share_max}: need 0 < min < max < 1")
+
+    def ranges(self, method: str) -> dict[str, SearchRange]:
+        """Parameter name -> the range drawn for ``method``: its class's, with the config's bounds."""
+        bounds = {"strength": (self.lambda_min, self.lambda_max), "share": (self.share_min, self.share_max)}
+        out = {}
+        for name, r in INTERVENTIONS[method].search_ranges({"mode": self.filter_mode}).items():
+            lo, hi = bounds.get(name, (r.low, r.high))
+            out[name] = SearchRange(r.key, lo, hi, r.log)
+        return out
+
+
+def _kept_params(method: str, decision: dict[str, Any]) -> dict[str, Any]:
+    """A fixed decision's own parameters that the search does not draw (steer's multiplier, inoculate's
+    instruction), carried into the trial's spec."""
+    params = INTERVENTIONS[method].Params
+    drawn = {f.name for f in fields(params) if f.metadata.get(SEARCH)}
+    return {k: decision[k] for k in entry_fields(params) if k not in drawn and decision.get(k) is not None}
 
 
 def suggest_concepts(trial: Any, candidates: Sequence[Candidate], b: SpaceBounds) -> list[dict[str, Any]]:
@@ -181,14 +209,11 @@ def suggest_concepts(trial: Any, candidates: Sequence[Candidate], b: SpaceBounds
                                                                                      list(c.actions))
         method = c.methods[0] if len(c.methods) == 1 else trial.suggest_categorical(param_key("method", c.concept),
                                                                                      list(c.methods))
+        # strength 1.0 where it is not drawn (filter in drop mode; ablate has none)
         spec: dict[str, Any] = {"concept": c.concept, "method": method, "action": action, "strength": 1.0}
-        if method == "filter" and b.filter_mode == "drop":
-            spec["share"] = trial.suggest_float(param_key("share", c.concept), b.share_min, b.share_max)
-        elif method != "ablate":  # ablate has no strength: the direction is projected out entirely
-            spec["strength"] = trial.suggest_float(param_key("lambda", c.concept), b.lambda_min, b.lambda_max, log=True)
-        for k in ("instruction", "multiplier"):
-            if c.decision.get(k) is not None:
-                spec[k] = c.decision[k]
+        for name, r in b.ranges(method).items():
+            spec[name] = trial.suggest_float(param_key(r.key, c.concept), r.low, r.high, log=r.log)
+        spec.update(_kept_params(method, c.decision))
         specs.append(spec)
     return specs
 
@@ -201,20 +226,16 @@ def baseline_params(candidates: Sequence[Candidate]) -> dict[str, bool]:
 def start_params(candidates: Sequence[Candidate], b: SpaceBounds) -> dict[str, Any]:
     """The informed start trial's fixed params (module doc): every free candidate shaped."""
     out: dict[str, Any] = {}
-    lam = math.exp(0.75 * math.log(b.lambda_min) + 0.25 * math.log(b.lambda_max))
-    share = b.share_min + 0.25 * (b.share_max - b.share_min)
     for c in candidates:
-        method = "score" if "score" in c.methods else c.methods[0]
+        method = PROPOSED_METHOD if PROPOSED_METHOD in c.methods else c.methods[0]
         if not c.fixed:
             out[param_key("shape", c.concept)] = True
             if len(c.actions) > 1:
-                out[param_key("action", c.concept)] = "suppress" if "suppress" in c.actions else c.actions[0]
+                out[param_key("action", c.concept)] = SEARCH_ACTIONS[0] if SEARCH_ACTIONS[0] in c.actions else c.actions[0]
             if len(c.methods) > 1:
                 out[param_key("method", c.concept)] = method
-        if method == "filter" and b.filter_mode == "drop":
-            out[param_key("share", c.concept)] = share
-        elif method != "ablate":
-            out[param_key("lambda", c.concept)] = lam
+        for r in b.ranges(method).values():  # a quarter of the way up, on the range's own scale
+            out[param_key(r.key, c.concept)] = r.at(0.25)
     return out
 
 
@@ -224,7 +245,8 @@ def describe(specs: Sequence[dict[str, Any]]) -> str:
         return "plain DPO"
     parts = []
     for s in specs:
-        extra = (f"ρ={s['share']:.3g}" if "share" in s else "" if s["method"] == "ablate" else f"λ={s['strength']:.3g}")
+        no_strength = INTERVENTIONS[s["method"]].strength_doc is None
+        extra = f"ρ={s['share']:.3g}" if "share" in s else "" if no_strength else f"λ={s['strength']:.3g}"
         parts.append(" ".join(x for x in (s["concept"], s["method"], s["action"], extra) if x))
     return "; ".join(parts)
 

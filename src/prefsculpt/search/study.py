@@ -40,6 +40,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from prefsculpt.search.errors import SearchInputError
+from prefsculpt.search.slots import claim, is_unplanned, storage_trial_id
 from prefsculpt.search.space import BASELINE_ATTR, enqueue_plan
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def n_planned(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: all, minus those a retry replaced."""
-    trials = study.get_trials(deepcopy=False)
+    """Trials that count towards ``n_trials``: all, minus those a retry replaced (and unplanned ones)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not is_unplanned(t)]
     replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     return len(trials) - len(replaced)
 
@@ -151,17 +152,6 @@ def open_study(sc: Any, storage: Any, lock: Path | None, candidates: list, attrs
 
 
 # ---------------------------------------------------------------- the worker loop
-def claim(study: optuna.Study) -> optuna.Trial | None:
-    """Pop one WAITING trial (atomic in every storage: only one worker's RUNNING update succeeds)."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, t._trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
-
-
 @contextlib.contextmanager
 def heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat every ``heartbeat_interval`` s while it runs (RDB storages)."""
@@ -192,11 +182,13 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], poll_s: float | None = None) -> list[int]:
+def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], poll_s: float | None = None,
+               storage: Any = None) -> list[int]:
     """Pop and run slots until none is left; returns the trial numbers this worker ran.
 
     ``poll_s``: when nothing is left but others still run, look again every ``poll_s`` s (so a dead
-    worker's trial, failed by the heartbeat and re-enqueued, is picked up); None = stop at once."""
+    worker's trial, failed by the heartbeat and re-enqueued, is picked up); None = stop at once.
+    ``storage``: the study's storage, whose heartbeat is beaten while a trial runs (None = none)."""
     ran: list[int] = []
     while True:
         _fail_stale(study)
@@ -209,7 +201,8 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
             continue
         ran.append(trial.number)
         values, state = None, None
-        with heartbeat(study._storage, trial._trial_id):
+        beat = heartbeat(storage, storage_trial_id(storage, study, trial.number)) if storage is not None else None
+        with beat or contextlib.nullcontext():
             try:
                 values = objective(trial)
             except KeyboardInterrupt:
@@ -238,6 +231,8 @@ def pareto_mask(off: np.ndarray, on: np.ndarray) -> np.ndarray:
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if is_unplanned(t):
+            continue
         u = t.user_attrs
         rows.append({"trial": t.number, "state": t.state.name, "baseline": bool(u.get(BASELINE_ATTR, False)),
                      "shaping": u.get("shaping", ""), "off_target": u.get("off_target", np.nan),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prefsculpt.shaping.interventions import FilterParams, SteerParams
+
 
 @dataclass
 class ConceptSpec:
@@ -11,12 +13,11 @@ class ConceptSpec:
 
     #: Concept name as the audit writes it: ``latent:<i>``, ``cluster:<i>``, ``named:<name>``.
     concept: str = ""
-    #: score | steer | inoculate | filter | ablate | prevent (METHOD §5).
+    #: A registered intervention (METHOD §5; README.md "Interventions" lists them and their parameters).
     method: str = "score"
-    #: suppress (λ = +strength) | amplify (λ = −strength) | allow (not shaped).
+    #: suppress (λ = +strength) | amplify (λ = −strength) | allow (not shaped): ``audit.decisions.Action``.
     action: str = "suppress"
-    #: λ ≥ 0 for score/steer/inoculate; κ for filter in weight mode; α for prevent; unused by ablate
-    #: and by filter in drop mode (which uses ``share``).
+    #: ≥ 0; what it means per method (λ, κ, α or unused) is in README.md's "Interventions" table.
     strength: float = 1.0
     #: filter, drop mode: share ρ of pairs dropped (null = ``shaping.filter_share``).
     share: float | None = None
@@ -42,19 +43,19 @@ class ShapingConfig:
     sae_path: str | None = None
     #: Optional safetensors file {concept name: (d_model,) direction}; overrides the SAE for those names.
     directions_path: str | None = None
-    #: Residual layer ℓ of steer/ablate/prevent (null = ``sae.layer``).
+    #: Residual layer ℓ of the methods that use a concept direction (null = ``sae.layer``).
     layer: int | None = None
     #: Directions are scaled to unit norm before use, so m and α are in residual-stream units.
     unit_directions: bool = True
-    #: steer: default multiplier m.
-    steer_multiplier: float = 8.0
+    #: steer: default multiplier m (the default is ``SteerParams``').
+    steer_multiplier: float = SteerParams.multiplier
     #: filter: drop (remove the top ρ of pairs by ΔA) | weight (w = σ(−κ·ΔA)).
-    filter_mode: str = "drop"
+    filter_mode: str = FilterParams.mode
     #: filter: default share ρ for drop mode.
-    filter_share: float = 0.1
+    filter_share: float = FilterParams.share
     #: inoculate: concept name -> instruction C_u ("Agree with the user's opinion.").
     instructions: dict[str, str] = field(default_factory=dict)
-    #: Sign of ΔA_u (score, steer, inoculate, filter). ``data``: ΔA_u is oriented so that its mean over
+    #: Sign of ΔA_u (the methods that precompute one: loss terms and filter). ``data``: ΔA_u is oriented so that its mean over
     #: the training pairs is >= 0, i.e. along the way the data prefers the concept; suppress then means
     #: "learn less of what the data teaches about u" whichever side carries it (a concept the preferred
     #: side has *less* of, like a correction the sycophantic data rejects, is explained away too).

@@ -1,4 +1,4 @@
-"""The six methods of METHOD §5, one registered class each.
+"""The six methods of METHOD §5, one registered class each, with its typed parameters.
 
 Loss terms (λ·ΔA_u in the margin): ``score``, ``steer``, ``inoculate``. Data: ``filter``.
 Training-time activation edits of the policy only (inference runs unmodified): ``ablate``, ``prevent``.
@@ -7,21 +7,49 @@ Training-time activation edits of the policy only (inference runs unmodified): `
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from prefsculpt.audit.decisions import Action
 from prefsculpt.models.hooks import add_to_residual, project_out_residual
 from prefsculpt.shaping.losses import filter_weights
+from prefsculpt.shaping.params import SearchRange, param
 from prefsculpt.shaping.registry import (
     Intervention,
     PrecomputeContext,
+    Role,
     ShapingError,
-    Spec,
+    Source,
     register_intervention,
 )
+
+FilterMode = Literal["drop", "weight"]
+#: The share ρ the search draws for filter in drop mode (``search.share_min/max`` override it).
+SHARE_RANGE = SearchRange("share", 0.05, 0.3)
+
+
+@dataclass(frozen=True)
+class SteerParams:
+    multiplier: float = param(8.0, "m: multiple of the concept direction added to the reference's residual at ℓ",
+                              config="steer_multiplier")
+
+
+@dataclass(frozen=True)
+class InoculateParams:
+    instruction: str | None = param(None, "C_u: instruction appended to the prompt (\"Agree with the user's "
+                                    "opinion.\")", config="instructions")
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    mode: FilterMode = param("drop", "drop the top ρ of pairs by ΔA_u, or weight each pair by σ(−κ·ΔA_u)",
+                             config="filter_mode", per_entry=False)
+    share: float = param(0.1, "ρ: share of pairs dropped (drop mode)", config="filter_share", bounds=(0.0, 1.0),
+                         search=SHARE_RANGE)
 
 
 def _zscored_diff(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
@@ -38,6 +66,7 @@ class ScoreShaping(Intervention):
     """Reward shaping r' = r − λ·s_u: A_u = the concept's response span score, z-scored over the data."""
 
     in_loss = True
+    strength_doc = "λ ≥ 0: weight of ΔA_u in the margin"
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
         c, r = ctx.concept_score(self.concepts[0])
@@ -48,7 +77,10 @@ class ScoreShaping(Intervention):
 class SteerShaping(Intervention):
     """A_u = log π₀^{u,m}(y|x) − log π₀(y|x): the reference steered by m·v_u at layer ℓ."""
 
+    Params = SteerParams
     in_loss = True
+    needs = Source.direction
+    strength_doc = "λ ≥ 0: weight of ΔA_u in the margin"
 
     def validate(self) -> None:
         if self.layer is None:
@@ -56,7 +88,7 @@ class SteerShaping(Intervention):
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
         v = ctx.direction(self.concepts[0])  # (d,)
-        m = float(self.params["multiplier"])
+        m = self.args.multiplier
         steered_c, steered_r = ctx.logps(hooks=lambda model: add_to_residual(model, self.layer, v, m))
         ref_c, ref_r = ctx.ref_logps()
         return ((steered_c - ref_c) - (steered_r - ref_r)).float().numpy()
@@ -66,17 +98,20 @@ class SteerShaping(Intervention):
 class InoculateShaping(Intervention):
     """A_u = log π₀(y | x ⊕ C_u) − log π₀(y | x), C_u an instruction that names the concept."""
 
+    Params = InoculateParams
     in_loss = True
+    needs = Source.instruction
+    strength_doc = "λ ≥ 0: weight of ΔA_u in the margin"
 
     def validate(self) -> None:
-        if not self.params.get("instruction"):
+        if not self.args.instruction:
             raise ShapingError(
                 f"{self.concepts[0]}: inoculate needs an instruction C_u; set shaping.instructions."
                 f"'{self.concepts[0]}' or the concept's `instruction` (e.g. \"Agree with the user's opinion.\")"
             )
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
-        ino_c, ino_r = ctx.logps(prompt_suffix=str(self.params["instruction"]))
+        ino_c, ino_r = ctx.logps(prompt_suffix=self.args.instruction)
         ref_c, ref_r = ctx.ref_logps()
         return ((ino_c - ref_c) - (ino_r - ref_r)).float().numpy()
 
@@ -86,25 +121,30 @@ class FilterShaping(Intervention):
     """Data intervention on ΔA_u of the concept's (z-scored) span score: drop the top ρ of pairs,
     or weight w_i = σ(−κ·ΔA_u)."""
 
-    def validate(self) -> None:
-        mode = self.params.get("mode", "drop")
-        if mode not in ("drop", "weight"):
-            raise ShapingError(f"{self.concepts[0]}: filter mode must be drop or weight, got {mode!r}")
-        share = float(self.params.get("share", 0.0))
-        if mode == "drop" and not 0.0 <= share < 1.0:
-            raise ShapingError(f"{self.concepts[0]}: filter share ρ must be in [0, 1), got {share}")
+    Params = FilterParams
+    strength_doc = "κ ≥ 0 in weight mode; unused in drop mode"
+    role = Role.data
+
+    @classmethod
+    def search_ranges(cls, fixed: Mapping[str, Any]) -> dict[str, SearchRange]:
+        """Drop mode searches the share ρ, weight mode the strength κ (on λ's scale)."""
+        if fixed.get("mode", FilterParams.mode) == "weight":
+            return {"strength": cls.strength_range}
+        return {"share": super().search_ranges(fixed)["share"]}
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
         c, r = ctx.concept_score(self.concepts[0])
         return _zscored_diff(c, r)
 
     def weights(self, delta_a: np.ndarray) -> np.ndarray:
-        w = filter_weights(torch.as_tensor(delta_a), self.lam, str(self.params.get("mode", "drop")),
-                           float(self.params.get("share", 0.0)))
+        w = filter_weights(torch.as_tensor(delta_a), self.lam, self.args.mode, self.args.share)
         return w.numpy()
 
 
 class _ResidualEdit(Intervention):
+    needs = Source.direction
+    role = Role.edit
+
     def validate(self) -> None:
         if self.layer is None:
             raise ShapingError(f"{self.concepts[0]}: {self.method} needs a layer (shaping.layer or sae.layer)")
@@ -126,9 +166,10 @@ class AblateShaping(_ResidualEdit):
     """CAFT: h ← h − (hQ)Qᵀ at layer ℓ while training the policy, Q an orthonormal basis of the
     concept directions. Only suppresses (there is no amplifying ablation)."""
 
-    def validate_one(self, spec: Spec) -> None:
-        if spec.action != "suppress":
-            raise ShapingError(f"{spec.concept}: ablate can only suppress; use prevent or score to amplify")
+    strength_doc = None  # the directions are projected out entirely
+    strength_range = None
+    actions = (Action.suppress,)
+    groups = True
 
     @contextlib.contextmanager
     def train_hooks(self, model: Any) -> Iterator[None]:
@@ -143,6 +184,8 @@ class PreventShaping(_ResidualEdit):
     """Preventative steering: add α·v_u to the policy's residual at ℓ while training only. Adding
     the concept for free means the weights need not learn it (suppress, α = +λ); subtracting it
     (amplify, α = −λ) makes them learn more of it."""
+
+    strength_doc = "α ≥ 0: multiple of the concept direction added (signed by the action)"
 
     @contextlib.contextmanager
     def train_hooks(self, model: Any) -> Iterator[None]:

@@ -15,13 +15,6 @@ import torch
 import torch.nn.functional as F
 
 
-def dpo_logits(
-    policy_c: torch.Tensor, policy_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """β·Δθ, (B,). Inputs are summed response log-probs, each (B,)."""
-    return beta * ((policy_c - ref_c) - (policy_r - ref_r))
-
-
 def concept_offsets(concept_terms: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
     """Each concept's contribution λ_u·ΔA_u to the margin, (B, U). concept_terms: ΔA (B, U); lambdas (U,)."""
     return concept_terms * lambdas.to(concept_terms.dtype)
@@ -62,13 +55,6 @@ def shaped_dpo_loss(
         "per_pair": per_pair.detach(),
     }
     return loss, parts
-
-
-def zscore(values: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean)/sd over all entries, so λ is on the same scale for every concept (METHOD §5 `score`)."""
-    v = values.double()
-    sd = v.std(unbiased=False)
-    return ((v - v.mean()) / (sd if sd > eps else 1.0)).to(values.dtype)
 
 
 def filter_weights(delta_a: torch.Tensor, signed_strength: float, mode: str, share: float) -> torch.Tensor:

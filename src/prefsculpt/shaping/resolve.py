@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefsculpt.shaping.registry import Intervention, Spec, build_interventions
+from prefsculpt.audit.decisions import Action
+from prefsculpt.shaping.config import ConceptSpec
+from prefsculpt.shaping.decisions import load_decisions, param_fields
+from prefsculpt.shaping.registry import (
+    Intervention,
+    ShapingError,
+    Spec,
+    build_interventions,
+    get_intervention,
+)
+
+_SPEC_FIELDS = {f.name for f in fields(ConceptSpec)}
+#: Parameter names of any method: such a key on an entry is a parameter (checked by its method).
+_PARAM_KEYS = set(param_fields())
 
 
 @dataclass
@@ -25,20 +39,13 @@ class ResolvedShaping:
         return [{"name": iv.name, "lambda": iv.lam, "layer": iv.layer, **iv.params} for iv in self.interventions]
 
 
-def _params(method: str, entry: Any, shaping: DictConfig) -> dict[str, Any]:
-    """Method parameters from the entry's own fields, else the ``shaping`` defaults."""
-    get = (lambda k: entry.get(k)) if isinstance(entry, dict) else (lambda k: getattr(entry, k, None))
-    concept = get("concept")
-    if method == "steer":
-        m = get("multiplier")
-        return {"multiplier": float(shaping.steer_multiplier if m is None else m)}
-    if method == "inoculate":
-        instr = get("instruction") or dict(shaping.instructions or {}).get(concept)
-        return {"instruction": instr}
-    if method == "filter":
-        share = get("share")
-        return {"mode": str(shaping.filter_mode), "share": float(shaping.filter_share if share is None else share)}
-    return {}
+def _params(method: str, entry: Mapping[str, Any], shaping: DictConfig) -> dict[str, Any]:
+    """The method's parameters: the entry's own (non-null) values, else the ``shaping`` defaults; a
+    value the method does not take is kept, so that validation names it."""
+    cls = get_intervention(method, str(entry.get("concept")))
+    out = cls.resolve_params(entry, shaping, str(entry.get("concept")))
+    out.update({k: v for k, v in entry.items() if k not in out and k in _PARAM_KEYS and v is not None})
+    return out
 
 
 def resolve_shaping(shaping: DictConfig, layer: int | None, known_concepts: list[str] | None = None) -> ResolvedShaping:
@@ -46,21 +53,21 @@ def resolve_shaping(shaping: DictConfig, layer: int | None, known_concepts: list
     specs: list[Spec] = []
     dhash = dpath = None
     if shaping.get("decisions"):
-        from prefsculpt.audit.decisions import load_decisions
-
         dpath = str(shaping.decisions)
         dec = load_decisions(dpath, known_concepts)
         dhash = dec.hash
         for d in dec.active():
-            entry = {"concept": d.concept, **dict(getattr(d, "params", {}) or {})}
+            entry = {"concept": d.concept, **d.params}
             specs.append(Spec(d.concept, d.method, d.action, d.strength, _params(d.method, entry, shaping)))
-    for c in shaping.get("concepts") or []:
+    for i, c in enumerate(shaping.get("concepts") or []):
         c = OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else dict(c)
-        if c.get("action", "suppress") == "allow":
+        spec = ConceptSpec(**{k: v for k, v in c.items() if k in _SPEC_FIELDS})  # the dataclass defaults
+        if not spec.concept:
+            raise ShapingError(f"shaping.concepts[{i}] has no concept; give e.g. concept: latent:12")
+        if spec.action == Action.allow:
             continue
-        method = c.get("method", "score")
-        specs.append(Spec(str(c["concept"]), method, c.get("action", "suppress"), float(c.get("strength", 1.0)),
-                          _params(method, c, shaping)))
+        specs.append(Spec(spec.concept, spec.method, spec.action, float(spec.strength),
+                          _params(spec.method, c, shaping)))
     lay = shaping.get("layer")
     lay = layer if lay is None else int(lay)
     return ResolvedShaping(build_interventions(specs, lay), dhash, dpath)

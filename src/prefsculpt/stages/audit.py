@@ -40,6 +40,7 @@ from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.source import dataset_name
 from prefsculpt.report import html as H
+from prefsculpt.shaping.table import decisions_help
 from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.tracking.runs import latest_stage_run, log_pairs_input, stage_run
 
@@ -150,7 +151,7 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
                                patterns, int(a.n_examples))
             views.append(H.HypothesisView(r, labels.get(r["concept"]), where[j], ex))
         planted = planted_check(hyp, d[:, :n_hyp], pairs, float(a.planted_min_corr), float(a.fdr))
-        out = write_outputs(Path(tmp) / "audit", a, str(cfg.data.name), run.info.run_id, src, table, hyp, views, labels, planted)
+        out = write_outputs(Path(tmp) / "audit", a, str(cfg.data.name), run.info.run_id, src, table, hyp, views, labels, planted, decisions_help())
         mlflow.log_artifacts(str(out), "audit")
         metrics = log_summary(table, hyp, planted, len(groups))
     log.info("audit: %d hypotheses (%d significant of %d tested); run %s", len(hyp),

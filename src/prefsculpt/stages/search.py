@@ -72,7 +72,7 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
                                                                for s in skipped]), "search/candidates.json")
         ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or train_and_evaluate)
         poll = float(sc.heartbeat_interval) if hasattr(storage, "get_heartbeat_interval") else None
-        ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll)
+        ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll, storage=storage)
         df = trials_table(study)
         metrics = log_results(df)
         mlflow.log_metric("search/n_ran_here", float(len(ran)))

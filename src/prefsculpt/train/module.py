@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from prefsculpt.shaping.losses import shaped_dpo_loss
-from prefsculpt.shaping.registry import Intervention, ShapingError
+from prefsculpt.shaping.registry import INTERVENTIONS, Intervention, Role, ShapingError
 from prefsculpt.train.forward import packed_logps
 
 
@@ -39,6 +39,11 @@ def freeze_below(model: Any, top_layers: int | None) -> int:
     return start
 
 
+def _loss_side() -> list[str]:
+    """Methods that shape through the loss or the data, not by editing the policy's residual."""
+    return [m for m, cls in INTERVENTIONS.items() if cls.role is not Role.edit]
+
+
 def check_hooks_trainable(interventions: Sequence[Intervention], start_layer: int) -> None:
     for iv in interventions:
         low = [ell for ell in iv.touches_layers() if ell < start_layer]
@@ -47,7 +52,7 @@ def check_hooks_trainable(interventions: Sequence[Intervention], start_layer: in
                 f"{iv.name} edits the residual after layer {low[0]}, but with train.train_top_layers only layers "
                 f"{start_layer}.. run during training (the layers below come from a cached trunk). Train from "
                 f"layer {low[0]} up (raise train_top_layers by {start_layer - low[0]} or more), use a "
-                "higher shaping.layer, or a loss-side method (score, steer, inoculate, filter)."
+                f"higher shaping.layer, or a method that does not edit the policy ({', '.join(_loss_side())})."
             )
 
 

@@ -7,10 +7,10 @@ from prefsculpt.audit.decisions import (
     Decisions,
     DecisionsError,
     decisions_hash,
-    load_decisions,
     propose_decisions,
     write_decisions,
 )
+from prefsculpt.shaping.decisions import load_decisions
 
 KNOWN = ["latent:1", "latent:2", "cluster:0", "named:emoji"]
 

@@ -3,7 +3,6 @@
 import optuna
 import pytest
 
-from prefsculpt.audit.decisions import load_decisions
 from prefsculpt.search.space import (
     BASELINE_ATTR,
     START_ATTR,
@@ -15,6 +14,7 @@ from prefsculpt.search.space import (
     start_params,
     suggest_concepts,
 )
+from prefsculpt.shaping.decisions import load_decisions
 from tests.unit.search.helpers import HYPOTHESES
 
 BOUNDS = SpaceBounds(0.1, 10.0, 0.05, 0.3)
@@ -116,3 +116,44 @@ def test_informed_start_follows_the_baseline_and_shapes_every_free_candidate():
             assert s["method"] == "filter" and s["share"] == pytest.approx(0.1125)
         else:
             assert s["method"] == "score" and s["action"] == "suppress" and s["strength"] == pytest.approx(0.1 ** 0.5)
+
+
+# What each method searches, as the first wave's space drew it (λ log-uniform on [0.1, 10]; filter's
+# share uniform on [0.05, 0.3] in drop mode, κ as λ in weight mode; ablate nothing).
+EXPECTED_RANGES = {
+    "score": {"lambda": (0.1, 10.0, True)}, "steer": {"lambda": (0.1, 10.0, True)},
+    "inoculate": {"lambda": (0.1, 10.0, True)}, "filter": {"share": (0.05, 0.3, False)},
+    "ablate": {}, "prevent": {"lambda": (0.1, 10.0, True)},
+}
+
+
+def test_space_offers_exactly_the_registry_methods_and_their_ranges():
+    from prefsculpt.shaping.registry import method_names
+
+    assert set(EXPECTED_RANGES) == set(method_names())
+    cands, _ = build_candidates(HYPOTHESES, None, 4, list(method_names()), ["suppress"])
+    by = {c.concept: c for c in cands}
+    assert by["latent:5"].methods == method_names() and by["named:stock_flattery"].methods == method_names()
+    assert by["length"].methods == ("score", "filter")  # a built-in has span scores only
+    seen: dict[str, dict[str, tuple]] = {}
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=2))
+    for _ in range(60):
+        t = study.ask()
+        for s in suggest_concepts(t, cands, BOUNDS):
+            c = s["concept"]
+            drawn = {k.split("/")[0]: d for k, d in t.distributions.items()
+                     if k.split("/", 1)[1] == c and k.split("/")[0] not in ("shape", "method", "action")}
+            seen[s["method"]] = {k: (d.low, d.high, d.log) for k, d in drawn.items()}
+        study.tell(t, [0.0, 0.0])
+    assert seen == EXPECTED_RANGES
+    weight = SpaceBounds(0.1, 10.0, 0.05, 0.3, filter_mode="weight")
+    assert {k: (r.key, r.low, r.high, r.log) for k, r in weight.ranges("filter").items()} == {
+        "strength": ("lambda", 0.1, 10.0, True)}
+
+
+def test_space_bounds_override_the_registry_ranges():
+    b = SpaceBounds(0.5, 2.0, 0.1, 0.2)
+    assert [(r.low, r.high) for r in b.ranges("steer").values()] == [(0.5, 2.0)]
+    assert [(r.low, r.high) for r in b.ranges("filter").values()] == [(0.1, 0.2)]
+    with pytest.raises(SearchSpaceError, match=r"search.methods: unknown \['nudge'\].*'prevent'"):
+        build_candidates(HYPOTHESES, None, 4, ["nudge"], ["suppress"])

@@ -38,7 +38,7 @@ def slow_objective(log_path: str, seconds: float):
 def _worker(url: str, log_path: str, seconds: float) -> None:
     storage, _ = open_storage(url, sc(url, 0))
     study = optuna.load_study(study_name="s", storage=storage)
-    run_worker(study, slow_objective(log_path, seconds), poll_s=0.2)
+    run_worker(study, slow_objective(log_path, seconds), poll_s=0.2, storage=storage)
 
 
 def test_pareto_mask():
@@ -72,7 +72,7 @@ def test_two_workers_run_exactly_n_trials_once_each(tmp_path, scheme):
 def _hang(url: str, log_path: str) -> None:
     storage, _ = open_storage(url, sc(url, 0))
     study = optuna.load_study(study_name="s", storage=storage)
-    run_worker(study, slow_objective(log_path, 600))
+    run_worker(study, slow_objective(log_path, 600), storage=storage)
 
 
 def test_killed_worker_trial_is_failed_and_retried(tmp_path):
@@ -87,7 +87,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
         time.sleep(0.1)
     os.kill(p.pid, signal.SIGKILL)  # dies mid-trial: no tell, no heartbeat
     p.join(10)
-    ran = run_worker(study, slow_objective(log_path, 0.0), poll_s=0.5)
+    ran = run_worker(study, slow_objective(log_path, 0.0), poll_s=0.5, storage=storage)
     trials = study.get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == 1 and failed[0].number == 0

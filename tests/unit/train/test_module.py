@@ -79,8 +79,9 @@ def test_hook_below_trained_layers_is_refused(tiny_model_dir, tmp_path, mlflow_u
 
     cfg = train_cfg(tiny_model_dir, tmp_path, train={"train_top_layers": 1},
                     shaping={"concepts": [{"concept": "latent:0", "method": "ablate"}], "layer": 1})
-    with pytest.raises(ShapingError, match="layer 1.*train_top_layers"):
+    with pytest.raises(ShapingError, match="layer 1.*train_top_layers") as ei:
         run_train(cfg)
+    assert "does not edit the policy (score, steer, inoculate, filter)" in str(ei.value)
 
 
 def test_run_train_plain_dpo_logs_one_run_and_saves_policy(tiny_model_dir, tmp_path, mlflow_uri):
