@@ -8,18 +8,24 @@ silently.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import json
 import logging
 import os
+import sys
+import threading
+import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefsculpt.core.redact import redact_text
+from prefsculpt.data import safejson
 from prefsculpt.data.errors import DataSourceError, DataValidationError, RowError, RowProblem
 from prefsculpt.data.formats import FORMATS, to_pair
 from prefsculpt.data.schema import PreferencePair
@@ -58,52 +64,156 @@ def _decode(line: bytes) -> str | RowProblem:
         return RowProblem("undecodable", f"not valid UTF-8 at byte {exc.start}")
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+#: Byte-order marks of encodings we do not read (UTF-32 first: its LE mark starts like UTF-16's).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+               (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def _strip_bom(first: bytes, path: Path) -> bytes:
+    """The file's first bytes without a UTF-8 byte-order mark (Excel and Notepad write one); a
+    UTF-16/32 mark is a whole-file error, since every line would otherwise be "undecodable"."""
+    if first.startswith(_UTF8_BOM):
+        return first[len(_UTF8_BOM):]
+    for bom, enc in _OTHER_BOMS:
+        if first.startswith(bom):
+            raise DataSourceError(
+                f"{path}: the file is {enc} (it starts with the byte-order mark {bom.hex(' ')}), "
+                "but data files must be UTF-8. Re-save it as UTF-8 (e.g. `iconv -f "
+                f"{enc} -t UTF-8 {path.name} > out{_base_suffix(path)}`) and point data.path at that."
+            )
+    return first
+
+
+@contextlib.contextmanager
+def _reading(path: Path, where: Callable[[], str] = lambda: ""):
+    """Turn a failure to read or decompress ``path`` into a :class:`DataSourceError` naming the
+    file and how far reading got (``where()``). Nothing read before the failure is used."""
+    try:
+        yield
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        msg = str(exc)
+        if isinstance(exc, EOFError):
+            what = "truncated (the compressed stream ends before its end marker)"
+        elif msg.startswith("Not a gzipped file"):
+            what = "not gzip data (it does not start with the gzip magic bytes 1f 8b)"
+        else:
+            what = f"corrupt ({msg})"
+        raise DataSourceError(
+            f"{path}: the gzip file is {what}{where()}. No rows were loaded from it. Re-download or "
+            f"re-compress the file (`gzip -t {path.name}` checks it), or drop the .gz suffix if it is "
+            "not compressed."
+        ) from exc
+    except OSError as exc:
+        raise DataSourceError(f"{path}: cannot be read ({exc.strerror or exc}). Check the path and "
+                              "its permissions.") from exc
+
+
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
-    with _open_bytes(path) as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            text = _decode(raw)
+    lineno = 0
+    with _reading(path, lambda: f", found while reading line {lineno + 1}"), _open_bytes(path) as fh:
+        for raw in fh:
+            lineno += 1
+            text = _decode(_strip_bom(raw, path) if lineno == 1 else raw)
             if isinstance(text, RowProblem):
                 yield lineno, text
                 continue
             if not text.strip():
                 continue
             try:
-                rec = json.loads(text)
+                rec = safejson.raw_loads(text)
             except json.JSONDecodeError as exc:
                 yield lineno, RowProblem("malformed", f"invalid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            except RecursionError:
+                yield lineno, safejson.too_deep(text)
                 continue
             if not isinstance(rec, dict):
                 yield lineno, RowProblem("malformed", f"expected a JSON object, got {type(rec).__name__}")
                 continue
-            yield lineno, rec
+            yield lineno, _checked(rec)
+
+
+def _checked(rec: dict) -> dict | RowProblem:
+    """``rec``, or the depth / number-range problem in it (carrying the record for its id)."""
+    try:
+        safejson.check_value(rec)
+    except RowProblem as prob:
+        prob.record = rec
+        return prob
+    return rec
+
+
+def _read_all(path: Path) -> bytes:
+    with _reading(path):
+        with _open_bytes(path) as fh:
+            return _strip_bom(fh.read(), path)
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
-    with _open_bytes(path) as fh:
-        raw = fh.read()
+    raw = _read_all(path)
     try:
-        data = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = safejson.raw_loads(text)
     except UnicodeDecodeError as exc:
-        raise DataSourceError(f"{path}: not valid UTF-8 at byte {exc.start}") from exc
+        raise DataSourceError(f"{path}: not valid UTF-8 at byte {exc.start}. Re-save the file as UTF-8.") from exc
     except json.JSONDecodeError as exc:
         raise DataSourceError(
             f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}. "
-            "For one object per line use a .jsonl file."
+            "Fix the file there; for one object per line use a .jsonl file."
         ) from exc
+    except RecursionError:
+        at = safejson.nesting_error_at(text)
+        pos = f" at line {at[0]} column {at[1]}" if at else ""
+        raise DataSourceError(
+            f"{path}: JSON nested more than {safejson.MAX_DEPTH} levels deep{pos}. A preference record "
+            "needs about 4 levels; flatten the value there."
+        ) from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} style
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataSourceError(f"{path}: expected a list of records (or an object holding one list)")
+            raise DataSourceError(
+                f"{path}: expected a list of records, or an object holding exactly one list, but the top-level "
+                f"object holds {len(lists)} lists. Keep one list of records (or use a .jsonl file)."
+            )
         data = lists[0]
     if not isinstance(data, list):
-        raise DataSourceError(f"{path}: expected a JSON list of records")
+        raise DataSourceError(f"{path}: expected a JSON list of records, got a {type(data).__name__}. "
+                              "Write the records as [{...}, {...}] or one object per line in a .jsonl file.")
     for i, rec in enumerate(data, start=1):
-        yield i, rec if isinstance(rec, dict) else RowProblem("malformed", "record is not a JSON object")
+        yield i, _checked(rec) if isinstance(rec, dict) else RowProblem("malformed", "record is not a JSON object")
+
+
+#: ``csv.field_size_limit`` is process-wide state; it is raised only while one file is parsed.
+_CSV_LIMIT_LOCK = threading.Lock()
+
+
+def _csv_records(lines: list[str]) -> list[tuple[int, dict]]:
+    """(physical line where the record ends, record) for every record. No field-size limit: an
+    oversized field is then rejected with its row by ``data.max_chars`` (``too_long``), instead of the
+    csv module's bare "field larger than field limit (131072)"."""
+    with _CSV_LIMIT_LOCK:
+        old = csv.field_size_limit(min(sys.maxsize, 2**62))
+        try:
+            reader = csv.DictReader(lines)
+            return [(reader.line_num, rec) for rec in reader]
+        finally:
+            csv.field_size_limit(old)
+
+
+def _unclosed_quote(lines: list[str], start: int) -> bool:
+    """True when the record beginning at 1-based line ``start`` runs to the end of the file inside
+    an open quote (the lenient reader silently takes the rest of the file as that field)."""
+    try:
+        for _ in csv.reader(lines[start - 1:], strict=True):
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
-    with _open_bytes(path) as fh:
-        raw = fh.read()
+    raw = _read_all(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -123,15 +233,24 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
         lines = decoded
     else:
         bad = {}
-    reader = csv.DictReader(lines)
-    for rec in reader:
-        lineno = reader.line_num  # physical line where the record ends
+    try:
+        records = _csv_records(lines)
+    except csv.Error as exc:
+        raise DataSourceError(f"{path}: cannot parse the CSV ({exc}). Check the quoting there, or save the "
+                              "data as .jsonl or .parquet.") from exc
+    prev_end = 1  # the header's last line
+    for lineno, rec in records:
         if lineno in bad:
             yield lineno, bad[lineno]
         elif None in rec:
             yield lineno, RowProblem("malformed", "more fields than the header")
+        elif lineno == len(lines) and _unclosed_quote(lines, prev_end + 1):
+            yield lineno, RowProblem(
+                "malformed", f"a quoted field opened on line {prev_end + 1} is never closed, so the rest of the "
+                "file was read into it; close the quote (a quote inside a quoted field is written twice: \"\")")
         else:
             yield lineno, {k: (v if v != "" else None) for k, v in rec.items()}
+        prev_end = lineno
 
 
 def _read_arrow_like(ds: Any) -> Iterator[RawRow]:
@@ -226,13 +345,25 @@ def load_pairs(
     hub_split: str = "train",
     limit: int | None = None,
 ) -> LoadResult:
-    """Load and validate every row of ``path``; see the module docstring for ``on_error``."""
+    """Load and validate every row of ``path``; see the module docstring for ``on_error``.
+
+    Raises :class:`DataSourceError` when the source cannot be read at all (or the settings are
+    wrong), and :class:`DataValidationError` for invalid rows under ``on_error="raise"`` and, under
+    either policy, when no row at all is valid."""
     if fmt not in FORMATS:
-        raise ValueError(f"data.format={fmt!r} is not one of {FORMATS}")
+        raise DataSourceError(
+            f"data.format={fmt!r} is not a known format. Set data.format to one of {', '.join(FORMATS)} "
+            "(auto decides per row between plain strings, chat message lists and HH-RLHF transcripts)."
+        )
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"data.on_error={on_error!r} must be 'raise' or 'skip'")
+        raise DataSourceError(f"data.on_error={on_error!r} must be 'raise' (stop and list the bad rows) or "
+                              "'skip' (drop them and log a skip report).")
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars <= 0:
+        raise DataSourceError(f"data.max_chars={max_chars!r} must be a positive integer (characters per text).")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise DataSourceError(f"data.limit={limit!r} must be null (every row) or a positive integer.")
     columns = dict(columns or {})
-    source = str(path)
+    source = redact_text(str(path))  # names the source in errors and the skip report: no credentials
     stem = Path(path).name.split(".")[0] or "row"
     pairs: list[PreferencePair] = []
     errors: list[RowError] = []
@@ -242,7 +373,8 @@ def load_pairs(
         if limit is not None and n_rows >= limit:
             break
         n_rows += 1
-        raw_id = rec.get(columns.get("id", "id")) if isinstance(rec, dict) else None
+        fields = rec.record if isinstance(rec, RowProblem) else rec
+        raw_id = fields.get(columns.get("id", "id")) if isinstance(fields, dict) else None
         rid = None if raw_id is None else str(raw_id)
         try:
             if isinstance(rec, RowProblem):
@@ -256,7 +388,10 @@ def load_pairs(
         seen[pair.id] = row
         pairs.append(pair)
     if n_rows == 0:
-        raise DataSourceError(f"{source}: no rows")
+        raise DataSourceError(f"{source}: holds no rows (the file is empty or only blank lines, or a CSV has "
+                              "only its header). Point data.path at a file with at least one record.")
+    if not pairs:
+        raise DataValidationError(source, errors, n_rows, none_valid=True)
     if errors and on_error == "raise":
         raise DataValidationError(source, errors, n_rows)
     for e in errors:

@@ -122,7 +122,7 @@ def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         mlflow.log_table(pd.DataFrame([e.to_dict() for e in loaded.skipped]), "data/skip_report.json")
     sample = pairs_frame(splits["train"][: int(cfg.data.sample_rows)])
     mlflow.log_table(sample, "data/sample.json")
-    source = str(cfg.data.path) if cfg.data.path else None
+    source = loaded.source if cfg.data.path else None  # data.path with any URI password redacted
     digests = {}
     for split, pairs in named.items():
         if pairs:

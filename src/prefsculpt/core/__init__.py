@@ -1,0 +1,1 @@
+"""Small shared pieces every package may use (no MLflow, no stage logic)."""
