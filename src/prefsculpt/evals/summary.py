@@ -63,6 +63,8 @@ def plot_rows(rows: Sequence[Row], title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from prefsculpt.report.plots import PLAIN, plain_text  # metric names may hold data text ($, \)
+
     rows = [r for r in rows if r.base is not None]
     n = max(len(rows), 1)
     cols = min(n, 4)
@@ -76,8 +78,8 @@ def plot_rows(rows: Sequence[Row], title: str):
         err = np.array([[e.mean - e.low for e in ests], [e.high - e.mean for e in ests]])
         ax.bar(["base", "policy"], means, yerr=err, capsize=4, color=["#9aa5b1", "#3b7dd8"])
         sub = f"Δ {r.diff.mean:+.3f} [{r.diff.low:+.3f}, {r.diff.high:+.3f}]" if r.diff else ""
-        ax.set_title(f"{r.metric}\n{sub}", fontsize=8)
+        ax.set_title(f"{plain_text(r.metric)}\n{sub}", fontsize=8, **PLAIN)
         ax.tick_params(labelsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(plain_text(title), fontsize=10, **PLAIN)
     fig.tight_layout()
     return fig
