@@ -352,7 +352,8 @@ def load_pairs(
     either policy, when no row at all is valid."""
     if fmt not in FORMATS:
         raise DataSourceError(
-            f"data.format={fmt!r} is not a known format. Set data.format to one of {', '.join(FORMATS)} "
+            f"data.format={fmt!r} (for {redact_text(str(path))}) is not a known format. Set data.format to one of "
+            f"{', '.join(FORMATS)} "
             "(auto decides per row between plain strings, chat message lists and HH-RLHF transcripts)."
         )
     if on_error not in ("raise", "skip"):

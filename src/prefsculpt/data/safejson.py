@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from prefsculpt.data.errors import RowProblem
@@ -90,6 +91,8 @@ def nesting_error_at(text: str, limit: int = MAX_DEPTH) -> tuple[int, int] | Non
 
 
 def _name(path: str) -> str:
+    if len(path) > 60:
+        path = path[:59] + "…"
     return f"field {path}" if path else "the record"
 
 
@@ -107,9 +110,8 @@ def check_value(value: Any, where: str = "", base_depth: int = 0, limit: int = M
             )
         if isinstance(v, dict | list):
             if depth + 1 > limit:
-                raise RowProblem(
-                    "malformed", f"{_name(path)} is nested more than {limit} levels deep; flatten it"
-                )
+                top = re.split(r"[.\[]", path, maxsplit=1)[0]  # "m[0][0]…" would be 64 levels long
+                raise RowProblem("malformed", f"{_name(top)} is nested more than {limit} levels deep; flatten it")
             items = v.items() if isinstance(v, dict) else enumerate(v)
             for k, child in items:
                 name = (f"{path}.{k}" if path else k) if isinstance(k, str) else f"{path}[{k}]"
