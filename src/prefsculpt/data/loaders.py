@@ -8,24 +8,20 @@ silently.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import gzip
-import io
 import json
 import logging
 import os
 import sys
 import threading
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefsculpt.core.redact import redact_text
-from prefsculpt.data import safejson
+from prefsculpt.data import rawio, safejson
 from prefsculpt.data.errors import DataSourceError, DataValidationError, RowError, RowProblem
 from prefsculpt.data.formats import FORMATS, to_pair
 from prefsculpt.data.schema import PreferencePair
@@ -49,72 +45,12 @@ class LoadResult:
         return dict(Counter(e.reason for e in self.skipped))
 
 
-def _open_bytes(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-
-
-def _base_suffix(path: Path) -> str:
-    return Path(path.name[: -len(".gz")]).suffix if path.suffix == ".gz" else path.suffix
-
-
-def _decode(line: bytes) -> str | RowProblem:
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return RowProblem("undecodable", f"not valid UTF-8 at byte {exc.start}")
-
-
-_UTF8_BOM = b"\xef\xbb\xbf"
-#: Byte-order marks of encodings we do not read (UTF-32 first: its LE mark starts like UTF-16's).
-_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
-               (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
-
-
-def _strip_bom(first: bytes, path: Path) -> bytes:
-    """The file's first bytes without a UTF-8 byte-order mark (Excel and Notepad write one); a
-    UTF-16/32 mark is a whole-file error, since every line would otherwise be "undecodable"."""
-    if first.startswith(_UTF8_BOM):
-        return first[len(_UTF8_BOM):]
-    for bom, enc in _OTHER_BOMS:
-        if first.startswith(bom):
-            raise DataSourceError(
-                f"{path}: the file is {enc} (it starts with the byte-order mark {bom.hex(' ')}), "
-                "but data files must be UTF-8. Re-save it as UTF-8 (e.g. `iconv -f "
-                f"{enc} -t UTF-8 {path.name} > out{_base_suffix(path)}`) and point data.path at that."
-            )
-    return first
-
-
-@contextlib.contextmanager
-def _reading(path: Path, where: Callable[[], str] = lambda: ""):
-    """Turn a failure to read or decompress ``path`` into a :class:`DataSourceError` naming the
-    file and how far reading got (``where()``). Nothing read before the failure is used."""
-    try:
-        yield
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        msg = str(exc)
-        if isinstance(exc, EOFError):
-            what = "truncated (the compressed stream ends before its end marker)"
-        elif msg.startswith("Not a gzipped file"):
-            what = "not gzip data (it does not start with the gzip magic bytes 1f 8b)"
-        else:
-            what = f"corrupt ({msg})"
-        raise DataSourceError(
-            f"{path}: the gzip file is {what}{where()}. No rows were loaded from it. Re-download or "
-            f"re-compress the file (`gzip -t {path.name}` checks it), or drop the .gz suffix if it is "
-            "not compressed."
-        ) from exc
-    except OSError as exc:
-        raise DataSourceError(f"{path}: cannot be read ({exc.strerror or exc}). Check the path and "
-                              "its permissions.") from exc
-
-
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
     lineno = 0
-    with _reading(path, lambda: f", found while reading line {lineno + 1}"), _open_bytes(path) as fh:
+    with rawio.reading(path, lambda: f", found while reading line {lineno + 1}"), rawio.open_bytes(path) as fh:
         for raw in fh:
             lineno += 1
-            text = _decode(_strip_bom(raw, path) if lineno == 1 else raw)
+            text = rawio.decode_line(rawio.strip_bom(raw, path) if lineno == 1 else raw)
             if isinstance(text, RowProblem):
                 yield lineno, text
                 continue
@@ -144,14 +80,8 @@ def _checked(rec: dict) -> dict | RowProblem:
     return rec
 
 
-def _read_all(path: Path) -> bytes:
-    with _reading(path):
-        with _open_bytes(path) as fh:
-            return _strip_bom(fh.read(), path)
-
-
 def _read_json(path: Path) -> Iterator[RawRow]:
-    raw = _read_all(path)
+    raw = rawio.read_all(path)
     try:
         text = raw.decode("utf-8")
         data = safejson.raw_loads(text)
@@ -213,7 +143,7 @@ def _unclosed_quote(lines: list[str], start: int) -> bool:
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
-    raw = _read_all(path)
+    raw = rawio.read_all(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -224,7 +154,7 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
         decoded = []
         bad: dict[int, RowProblem] = {}
         for i, b in enumerate(raw.splitlines(keepends=True)):
-            d = _decode(b)
+            d = rawio.decode_line(b)
             if isinstance(d, RowProblem):
                 bad[i + 1] = d  # keep the line (decoded lossily) so CSV structure and numbering hold
                 decoded.append(b.decode("utf-8", errors="replace"))
@@ -308,9 +238,14 @@ def _read_hub(name: str, split: str) -> Iterator[RawRow]:
 
 def iter_raw_rows(path: str, hub_split: str = "train") -> Iterator[RawRow]:
     """Raw records of a source with 1-based row numbers (file line numbers for JSONL/CSV)."""
+    if "://" in str(path):  # Path() would fold "s3://k:secret@b" to "s3:/k:secret@b", past redaction
+        raise DataSourceError(
+            f"data.path={redact_text(str(path))!r} is a URL, but prefsculpt reads local files and folders "
+            "(or a hub dataset name). Download or mount the data and point data.path at the local copy."
+        )
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if _base_suffix(f) in FILE_SUFFIXES)
+        files = sorted(f for f in p.iterdir() if rawio.base_suffix(f) in FILE_SUFFIXES)
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
             yield from _read_datasets_folder(p, hub_split)
         elif files:
@@ -326,12 +261,12 @@ def iter_raw_rows(path: str, hub_split: str = "train") -> Iterator[RawRow]:
         return
     if p.exists():
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        suffix = _base_suffix(p)
+        suffix = rawio.base_suffix(p)
         if suffix not in readers:
             raise DataSourceError(f"{p}: unknown file type {suffix!r}; use one of {FILE_SUFFIXES} (optionally .gz)")
         yield from readers[suffix](p)
         return
-    if p.is_absolute() or str(path).startswith((".", "~")) or _base_suffix(p) in FILE_SUFFIXES:
+    if p.is_absolute() or str(path).startswith((".", "~")) or rawio.base_suffix(p) in FILE_SUFFIXES:
         raise DataSourceError(f"{p}: no such file or folder")
     yield from _read_hub(path, hub_split)
 

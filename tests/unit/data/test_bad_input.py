@@ -95,6 +95,12 @@ def test_utf8_bom_is_ignored_for_json_too(tmp_path, suffix):
     assert [x.id for x in load_pairs(str(gz)).pairs] == ["a"]
 
 
+def test_a_url_is_named_without_its_password():
+    with pytest.raises(DataSourceError) as exc:
+        load_pairs("s3://AKIAX:s3cr3t/key@bucket/pairs.jsonl")
+    assert "'s3://AKIAX:***@bucket/pairs.jsonl' is a URL" in str(exc.value) and "s3cr3t" not in str(exc.value)
+
+
 def test_csv_bom_line_separators_and_unterminated_quote_keep_working(tmp_path):
     p = tmp_path / "bom.csv"
     p.write_bytes(b"\xef\xbb\xbfprompt,chosen,rejected\nq1,a,b\n")
