@@ -59,9 +59,13 @@ def _parse_constant(s: str) -> float | _OutOfRange:
     return float("nan") if s == "NaN" else _OutOfRange(s)
 
 
+#: One decoder for every call: ``json.loads`` with hooks would build a new one per line.
+_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+
+
 def raw_loads(text: str) -> Any:
     """``json.loads`` with out-of-range numbers as placeholders (see :func:`check_value`)."""
-    return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    return _DECODER.decode(text)
 
 
 def nesting_error_at(text: str, limit: int = MAX_DEPTH) -> tuple[int, int] | None:
