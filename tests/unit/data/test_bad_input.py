@@ -127,8 +127,8 @@ _PIECES = st.sampled_from([
     b"{", b"}", b"[", b"]", b'"', b",", b":", b"\n", b"\r", b"\\", b"\xef\xbb\xbf", b"\xff\xfe", b"\x00",
     b'"prompt"', b'"chosen"', b'"rejected"', b'"id"', b'"metadata"', b'"chosen_tags"', b"1e999", b"-0",
     b"9" * 30, b"NaN", b"Infinity", b"null", b"true", b'"x"', b"prompt,chosen,rejected\n", b"\xe9", b"\xc3\xa9",
-    b'"[{\\"role\\": \\"user\\", \\"content\\": \\"q\\"}]"', b"\n\nHuman: hi\n\nAssistant: yo", b"\u2028".decode(
-        "unicode_escape").encode(),
+    b'"[{\\"role\\": \\"user\\", \\"content\\": \\"q\\"}]"', b"\n\nHuman: hi\n\nAssistant: yo",
+    "\u2028".encode(),
 ])
 _TEXT = st.text(max_size=12)
 #: Whole rows (mostly valid) mixed with noise lines, as JSONL and as CSV, so rows do load sometimes.
