@@ -12,10 +12,12 @@ Formats:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from prefsculpt.data import safejson
 from prefsculpt.data.errors import RowProblem
 from prefsculpt.data.schema import ROLES, Message, PreferencePair
 
@@ -37,7 +39,7 @@ def _messages(value: Any, field: str) -> list[Message]:
     """Validate a chat-message list (also accepts a JSON string of one)."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = safejson.loads(value, where=field, limit=safejson.MAX_DEPTH - 1)
         except json.JSONDecodeError as exc:
             raise RowProblem("wrong_type", f"{field} is a string but not a JSON message list") from exc
     if not isinstance(value, list | tuple) or not value:
@@ -152,7 +154,7 @@ def to_pair(
         chosen = _response(rec[col["chosen"]], "chosen")
         rejected = _response(rec[col["rejected"]], "rejected")
     else:
-        raise ValueError(f"unknown data.format {fmt!r}; expected one of {FORMATS}")
+        raise ValueError(f"unknown data.format {fmt!r}; expected one of {FORMATS}")  # load_pairs checked it
 
     if len(prompt) == 1 and not isinstance(prompt, str) and prompt[0]["role"] == "user":
         prompt = prompt[0]["content"]
@@ -180,22 +182,28 @@ def to_pair(
             return {}
         if isinstance(v, str):
             try:
-                v = json.loads(v)
+                v = safejson.loads(v, where=key, limit=safejson.MAX_DEPTH - 1)
             except json.JSONDecodeError as exc:
                 raise RowProblem("wrong_type", f"{key} is not JSON") from exc
         if not isinstance(v, Mapping):
             raise RowProblem("wrong_type", f"{key} must be a mapping of tag -> number")
+        for tag, x in v.items():  # stages average tags as floats: a string or inf would fail far later
+            if not isinstance(x, int | float) or not math.isfinite(x):
+                raise RowProblem("wrong_type", f"{key}.{tag} must be a finite number, got {x!r:.40}")
         return dict(v)
 
     used = set(col.values())
     meta = {k: v for k, v in rec.items() if k not in used and k != "metadata"}
-    if isinstance(rec.get("metadata"), str):
+    raw_meta = rec.get("metadata")
+    if isinstance(raw_meta, str):
         try:
-            meta.update(json.loads(rec["metadata"]))
+            raw_meta = safejson.loads(raw_meta, where="metadata", limit=safejson.MAX_DEPTH - 1)
         except json.JSONDecodeError:
-            meta["metadata"] = rec["metadata"]
-    elif isinstance(rec.get("metadata"), Mapping):
-        meta.update(rec["metadata"])
+            pass  # free text: kept as it is, below
+    if isinstance(raw_meta, Mapping):
+        meta.update(raw_meta)
+    elif raw_meta is not None:
+        meta["metadata"] = rec["metadata"]  # not an object (text, a list): kept whole, never dropped
     return PreferencePair(
         id=str(rid),
         prompt=prompt,

@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # headless: figures are logged, never shown
 import matplotlib.pyplot as plt  # noqa: E402
 
 from prefsculpt.evals.stats import Estimate, bootstrap_ci, paired_bootstrap
+from prefsculpt.report.plots import PLAIN, plain_text  # metric names may hold data text ($, \\)
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ def plot_rows(rows: Sequence[Row], title: str):
         err = np.array([[e.mean - e.low for e in ests], [e.high - e.mean for e in ests]])
         ax.bar(["base", "policy"], means, yerr=err, capsize=4, color=["#9aa5b1", "#3b7dd8"])
         sub = f"Δ {r.diff.mean:+.3f} [{r.diff.low:+.3f}, {r.diff.high:+.3f}]" if r.diff else ""
-        ax.set_title(f"{r.metric}\n{sub}", fontsize=8)
+        ax.set_title(f"{plain_text(r.metric)}\n{sub}", fontsize=8, **PLAIN)
         ax.tick_params(labelsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(plain_text(title), fontsize=10, **PLAIN)
     fig.tight_layout()
     return fig

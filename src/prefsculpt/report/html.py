@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 import pandas as pd
 
 
@@ -171,8 +172,22 @@ def png_data_uri(png: bytes) -> str:
 # ---------------------------------------------------------------- rendering
 
 
+#: C0/C1 control characters except tab, newline and CR: HTML forbids them in text, browsers drop them
+#: or draw boxes, so they are shown as ``\xNN`` (an ANSI colour code in a label stays legible).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def visible(v: Any) -> Any:
+    """Every ``{{ }}`` value on its way to autoescaping: control characters made visible; markup
+    this module built (a macro's output) passes through untouched."""
+    if isinstance(v, str) and not isinstance(v, markupsafe.Markup) and _CONTROL.search(v):
+        return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", v)
+    return v
+
+
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, finalize=visible)
     env.filters.update(fmt=fmt, fmt_q=fmt_q, sv=sort_value, direction=direction_text)
     env.filters["repr"] = repr
     return env
@@ -266,6 +281,7 @@ mark{background:#ffe066;border-radius:2px;padding:0 1px}
 .ex>div{white-space:pre-wrap;word-break:break-word;background:#f7f8fa;border-radius:4px;padding:6px 8px;font-size:13px;max-height:320px;overflow:auto}
 .ex .lab{display:block;font-weight:600;font-size:12px;color:#555;margin-bottom:2px;white-space:normal}
 .ex .ch{border-left:3px solid #1a7f37} .ex .rj{border-left:3px solid #b42318}
+.ex>div,.ctx,.expl{unicode-bidi:plaintext} code,mark,td.lbl,td.wh,dd{unicode-bidi:isolate}
 </style></head>
 <body>
 {% macro text(segs) %}{% for s in segs %}{% if s.mark %}<mark>{{ s.text }}</mark>{% else %}{{ s.text }}{% endif %}{% endfor %}{% endmacro %}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 
 import matplotlib
@@ -25,8 +26,21 @@ def neg_log10(q: np.ndarray, cap: float = MAX_NEG_LOG10_Q) -> np.ndarray:
     return np.minimum(np.nan_to_num(y, nan=0.0), cap)
 
 
+#: Text kwargs for every string that comes from data (concept labels, metric names): drawn as is.
+#: Matplotlib would otherwise read a label with two ``$`` as mathtext (``$\foo$`` raises while the
+#: figure is laid out, and the audit's report with it), or hand it to LaTeX under ``text.usetex``.
+PLAIN = {"parse_math": False, "usetex": False}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain_text(text: object) -> str:
+    """``text`` on one line, control characters shown as ``\\xNN`` (no font has glyphs for them)."""
+    flat = " ".join(str(text).split())
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", flat)
+
+
 def _short(text: str, n: int = 28) -> str:
-    text = " ".join(str(text).split())
+    text = plain_text(text)
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
@@ -55,10 +69,10 @@ def volcano(
     top = t[sig].head(annotate)
     for _, r in top.iterrows():
         ax.annotate(_short(labels.get(r["concept"], r["concept"])), (r["d_z"], neg_log10(np.array([r["q"]]))[0]),
-                    fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel("effect d_z (chosen − rejected; > 0: preferred responses have more)")
-    ax.set_ylabel(f"−log10 q (capped at {MAX_NEG_LOG10_Q:g})")
-    ax.set_title(f"Concept hypotheses: {int(sig.sum())} significant of {len(t)} tested")
+                    fontsize=7, xytext=(4, 2), textcoords="offset points", **PLAIN)
+    ax.set_xlabel("effect d_z (chosen − rejected; > 0: preferred responses have more)", **PLAIN)
+    ax.set_ylabel(f"−log10 q (capped at {MAX_NEG_LOG10_Q:g})", **PLAIN)
+    ax.set_title(f"Concept hypotheses: {int(sig.sum())} significant of {len(t)} tested", **PLAIN)
     ax.legend(fontsize=8, loc="upper left", frameon=False)
     fig.tight_layout()
     return fig
@@ -82,11 +96,11 @@ def top_effects(hyp: pd.DataFrame, k: int = 20, labels: Mapping[str, str] | None
         colors = ["#1a7f37" if v > 0 else "#b42318" for v in dz]
         pos = np.arange(len(top))
         ax.barh(pos, dz, xerr=np.clip(err, 0, None), color=colors, alpha=0.85, capsize=2)
-        names = [f"{_short(labels.get(c, ''), 24)}  [{c}]" for c in top["concept"]]
-        ax.set_yticks(pos, names, fontsize=7.5)
+        names = [f"{_short(labels.get(c, ''), 24)}  [{plain_text(c)}]" for c in top["concept"]]
+        ax.set_yticks(pos, names, fontsize=7.5, **PLAIN)
     ax.axvline(0, color="#555", lw=0.8)
-    ax.set_xlabel("effect d_z with 95% CI (green: preferred responses have more)")
-    ax.set_title(f"Top {len(top)} hypotheses")
+    ax.set_xlabel("effect d_z with 95% CI (green: preferred responses have more)", **PLAIN)
+    ax.set_title(f"Top {len(top)} hypotheses", **PLAIN)
     fig.tight_layout()
     return fig
 

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.names import Tag
+from prefsculpt.core.redact import mlflow_params
 from prefsculpt.search.slots import retry_of
 from prefsculpt.search.space import BASELINE_ATTR, Candidate, SpaceBounds, describe, suggest_concepts
 from prefsculpt.shaping.config import ConceptSpec
@@ -155,7 +156,7 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
     with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         # Every trial param readable in the UI's params table; the shaping as JSON beside it.
-        mlflow.log_params({k: str(v) for k, v in trial.params.items()} | {"n_shaped": len(specs)})
+        mlflow.log_params(mlflow_params({k: str(v) for k, v in trial.params.items()} | {"n_shaped": len(specs)}))
         mlflow.log_dict({"concepts": specs}, "trial/shaping.json")
         try:
             out = ctx.runner(trial_config(ctx.cfg, specs, ctx.sources))

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from prefsculpt.core.names import Artifact, Tag
 from prefsculpt.core.paths import cache_root
+from prefsculpt.data.loaders import LoadResult
 from prefsculpt.data.planted import planted_tag_rates
 from prefsculpt.data.prepare import tag_stats, write_split
 from prefsculpt.data.prepared import (
@@ -40,13 +41,14 @@ log = logging.getLogger(__name__)
 
 
 def run_prepare(cfg: DictConfig) -> dict[str, Any]:
-    """Run the stage inside its MLflow run; returns metrics, the run id and local artifact paths."""
-    with stage_run(cfg, "prepare") as run:
-        return _prepare(cfg, run.info.run_id)
-
-
-def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
+    """Load and validate first (bad data stops here, before any run exists), then tokenise and log
+    inside the stage's run; returns metrics, the run id and local artifact paths."""
     prepared, loaded = split_source(cfg.data)
+    with stage_run(cfg, "prepare") as run:
+        return _prepare(cfg, run.info.run_id, prepared, loaded)
+
+
+def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResult) -> dict[str, Any]:
     name = prepared.meta["dataset"]
     splits = {s: prepared.splits[s] for s in SPLITS}
     clean = prepared.splits.get("clean", [])
@@ -110,7 +112,7 @@ def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         mlflow.log_table(pd.DataFrame([e.to_dict() for e in loaded.skipped]), "data/skip_report.json")
     sample = pairs_frame(splits["train"][: int(cfg.data.sample_rows)])
     mlflow.log_table(sample, "data/sample.json")
-    source = str(cfg.data.path) if cfg.data.path else None
+    source = loaded.source if cfg.data.path else None  # data.path with any URI password redacted
     digests = {}
     for split, pairs in named.items():
         if pairs:

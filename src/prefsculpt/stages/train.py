@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefsculpt.core.files import atomic_dir, atomic_write_json, model_fingerprint
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
+from prefsculpt.core.redact import mlflow_params
 from prefsculpt.data.tokenize import tokenize_pairs
 from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
 from prefsculpt.shaping.resolve import resolve_shaping
@@ -147,7 +148,7 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
         pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, str(cfg.shaping.get("orient", "data")))
         trunk = trunk_cache(ctx, start, cache, pre_fp, str(tc.trunk_dtype)) if start > 0 else None
     if pre.orientation:
-        mlflow.log_params({f"shaping/{k}/orientation": v for k, v in pre.orientation.items()})
+        mlflow.log_params(mlflow_params({f"shaping/{k}/orientation": v for k, v in pre.orientation.items()}))
     t_pre = time.perf_counter() - t0
     dm = PreferenceDataModule(tokenized, pre, int(tc.batch_size), tok.pad_token_id or 0, int(tc.seed),
                               int(tc.bucket_batches), trunk)

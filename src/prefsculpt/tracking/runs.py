@@ -23,6 +23,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.core.names import Artifact, Tag
+from prefsculpt.core.redact import mlflow_params, redact_text
 from prefsculpt.data.schema import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,10 @@ def _flat_params(d: Any, prefix: str = "") -> dict[str, str]:
 
 def log_config(cfg: DictConfig, path: str = Artifact.CONFIG) -> None:
     """The resolved config as a YAML artifact, and flattened as params (searchable in the UI)."""
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), path)
+    mlflow.log_text(redact_text(OmegaConf.to_yaml(cfg, resolve=True)), path)
     params = _flat_params(OmegaConf.to_container(cfg, resolve=True))
-    # MLflow caps param values at 6000 chars; config values are short, but be safe.
-    mlflow.log_params({k: v[:6000] for k, v in params.items()})
+    # URI passwords redacted, keys MLflow rejects sanitised, values cut to MLflow's 6,000 chars.
+    mlflow.log_params(mlflow_params(params))
 
 
 #: Set by the pipeline around a stage call: the stage's reuse key (see ``tracking.reuse``).
