@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prefsculpt.core.progress import track
 from prefsculpt.data.tokenize import TokenizedPair
 from prefsculpt.models.hooks import truncated_forward
 
@@ -211,13 +212,11 @@ def collect_activations(
     batches = length_buckets(lengths, range(len(tokenized)), batch_tokens)
     model.eval()
     with torch.inference_mode():
-        for n_done, idx in enumerate(batches, 1):
+        for idx in track(batches, f"activations (layer {layer})", "pairs", total=len(tokenized), size=len):
             batch = pack_pairs([tokenized[i] for i in idx], pad_id)
             h = packed_forward(model, batch, layer).float()  # (B, T, d)
             for b, i in enumerate(idx):
                 acts[off[i] : off[i + 1]] = h[b, : lengths[i]]
-            if n_done % 20 == 0 or n_done == len(batches):
-                log.info("activations: %d/%d batches", n_done, len(batches))
     pair_index, span, position, token_id = [], [], [], []
     for i, t in enumerate(tokenized):
         n_p, n_c, n_r = len(t.prompt_ids), len(t.chosen_ids), len(t.rejected_ids)

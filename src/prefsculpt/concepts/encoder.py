@@ -39,6 +39,7 @@ from prefsculpt.concepts.activations import (
 )
 from prefsculpt.concepts.config import EncodeConfig
 from prefsculpt.concepts.scores import SPANS, span_scores
+from prefsculpt.core.progress_bar import StepProgress
 from prefsculpt.data.tokenize import TokenizedPair
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,9 @@ def encode_pairs(
         writer = ShardWriter(out_dir, pair_ids, cfg.shard_size, len(encoder.concept_names), cfg.top_contexts)
         trainer = L.Trainer(
             accelerator="cpu", devices=1, logger=False, enable_progress_bar=True, enable_model_summary=False,
-            enable_checkpointing=False, callbacks=[writer],
+            enable_checkpointing=False,
+            callbacks=[writer, StepProgress("encoding", "pairs", size_of=lambda b: len(b["pair_index"]),
+                                            total=sum(map(len, batches)))],
             precision="bf16-mixed" if cfg.precision == "bfloat16" else "32-true",
         )
         threads = num_threads or getattr(cfg, "num_threads", None)

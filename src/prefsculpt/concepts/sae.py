@@ -37,6 +37,7 @@ import torch
 from prefsculpt.concepts.config import SAEConfig
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.files import atomic_dir
+from prefsculpt.core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +207,21 @@ def train_sae(
         dead_feature_window=int(cfg.dead_feature_window), feature_sampling_window=max(steps, 1), device="cpu",
         autocast=bool(cfg.autocast),
     )
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=shuffled_batches(x, batch, int(cfg.seed)))
-    with torch.no_grad():
-        # Scale to mean norm sqrt(d) ourselves (sae-lens would draw 1000 batches for the estimate) and
-        # start b_dec at the mean; fit() folds the scale into the weights at the end.
-        scale = math.sqrt(d_in) / x.norm(dim=-1).mean().item()
-        trainer.activation_scaler.scaling_factor = scale
-        sae.b_dec.data.copy_(x.mean(0) * scale)
-    t0 = time.perf_counter()
-    log.info("training %s SAE: d_sae=%d k=%s on %d tokens (%d steps of %d)",
-             cfg.architecture, sae_cfg.d_sae, cfg.k, x.shape[0], steps, batch)
-    trained = trainer.fit()
+    # Every training step draws exactly one batch (the scale is set below, so sae-lens draws none to
+    # estimate it): counting the draws counts the steps.
+    with progress(steps * batch, f"SAE training ({cfg.architecture})", "tokens") as bar:
+        counted = (bar.advance(len(b)) or b for b in shuffled_batches(x, batch, int(cfg.seed)))
+        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=counted)
+        with torch.no_grad():
+            # Scale to mean norm sqrt(d) ourselves (sae-lens would draw 1000 batches for the estimate) and
+            # start b_dec at the mean; fit() folds the scale into the weights at the end.
+            scale = math.sqrt(d_in) / x.norm(dim=-1).mean().item()
+            trainer.activation_scaler.scaling_factor = scale
+            sae.b_dec.data.copy_(x.mean(0) * scale)
+        t0 = time.perf_counter()
+        log.info("training %s SAE: d_sae=%d k=%s on %d tokens (%d steps of %d)",
+                 cfg.architecture, sae_cfg.d_sae, cfg.k, x.shape[0], steps, batch)
+        trained = trainer.fit()
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         trained.save_inference_model(tmp)  # batchtopk becomes jumprelu with the learnt threshold

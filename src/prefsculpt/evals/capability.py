@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from prefsculpt.core.progress import track
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.evals.logprobs import ChoiceItem, build_items, iter_response_logits, score_choices
 from prefsculpt.evals.style import Rollout
@@ -68,8 +69,9 @@ def kl_to_reference(policy: Any, ref: Any, rollouts: Sequence[Rollout], pad_id: 
     items = [ChoiceItem(rollouts[i].prompt_ids, [rollouts[i].response_ids]) for i in keep]
     sums, counts = np.zeros(len(items)), np.zeros(len(items))
     walk_q = iter_response_logits(ref, items, pad_id, batch_tokens)
-    for (idx, batch, lp), (idx_q, _, lq) in zip(iter_response_logits(policy, items, pad_id, batch_tokens), walk_q,
-                                                strict=True):
+    walk_p = track(iter_response_logits(policy, items, pad_id, batch_tokens), "KL to the base", "rollouts",
+                   total=len(items), size=lambda step: len(step[0]))
+    for (idx, batch, lp), (idx_q, _, lq) in zip(walk_p, walk_q, strict=True):
         assert idx == idx_q  # same deterministic batching for both models
         kl = token_kl(lp, lq).double()  # (N,)
         per = torch.zeros(len(idx), dtype=torch.float64).index_add(0, batch["flat"], kl)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from prefsculpt.concepts.activations import length_buckets
+from prefsculpt.core.progress import track
 from prefsculpt.models.hooks import _mask_for_backend
 from prefsculpt.models.loading import ensure_chat_template
 
@@ -133,7 +134,8 @@ def score_choices(
 ) -> list[np.ndarray]:
     """Summed log-prob of each candidate: a list (one per item) of (K_i,) float64 arrays."""
     out: list[np.ndarray | None] = [None] * len(items)
-    for idx, batch, logits in iter_response_logits(model, items, pad_id, batch_tokens):
+    for idx, batch, logits in track(iter_response_logits(model, items, pad_id, batch_tokens), "scoring", "items",
+                                    total=len(items), size=lambda step: len(step[0])):
         tok_lp = logits.gather(1, batch["targets"][:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)  # (N,)
         per = torch.zeros(int(batch["n_candidates"]), dtype=torch.float64).index_add(0, batch["flat"], tok_lp.double())
         start = 0

@@ -27,6 +27,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.core.files import atomic_path, atomic_write_json
+from prefsculpt.core.progress import scope
 from prefsculpt.evals import capability as cap
 from prefsculpt.evals import style as sty
 from prefsculpt.evals import sycophancy as syc
@@ -84,7 +85,8 @@ class Evaluator:
         if (name, which) not in self._tables:
             got = self.cache.get(name) if which == "base" else None
             if got is None:
-                got = COMPUTE[name](self, which)
+                with scope(f"eval {name} ({which})"):
+                    got = COMPUTE[name](self, which)
                 if which == "base":
                     self.cache.put(name, got)
             self._tables[(name, which)] = got

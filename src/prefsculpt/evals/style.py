@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prefsculpt.core.progress import track
 from prefsculpt.data.errors import DataSourceError
 from prefsculpt.data.planted_facts import FLATTERY_PHRASES
 from prefsculpt.evals.logprobs import Prompt, prompt_ids
@@ -151,7 +152,8 @@ def generate_greedy(
     stop = {t for t in (tok.eos_token_id,) if t is not None}
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     out: list[Rollout | None] = [None] * len(encoded)
-    for s in range(0, len(order), batch_size):
+    for s in track(range(0, len(order), batch_size), "generating", "prompts", total=len(order),
+                   size=lambda s: len(order[s : s + batch_size])):
         idx = order[s : s + batch_size]
         t = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), t), pad, dtype=torch.long)

@@ -39,6 +39,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from prefsculpt.core.progress import progress
 from prefsculpt.search.errors import SearchInputError
 from prefsculpt.search.slots import claim, is_unplanned, storage_trial_id
 from prefsculpt.search.space import BASELINE_ATTR, enqueue_plan
@@ -190,33 +191,53 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
     worker's trial, failed by the heartbeat and re-enqueued, is picked up); None = stop at once.
     ``storage``: the study's storage, whose heartbeat is beaten while a trial runs (None = none)."""
     ran: list[int] = []
-    while True:
-        _fail_stale(study)
-        trial = claim(study)
-        if trial is None:
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if poll_s is None or not running:
-                return ran
-            time.sleep(poll_s)
-            continue
-        ran.append(trial.number)
-        values, state = None, None
-        beat = heartbeat(storage, storage_trial_id(storage, study, trial.number)) if storage is not None else None
-        with beat or contextlib.nullcontext():
+    with progress(study_progress(study)[1], "search", "trials") as bar:
+        while True:
+            bar.update(*study_progress(study), **best_so_far(study))
+            _fail_stale(study)
+            trial = claim(study)
+            if trial is None:
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if poll_s is None or not running:
+                    return ran
+                time.sleep(poll_s)
+                continue
+            ran.append(trial.number)
+            values, state = None, None
+            beat = heartbeat(storage, storage_trial_id(storage, study, trial.number)) if storage is not None else None
+            with beat or contextlib.nullcontext():
+                try:
+                    values = objective(trial)
+                except KeyboardInterrupt:
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    raise
+                except Exception as exc:
+                    log.warning("search: trial %d failed (%s: %s); the study goes on", trial.number, type(exc).__name__, exc)
+                    if "error" not in trial.user_attrs:
+                        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+                    state = TrialState.FAIL
             try:
-                values = objective(trial)
-            except KeyboardInterrupt:
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                raise
-            except Exception as exc:
-                log.warning("search: trial %d failed (%s: %s); the study goes on", trial.number, type(exc).__name__, exc)
-                if "error" not in trial.user_attrs:
-                    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
-                state = TrialState.FAIL
-        try:
-            study.tell(trial, values, state=state)
-        except optuna.exceptions.UpdateFinishedTrialError:  # declared dead while it ran; its retry counts
-            log.warning("search: trial %d had been failed as stale before it finished", trial.number)
+                study.tell(trial, values, state=state)
+            except optuna.exceptions.UpdateFinishedTrialError:  # declared dead while it ran; its retry counts
+                log.warning("search: trial %d had been failed as stale before it finished", trial.number)
+
+
+def study_progress(study: optuna.Study) -> tuple[int, int]:
+    """(trials finished by any worker, trials planned), a retried trial counted once."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not is_unplanned(t)]
+    replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    done = sum(t.state.is_finished() and t.number not in replaced for t in trials)
+    return done, int(study.user_attrs.get(PLANNED, len(trials) - len(replaced)))
+
+
+def best_so_far(study: optuna.Study) -> dict[str, Any]:
+    """The Pareto front's size and its trial with the highest on-target effect (for progress lines)."""
+    front = [t for t in study.best_trials if t.values is not None] if any(
+        t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) else []
+    if not front:
+        return {}
+    best = max(front, key=lambda t: t.values[1])
+    return {"pareto": len(front), "best": f"#{best.number} on={best.values[1]:.3g} off={best.values[0]:.3g}"}
 
 
 # ---------------------------------------------------------------- results

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefsculpt.core.files import atomic_dir, atomic_write_json, model_fingerprint
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
+from prefsculpt.core.progress_bar import StepProgress
 from prefsculpt.core.redact import mlflow_params
 from prefsculpt.data.tokenize import tokenize_pairs
 from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
@@ -164,9 +165,11 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     logger = MLFlowLogger(tracking_uri=resolve_tracking_uri(cfg.tracking.uri), run_id=run_id)
     trainer = L.Trainer(
         max_epochs=int(tc.epochs), accumulate_grad_batches=int(tc.grad_accum), precision=str(tc.precision),
-        accelerator="cpu", devices=1, logger=logger, callbacks=[ckpt], use_distributed_sampler=False,
+        accelerator="cpu", devices=1, logger=logger, use_distributed_sampler=False,
+        callbacks=[ckpt, StepProgress("DPO", "pairs", size_of=lambda b: int(b["weight"].shape[0]),
+                                      total=len(dm.dataset) * int(tc.epochs), show=("train/loss",))],
         limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=int(tc.log_every_n_steps),
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(work),
+        enable_progress_bar=True, enable_model_summary=False, default_root_dir=str(work),
     )
     last = ckpt_dir / "last.ckpt"
     t1 = time.perf_counter()

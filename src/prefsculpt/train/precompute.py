@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefsculpt.core.files import file_sha256
+from prefsculpt.core.progress import track
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.data.tokenize import TokenizedPair
 from prefsculpt.models.hooks import capture_residual, truncated_forward
@@ -119,7 +120,9 @@ class RefContext:
         out = {s: torch.zeros(len(tokenized), dtype=torch.float64) for s in ("chosen", "rejected")}
         rows: list[torch.Tensor | None] = [None] * len(tokenized)
         lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in tokenized]
-        for idx in length_batches(lengths, self.batch_tokens):
+        what = "reference log-probs" if hooks is None and tokenized is self.tokenized else "log-probs"
+        for idx in track(length_batches(lengths, self.batch_tokens), f"precompute: {what}", "pairs",
+                         total=len(tokenized), size=len):
             batch = pack_pairs([tokenized[i] for i in idx], pad)
             with contextlib.ExitStack() as stack:
                 if hooks:
@@ -149,7 +152,8 @@ class RefContext:
             pad = self.tokenizer.pad_token_id or 0
             rows: list[torch.Tensor | None] = [None] * len(self.tokenized)
             lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in self.tokenized]
-            for idx in length_batches(lengths, self.batch_tokens):
+            for idx in track(length_batches(lengths, self.batch_tokens), f"precompute: trunk (layer {self.trunk_layer})",
+                             "pairs", total=len(self.tokenized), size=len):
                 b = pack_pairs([self.tokenized[i] for i in idx], pad)
                 h = truncated_forward(self.model, b["input_ids"], b["attention_mask"], self.trunk_layer,
                                       position_ids=b["position_ids"])
