@@ -142,6 +142,6 @@ def read_prepared(folder: str | Path) -> Prepared:
         splits[name] = [PreferencePair.from_record(r) for r in recs]
         rows[name] = [int(r["source_row"]) for r in recs]
         if "prompt_ids" in df.columns:
-            tokens[name] = [TokenizedPair(r["id"], *(list(r[c]) if c.endswith("_ids") else bool(r[c])
+            tokens[name] = [TokenizedPair(r["id"], *([int(x) for x in r[c]] if c.endswith("_ids") else bool(r[c])
                                                     for c in _TOKEN_COLS)) for r in recs]
     return Prepared(splits, rows, tokens, meta)
