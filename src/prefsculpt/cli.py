@@ -21,6 +21,7 @@ from rich.logging import RichHandler
 
 from prefsculpt.config import compose
 from prefsculpt.core.errors import UserError
+from prefsculpt.core.progress import quiet_library_bars
 from prefsculpt.stages import STAGES
 
 
@@ -33,6 +34,7 @@ def setup_logging(level: str = "INFO") -> None:
     )
     for noisy in ("urllib3", "filelock", "alembic", "httpx", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_bars()
 
 
 def seed_everything(seed: int) -> None:

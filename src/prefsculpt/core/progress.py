@@ -16,10 +16,12 @@ Where the output goes is decided when a step starts:
   Nothing is logged; a finished step that took a while leaves one summary row.
 - otherwise (CI, ``mlflow run`` piped to a file): no carriage returns; a ``prefsculpt.progress``
   log record "desc: done/total unit (pct), rate, elapsed, ETA" at most every
-  ``PREFSCULPT_PROGRESS_INTERVAL`` seconds (default 30), the first one after at most 10 s (so any
-  step longer than 10 s shows at least one line), and a closing line for a step that logged one.
+  ``PREFSCULPT_PROGRESS_INTERVAL`` seconds (default 30), the first one once the step has run
+  min(10 s, interval) (so any step longer than 10 s shows at least one line), and a closing line
+  for a step that logged one.
 
-Lines are written from ``advance``, not from a timer thread: a step reports as often as it advances.
+Lines are written from ``advance``, not from a timer thread: a step reports as often as it advances
+(a slow batch delays its line; nothing is written while nothing moves).
 """
 
 from __future__ import annotations
@@ -225,6 +227,20 @@ def interactive() -> bool:
         return True
     isatty = getattr(sys.stderr, "isatty", None)
     return bool(isatty and isatty())
+
+
+def quiet_library_bars() -> None:
+    """Off a terminal, turn off the tqdm bars of MLflow's artifact transfers and of transformers /
+    the HF hub (weight loading, shard writing): in a log file they are carriage-return noise, and the
+    long steps log lines of their own. (Libraries calling ``tqdm.auto`` directly, sae-lens' trainer
+    and the one-time GGUF conversion, cannot be turned off after import; they keep theirs.)"""
+    if interactive():
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read at each transfer
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the hub's bars too
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import os
 import sys
 
 import pytest
@@ -137,3 +138,19 @@ def test_bad_interval_is_a_user_error(monkeypatch):
     monkeypatch.setenv(P.INTERVAL_ENV, "0")
     with pytest.raises(UserError):
         P.interval_s()
+
+
+def test_library_bars_go_quiet_only_off_a_terminal(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    monkeypatch.setattr(sys, "stderr", FakeTTY())
+    P.quiet_library_bars()
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ and hf_logging.is_progress_bar_enabled()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    try:
+        P.quiet_library_bars()
+        assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
