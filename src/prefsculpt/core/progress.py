@@ -18,7 +18,7 @@ Where the output goes is decided when a step starts:
   log record "desc: done/total unit (pct), rate, elapsed, ETA" at most every
   ``PREFSCULPT_PROGRESS_INTERVAL`` seconds (default 30), the first one once the step has run
   min(10 s, interval) (so any step longer than 10 s shows at least one line), and a closing line
-  for a step that logged one.
+  for a step that ran that long.
 
 Lines are written from ``advance``, not from a timer thread: a step reports as often as it advances
 (a slow batch delays its line; nothing is written while nothing moves).
@@ -115,7 +115,7 @@ class _LogSink:
     def __init__(self, clock: Clock, interval: float):
         self.clock, self.interval = clock, interval
         self.t0 = clock()
-        self.next_at = self.t0 + min(FIRST_LINE_S, interval)
+        self.first_at = self.next_at = self.t0 + min(FIRST_LINE_S, interval)
         self.lines = 0
 
     def line(self, p: Progress, now: float) -> str:
@@ -132,20 +132,21 @@ class _LogSink:
 
     def update(self, p: Progress) -> None:
         now = self.clock()
-        if now >= self.next_at:
+        if now >= self.next_at and (p.total is None or p.done < p.total):  # the end gets the closing line
             log.info("%s", self.line(p, now))
             self.lines += 1
             self.next_at = now + self.interval
 
     def close(self, p: Progress, failed: bool) -> None:
-        if not self.lines:
-            return
         now = self.clock()
+        if not self.lines and now < self.first_at:
+            return
         elapsed = now - self.t0
         rate = (p.done - p.start_done) / elapsed if elapsed > 0 else 0.0
         end = "stopped at" if failed else "done"
         count = f"{p.done}/{p.total}" if p.total is not None else f"{p.done}"
-        log.info("%s: %s %s %s in %s (%.3g %s/s)", p.desc, end, count, p.unit, duration(elapsed), rate, p.unit)
+        info = f", {_info_text(p.info)}" if p.info else ""
+        log.info("%s: %s %s %s in %s (%.3g %s/s)%s", p.desc, end, count, p.unit, duration(elapsed), rate, p.unit, info)
 
 
 # ---------------------------------------------------------------- the terminal bar

@@ -54,7 +54,7 @@ def test_piped_output_logs_a_line_per_interval_with_count_rate_and_eta(piped, mo
         "encoding: 3/10 pairs (30%), 0.5 pairs/s, elapsed 0:00:06, ETA 0:00:14, loss=0.25",
         "encoding: 6/10 pairs (60%), 0.5 pairs/s, elapsed 0:00:12, ETA 0:00:08, loss=0.25",
         "encoding: 9/10 pairs (90%), 0.5 pairs/s, elapsed 0:00:18, ETA 0:00:02, loss=0.25",
-        "encoding: done 10/10 pairs in 0:00:20 (0.5 pairs/s)",
+        "encoding: done 10/10 pairs in 0:00:20 (0.5 pairs/s), loss=0.25",
     ]
     assert P._live is None  # no carriage-return bar in a pipe
 
@@ -154,3 +154,12 @@ def test_library_bars_go_quiet_only_off_a_terminal(monkeypatch):
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_a_step_whose_only_advance_finishes_it_logs_just_the_closing_line(piped, caplog):
+    caplog.set_level(logging.INFO, logger="prefsculpt.progress")
+    clock = Clock()
+    with P.progress(8, "eval style (policy): generating", "prompts", clock=clock) as p:
+        clock.t += 40
+        p.advance(8)
+    assert records(caplog) == ["eval style (policy): generating: done 8/8 prompts in 0:00:40 (0.2 prompts/s)"]

@@ -72,13 +72,15 @@ def test_train_stage_reports_precompute_and_dpo_pairs_with_loss(lines, tiny_mode
     from prefsculpt.stages.train import run_train
     from tests.unit.train.helpers import train_cfg
 
-    out = run_train(train_cfg(tiny_model_dir, tmp_path, train={"max_pairs": 8, "batch_size": 4}))
+    out = run_train(train_cfg(tiny_model_dir, tmp_path, train={"max_pairs": 8, "batch_size": 4,
+                                                                 "precompute_batch_tokens": 64}))
     got = lines()
     n = out["optimizer_steps"] * 4  # pairs trained (batch 4, one epoch, no accumulation)
     assert n == 8
     assert_step(got, "precompute: reference log-probs", 8, "pairs")
     assert_step(got, "DPO", 8, "pairs")
     assert any(re.search(r"^DPO: 4/8 pairs .* loss=[0-9.]+$", x) for x in got), got
+    assert re.search(r"^DPO: done 8/8 pairs in .* pairs/s\), loss=[0-9.]+$", got[-1]), got
 
 
 def test_search_worker_reports_trials_and_best_so_far(lines, tmp_path):
@@ -97,5 +99,5 @@ def test_search_worker_reports_trials_and_best_so_far(lines, tmp_path):
     after = {int(m[1]): x for x in got if (m := re.match(r"search: (\d)/3 trials", x))}
     assert after[1].endswith("pareto=1 best=#0 on=0.5 off=0.3")
     assert after[2].endswith("pareto=1 best=#1 on=0.7 off=0.1")
-    assert after[3].endswith("pareto=2 best=#2 on=0.9 off=0.2")
+    assert got[-1].startswith("search: done 3/3 trials") and got[-1].endswith("pareto=2 best=#2 on=0.9 off=0.2")
     assert_step(got, "search", 3, "trials")
