@@ -163,3 +163,8 @@ def test_a_step_whose_only_advance_finishes_it_logs_just_the_closing_line(piped,
         clock.t += 40
         p.advance(8)
     assert records(caplog) == ["eval style (policy): generating: done 8/8 prompts in 0:00:40 (0.2 prompts/s)"]
+
+
+def test_slow_rates_read_as_seconds_each():
+    assert P.rate_text(2.5, "pairs") == "2.5 pairs/s"
+    assert P.rate_text(1 / 700, "trials") == "700 s each"
