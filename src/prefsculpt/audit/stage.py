@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,8 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         names = shown["concept"].tolist()
         in_shown = [m for ms in shown["members"].dropna() for m in ms]  # member rows get labels too
         labels = build_labels(top, names + in_shown, int(a.label_tokens), int(a.label_contexts),
-                              groups={f"cluster:{i}": m for i, m in enumerate(member_names)})
+                              groups={f"cluster:{i}": m for i, m in enumerate(member_names)},
+                              directions=dict(zip(table["concept"], table["direction"], strict=True)))
         if a.explain_base_url:
             from prefsculpt.models.loading import default_cache_dir
 
@@ -323,7 +325,7 @@ def write_outputs(out: Path, cfg: DictConfig, run_id: str, src: str, table: pd.D
     for v in views:
         r = {k: (None if isinstance(x, float) and not np.isfinite(x) else x) for k, x in v.row.items()}
         r.update(label_detail=v.label.to_dict() if v.label else None, where_detail=v.where,
-                 example_pairs=[e.pair_id for e in v.examples])
+                 example_pairs=[e.pair_id for e in v.examples], examples=[asdict(e) for e in v.examples])
         records.append(r)
     (out / "hypotheses.json").write_text(json.dumps(records, indent=1, default=_json_default, ensure_ascii=False))
     write_decisions(propose_decisions(hyp, None, audit_run_id=run_id), out / "decisions.yaml")
