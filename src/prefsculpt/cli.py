@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "search": "prefsculpt.search.study:run_search",
     "promote": "prefsculpt.search.promote:run_promote",
     "main": "prefsculpt.pipeline:run_main",
+    "review": "prefsculpt.stages.review:run_review",
 }
 
 
@@ -67,6 +68,8 @@ USER_ERRORS = (
     ("prefsculpt.search.space", "SearchSpaceError"),
     ("prefsculpt.search.promote", "PromoteInputError"),
     ("prefsculpt.search.promote", "PromotionRefused"),
+    ("prefsculpt.review.data", "ReviewInputError"),
+    ("prefsculpt.tracking.artifacts", "ArtifactRefError"),
     ("omegaconf.errors", "OmegaConfBaseException"),
     ("hydra.errors", "HydraException"),
 )

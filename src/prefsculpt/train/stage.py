@@ -28,6 +28,7 @@ from prefsculpt.data.schema import PreferencePair
 from prefsculpt.data.tokenize import tokenize_pairs
 from prefsculpt.models.loading import default_cache_dir, load_model, load_tokenizer, resolve_model_dir
 from prefsculpt.shaping.resolve import resolve_shaping
+from prefsculpt.tracking.artifacts import local_decisions
 from prefsculpt.tracking.runs import log_pairs_input, resolve_tracking_uri, stage_run
 from prefsculpt.train.datamodule import PreferenceDataModule, truncate_pair
 from prefsculpt.train.precompute import (
@@ -119,7 +120,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     tc = cfg.train
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     layer = int(cfg.sae.layer) if "sae" in cfg else None
-    shaping = resolve_shaping(cfg.shaping, layer)  # validates the specs before any model is loaded
+    # local_decisions: shaping.decisions may be runs:/<audit run>/decisions/v<N>.yaml (`prefsculpt review`)
+    shaping = resolve_shaping(local_decisions(cfg), layer)  # validates the specs before any model is loaded
     _check_layers(model_dir, shaping, tc.train_top_layers)
     pairs = load_train_pairs(cfg)
     tok = load_tokenizer(model_dir)

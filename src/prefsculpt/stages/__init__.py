@@ -1,0 +1,1 @@
+"""Stage orchestration: one module per pipeline stage (MLflow runs, artifacts, inputs)."""
