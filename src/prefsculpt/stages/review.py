@@ -38,6 +38,9 @@ from prefsculpt.tracking.runs import latest_stage_run, resolve_tracking_uri
 log = logging.getLogger(__name__)
 LATEST_TAG, HASH_TAG = "prefsculpt.decisions.latest", "prefsculpt.decisions.latest_hash"
 _VERSION = re.compile(r"^decisions/v(\d+)\.yaml$")
+#: Unlabelled concepts (tested first, in the audit's order) labelled before the page is served;
+#: labels cost ~10-40 ms each, so the rest are built when a person opens one.
+LABELS_AT_START = 200
 
 
 def find_audit_run(cfg: DictConfig) -> str:
@@ -88,6 +91,15 @@ class AuditInputs:
     start: dict[str, Any] | None
     start_from: str
     labels: dict[str, Any] = field(default_factory=dict)
+    #: The sae run's top contexts per concept, for labels built when a concept is opened.
+    top: dict[str, pd.DataFrame] = field(default_factory=dict)
+    directions: dict[str, Any] = field(default_factory=dict)
+
+    def label(self, concept: str) -> Any:
+        """The concept's label: built at start, else now from its top contexts (None without any)."""
+        if concept not in self.labels and concept in self.top:
+            self.labels.update(build_labels(self.top[concept], [concept], directions=self.directions))
+        return self.labels.get(concept)
 
 
 def load_inputs(run_id: str, dst: Path) -> AuditInputs:
@@ -107,19 +119,20 @@ def load_inputs(run_id: str, dst: Path) -> AuditInputs:
         got = _download(run_id, latest, dst / "saved")
         if got is not None:
             start, start_from = yaml.safe_load(got.read_text(encoding="utf-8")), latest
-    labels: dict[str, Any] = {}
+    out = AuditInputs(run_id, table, records, proposal, start, start_from)
     need = D.labels_needed(table)
     sae = mlflow.MlflowClient().get_run(run_id).data.tags.get("prefsculpt.scores_run_id")
-    if need and sae:
-        top = _download(sae, "scores/top_contexts.parquet", dst / "sae")
-        if top is not None:
-            t0 = time.perf_counter()
-            dirs = table["direction"] if "direction" in table.columns else [0] * len(table)
-            direction = dict(zip(table["concept"].astype(str), dirs, strict=True))
-            labels = build_labels(validate_top_contexts(pd.read_parquet(top)), need, directions=direction)
-            log.info("review: labelled %d concepts the audit left unlabelled in %.1fs", len(labels),
-                     time.perf_counter() - t0)
-    return AuditInputs(run_id, table, records, proposal, start, start_from, labels)
+    top = _download(sae, "scores/top_contexts.parquet", dst / "sae") if need and sae else None
+    if top is not None:
+        t0 = time.perf_counter()
+        out.top = dict(iter(validate_top_contexts(pd.read_parquet(top)).groupby("concept", sort=False)))
+        dirs = table["direction"] if "direction" in table.columns else [0] * len(table)
+        out.directions = dict(zip(table["concept"].astype(str), dirs, strict=True))
+        for c in [c for c in need if c in out.top][:LABELS_AT_START]:
+            out.label(c)
+        log.info("review: labelled %d concepts the audit left unlabelled in %.1fs (others when opened)",
+                 len(out.labels), time.perf_counter() - t0)
+    return out
 
 
 def save_decisions(run_id: str, doc: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -176,7 +189,8 @@ def open_review(cfg: DictConfig) -> ReviewSession:
     def detail(name: str) -> dict[str, Any] | None:
         if name not in concepts:
             return None
-        return D.concept_detail(name, inputs.records.get(name), inputs.labels.get(name))
+        rec = inputs.records.get(name)
+        return D.concept_detail(name, rec, None if rec and rec.get("label_detail") else inputs.label(name))
 
     def save(submitted: Any) -> dict[str, Any]:
         doc = D.build_decisions(submitted, inputs.proposal, known, audit_run_id=run_id)

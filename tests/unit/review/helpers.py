@@ -90,12 +90,21 @@ def write_audit_artifacts(out: Path, table: pd.DataFrame, run_id: str | None = N
     return a
 
 
-def log_tiny_audit(tmp_path: Path, n_latents: int = 300, experiment: str = "prefsculpt") -> str:
-    """A FINISHED run tagged ``prefsculpt.stage=audit`` holding the tiny audit's artifacts."""
+def log_tiny_audit(tmp_path: Path, n_latents: int = 300, experiment: str = "prefsculpt",
+                   top_contexts: pd.DataFrame | None = None) -> str:
+    """A FINISHED run tagged ``prefsculpt.stage=audit`` holding the tiny audit's artifacts; with
+    ``top_contexts``, also the sae run it read (``scores/top_contexts.parquet``)."""
     import mlflow
 
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="audit", tags={"prefsculpt.stage": "audit"}) as run:
+    tags = {"prefsculpt.stage": "audit"}
+    if top_contexts is not None:
+        (tmp_path / "scores").mkdir()
+        top_contexts.to_parquet(tmp_path / "scores" / "top_contexts.parquet", index=False)
+        with mlflow.start_run(run_name="sae", tags={"prefsculpt.stage": "sae"}) as sae:
+            mlflow.log_artifacts(str(tmp_path / "scores"), "scores")
+        tags["prefsculpt.scores_run_id"] = sae.info.run_id
+    with mlflow.start_run(run_name="audit", tags=tags) as run:
         folder = write_audit_artifacts(tmp_path / "tiny-audit", audit_table(n_latents), run.info.run_id)
         mlflow.log_artifacts(str(folder), "audit")
     return run.info.run_id

@@ -214,3 +214,25 @@ def test_review_config_defaults():
     r = compose().review
     assert (r.audit_run, r.host, r.port, r.open_browser, r.serve_seconds) == (None, "127.0.0.1", 0, False, None)
     assert math.isclose(compose("review.serve_seconds=2.5").review.serve_seconds, 2.5)
+
+
+def test_unlabelled_concepts_get_labels_from_the_sae_runs_top_contexts(mlflow_uri, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from prefsculpt.stages import review as R
+
+    rows = [dict(concept=f"latent:{c}", rank=i, value=5.0 - i, pair_id=f"p{i}", span="chosen", position=i,
+                 token=" cat", left="the", right=" sat") for c in (20, 21) for i in range(3)]
+    rid = log_tiny_audit(tmp_path, n_latents=40, top_contexts=pd.DataFrame(rows))
+    monkeypatch.setattr(R, "LABELS_AT_START", 1)  # latent:20 at start (tested, first unlabelled), 21 when opened
+    session = R.open_review(compose(f"review.audit_run={rid}"))
+    try:
+        table = session.server.app.data["table"]
+        label = {r[0]: r[table["columns"].index("label")] for r in table["rows"]}
+        assert label["latent:20"] == "' cat' — “the cat sat” in chosen 3/3" and label["latent:21"] is None
+        detail = session.server.app.detail("latent:21")
+        assert detail["label"]["phrase"] == "the cat sat" and detail["label"]["contexts_chosen"][0]["left"] == "the"
+        assert session.server.app.detail("latent:0")["label"]["label"] == "' absolutely' · ' right'"  # the audit's
+        assert session.server.app.detail("latent:nope") is None
+    finally:
+        session.close()
