@@ -56,6 +56,8 @@ def test_review_page_decides_saves_and_drives_training(review, page, tmp_path):
     console = []
     page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
     page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
     page.set_viewport_size({"width": 1500, "height": 1000})
     page.goto(session.url)
     page.wait_for_selector("body[data-ready='1']")
@@ -127,6 +129,8 @@ def test_review_page_decides_saves_and_drives_training(review, page, tmp_path):
     # the refused save is the only console line (the browser logs any 4xx answer)
     assert console == ["error: Failed to load resource: the server responded with a status of 422 "
                        "(Unprocessable Entity)"], console
+
+    assert requests and all(u.startswith(session.url) for u in requests), requests  # no CDN, no network
 
     # the artifact, its hash and the tags on the audit run
     tags = mlflow.get_run(rid).data.tags
