@@ -1,6 +1,7 @@
 """The review page's HTTP server (stdlib ``http.server``; no network beyond the local socket).
 
-Routes: ``GET /`` the page (``page.html``, inline CSS/JS, nothing fetched from elsewhere),
+Routes: ``GET /`` the page (``page.html``, inline CSS; ``GET /page.js`` its script; nothing is
+fetched from elsewhere),
 ``GET /api/data`` the table and starting decisions, ``GET /api/concept?name=<concept>`` one
 concept's detail, ``POST /api/decisions`` save. The caller passes the data and two callbacks; this
 module knows nothing of MLflow.
@@ -9,7 +10,7 @@ Guards for a server that can write: it binds to the given host (127.0.0.1 by def
 must name that host (``Host`` header: no DNS rebinding); a save must carry the page's random token
 in ``X-Review-Token`` (another site's page cannot read it, and a custom header cannot be sent
 cross-site without a CORS preflight this server never grants); the page runs under a
-Content-Security-Policy that allows only its own nonce'd inline script and style.
+Content-Security-Policy that allows only its own script file and its nonce'd inline style.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 MAX_BODY = 32 * 1024 * 1024
 
 
-def page_template() -> str:
-    return resources.files("prefsculpt.review").joinpath("page.html").read_text(encoding="utf-8")
+def page_file(name: str) -> str:
+    """``page.html`` or ``page.js`` (package data)."""
+    return resources.files("prefsculpt.review").joinpath(name).read_text(encoding="utf-8")
 
 
 @dataclass
@@ -55,14 +57,14 @@ class ReviewApp:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def page(self) -> str:
-        out = page_template()
+        out = page_file("page.html")
         for key, val in (("TITLE", self.title), ("TOKEN", self.token), ("NONCE", self.nonce)):
             out = out.replace("{{" + key + "}}", html.escape(val, quote=True))
         return out
 
     def csp(self) -> str:
         n = self.nonce
-        return (f"default-src 'none'; script-src 'nonce-{n}'; style-src 'nonce-{n}'; connect-src 'self'; "
+        return (f"default-src 'none'; script-src 'self'; style-src 'nonce-{n}'; connect-src 'self'; "
                 "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
@@ -102,6 +104,8 @@ def _handler(app: ReviewApp, allowed_hosts: set[str]) -> type[BaseHTTPRequestHan
             if url.path in ("/", "/index.html"):
                 self._send(200, app.page().encode("utf-8"), "text/html; charset=utf-8",
                            {"Content-Security-Policy": app.csp()})
+            elif url.path == "/page.js":
+                self._send(200, page_file("page.js").encode("utf-8"), "text/javascript; charset=utf-8")
             elif url.path == "/api/data":
                 self._json(200, app.data)
             elif url.path == "/api/concept":

@@ -119,9 +119,14 @@ def test_page_is_escaped_and_locked_down(server):
     assert status == 200 and srv.url.startswith("http://127.0.0.1:")
     assert EVIL not in html and "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in html
     csp = headers["Content-Security-Policy"]
-    assert "script-src 'nonce-" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
-    assert html.count(f'nonce="{srv.app.nonce}"') == 2 and srv.app.token in html
-    assert "http://" not in html and "https://" not in html  # nothing fetched from elsewhere
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+    assert html.count(f'nonce="{srv.app.nonce}"') == 1 and srv.app.token in html  # the inline style
+    assert "<script>" not in html and '<script src="page.js"></script>' in html
+    status, headers, js = _request(srv.url, path="/page.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert "innerHTML" not in js.decode() and "insertAdjacentHTML" not in js.decode()  # text only
+    for text in (html, js.decode()):
+        assert "http://" not in text and "https://" not in text  # nothing fetched from elsewhere
     status, _, body = _request(srv.url, path="/api/data")
     assert status == 200 and json.loads(body)["meta"]["audit run"] == EVIL  # data is JSON, escaped by the page
 
