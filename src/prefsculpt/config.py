@@ -23,6 +23,7 @@ from prefsculpt.concepts.config import EncodeConfig, NamedConceptConfig, SAEConf
 from prefsculpt.core.choices import DType
 from prefsculpt.data.planted import PlantedRates
 from prefsculpt.evals.config import EvalConfig
+from prefsculpt.review.config import ReviewConfig
 from prefsculpt.search.config import PromoteConfig, SearchConfig
 from prefsculpt.shaping.config import ShapingConfig, TrainConfig
 
@@ -150,6 +151,7 @@ class RootConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
     #: Concepts named by a regex over response text or by contrastive examples (METHOD §2).
     named_concepts: list[NamedConceptConfig] = field(default_factory=list)
     #: Global seed (torch, numpy, python).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,7 @@ def write_outputs(out: Path, a: AuditConfig, data_name: str, run_id: str, src: s
     for v in views:
         r = {k: (None if isinstance(x, float) and not np.isfinite(x) else x) for k, x in v.row.items()}
         r.update(label_detail=v.label.to_dict() if v.label else None, where_detail=v.where,
-                 example_pairs=[e.pair_id for e in v.examples])
+                 example_pairs=[e.pair_id for e in v.examples], examples=[asdict(e) for e in v.examples])
         records.append(r)
     (out / "hypotheses.json").write_text(json.dumps(records, indent=1, default=_json_default, ensure_ascii=False))
     write_decisions(propose_decisions(hyp, None, audit_run_id=run_id), out / "decisions.yaml", methods_help)

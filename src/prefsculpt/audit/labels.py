@@ -2,8 +2,9 @@
 
 The default needs nothing but the encoder's ``top_contexts`` table (columns ``concept, rank, value,
 pair_id, span, position, token, left, right``): per concept, the tokens that occur most often among
-its top activations, a few short contexts per response side, and a one-line label such as
-``' absolutely' · 'You' · ' right'``. Optionally, a short explanation from any OpenAI-compatible
+its top activations, a few short contexts per response side, the characteristic phrase around the
+firing token on the side the concept favours (:mod:`prefsculpt.audit.phrases`), and a one-line label
+such as ``'.' · ',' — “…, not X.” in chosen 5/6, rejected 0/4``. Optionally, a short explanation from any OpenAI-compatible
 ``/v1/chat/completions`` endpoint (off unless ``audit.explain_base_url`` is set), cached on disk by
 a hash of the request so a re-run of the audit costs no calls.
 """
@@ -21,9 +22,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from prefsculpt.audit.phrases import characteristic_phrase
 from prefsculpt.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,13 @@ class ConceptLabel:
     contexts_chosen: list[Context] = field(default_factory=list)
     contexts_rejected: list[Context] = field(default_factory=list)
     explanation: str | None = None
+    #: The characteristic phrase (``…, not X.``; X = varies) on ``phrase_counts["side"]``, None when the
+    #: windows agree on nothing beyond the firing token.
+    phrase: str | None = None
+    #: ``{"side", "other", "k_side", "n_side", "k_other", "n_other"}``: windows matching it / windows.
+    phrase_counts: dict[str, Any] | None = None
+    #: Up to ``n_contexts`` windows of the favoured side that read as the phrase (one per pair).
+    phrase_contexts: list[Context] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,18 +126,47 @@ def _top_contexts(rows: pd.DataFrame, k: int) -> list[Context]:
     return out
 
 
+def _phrase(rows: pd.DataFrame, favoured: str, n_contexts: int) -> tuple[str | None, dict | None, list[Context]]:
+    """The characteristic phrase of ``favoured``'s windows against the other side's."""
+    other = "rejected" if favoured == "chosen" else "chosen"
+    rows = rows.drop_duplicates(["pair_id", "span", "position"])  # a cluster's members share positions
+    side = rows[rows["span"] == favoured].sort_values("value", ascending=False)
+    rest = rows[rows["span"] == other]
+    ph = characteristic_phrase(list(zip(side["left"], side["token"], side["right"], strict=True)),
+                               list(zip(rest["left"], rest["token"], rest["right"], strict=True)), favoured, other)
+    if ph is None or not ph.informative:
+        return None, None, []
+    counts = {"side": ph.side, "other": ph.other, "k_side": ph.k_side, "n_side": ph.n_side,
+              "k_other": ph.k_other, "n_other": ph.n_other}
+    return ph.text, counts, _top_contexts(side.iloc[list(ph.matched)], n_contexts)
+
+
+def _favoured(direction: Any, rows: pd.DataFrame) -> str:
+    """The side the concept favours: its audit direction, else the side with more top activations."""
+    try:
+        d = float(direction)
+    except (TypeError, ValueError):
+        d = 0.0
+    if d != d or d == 0:  # NaN or none
+        d = float((rows["span"] == "chosen").sum() - (rows["span"] == "rejected").sum()) or 1.0
+    return "chosen" if d > 0 else "rejected"
+
+
 def build_labels(
     top_contexts: pd.DataFrame,
     concepts: Iterable[str] | None = None,
     n_tokens: int = 3,
     n_contexts: int = 3,
     groups: Mapping[str, Sequence[str]] | None = None,
+    directions: Mapping[str, Any] | None = None,
 ) -> dict[str, ConceptLabel]:
     """Labels for ``concepts`` (default: every concept in the table).
 
     ``groups`` maps a compound concept (a latent cluster) to its member concepts; its label pools
     the members' top activations. A concept without top activations gets its own name as label
-    (named concepts and built-ins such as ``length`` are self-describing).
+    (named concepts and built-ins such as ``length`` are self-describing). ``directions``: concept
+    -> the audit's direction (+1: the chosen side has more), which picks the side whose phrase is
+    contrasted with the other's; a concept without one uses the side with more top activations.
     """
     df = validate_top_contexts(top_contexts)
     df = df[df["span"].isin(RESPONSE_SPANS)]
@@ -144,9 +183,17 @@ def build_labels(
             rows = by_concept.get(concept, df.iloc[:0])
         chosen, rejected = rows[rows["span"] == "chosen"], rows[rows["span"] == "rejected"]
         overall = [t for t, _ in _top_tokens(rows, n_tokens)]
+        phrase, counts, phrase_ctx = _phrase(rows, _favoured((directions or {}).get(concept), rows), n_contexts)
+        label = label_string(overall) if overall else concept.split(":", 1)[-1]
+        if phrase:
+            label += f" — “{phrase}” in {counts['side']} {counts['k_side']}/{counts['n_side']}"
+            label += f", {counts['other']} {counts['k_other']}/{counts['n_other']}" if counts["n_other"] else ""
         out[concept] = ConceptLabel(
             concept=concept,
-            label=label_string(overall) if overall else concept.split(":", 1)[-1],
+            label=label,
+            phrase=phrase,
+            phrase_counts=counts,
+            phrase_contexts=phrase_ctx,
             tokens_chosen=_top_tokens(chosen, n_tokens),
             tokens_rejected=_top_tokens(rejected, n_tokens),
             contexts_chosen=_top_contexts(chosen, n_contexts),
@@ -189,12 +236,19 @@ def chat_url(base_url: str) -> str:
 
 
 def explain_messages(label: ConceptLabel, max_chars: int = 160) -> list[dict[str, str]]:
-    lines = []
-    for ctx in [*label.contexts_chosen, *label.contexts_rejected]:
+    lines, seen = [], set()
+    for ctx in [*label.contexts_chosen, *label.contexts_rejected, *label.phrase_contexts]:
         window = f"{ctx.left}[[{ctx.token}]]{ctx.right}".replace("\n", "\\n")[:max_chars]
-        lines.append(f"- ({ctx.span} response) {window}")
+        if (ctx.span, window) not in seen:
+            seen.add((ctx.span, window))
+            lines.append(f"- ({ctx.span} response) {window}")
     tokens = ", ".join(token_repr(t) for t, _ in [*label.tokens_chosen, *label.tokens_rejected])
-    user = f"Most frequent firing tokens: {tokens or '(none)'}\nTop windows:\n" + "\n".join(lines or ["(none)"])
+    user = f"Most frequent firing tokens: {tokens or '(none)'}\n"
+    if label.phrase and label.phrase_counts:
+        c = label.phrase_counts
+        user += (f"Recurring phrase around the firing token (X = varies): \"{label.phrase}\" in {c['k_side']} of "
+                 f"{c['n_side']} {c['side']}-response windows, {c['k_other']} of {c['n_other']} {c['other']}\n")
+    user += "Top windows:\n" + "\n".join(lines or ["(none)"])
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 

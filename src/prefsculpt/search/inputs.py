@@ -21,6 +21,7 @@ from prefsculpt.core.files import publish, tmp_beside
 from prefsculpt.search.errors import SearchInputError
 from prefsculpt.shaping.decisions import load_decisions
 from prefsculpt.shaping.registry import Source, methods_needing
+from prefsculpt.tracking.artifacts import resolve_artifact
 from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ def load_audit(audit_id: str, decisions_path: str | None, cache_root: Path) -> t
     if hyp_file is None:
         raise SearchInputError(f"audit run {audit_id} has no audit/hypotheses.parquet; re-run the audit stage")
     hyp = pd.read_parquet(hyp_file)
-    path = decisions_path or fetch(audit_id, "audit/decisions.yaml", root / "decisions.yaml")
+    # search.decisions: a local file or runs:/<audit run>/decisions/v<N>.yaml (saved by `prefsculpt review`)
+    path = (resolve_artifact(decisions_path, cache_root / "artifacts") if decisions_path
+            else fetch(audit_id, "audit/decisions.yaml", root / "decisions.yaml"))
     if path is None:
         return hyp, None, None
     dec = load_decisions(str(path), hyp["concept"].astype(str).tolist())

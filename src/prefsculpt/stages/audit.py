@@ -119,7 +119,8 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         names = shown["concept"].tolist()
         in_shown = [m for ms in shown["members"].dropna() for m in ms]  # member rows get labels too
         labels = build_labels(top, names + in_shown, int(a.label_tokens), int(a.label_contexts),
-                              groups={f"cluster:{i}": m for i, m in enumerate(member_names)})
+                              groups={f"cluster:{i}": m for i, m in enumerate(member_names)},
+                              directions=dict(zip(table["concept"], table["direction"], strict=True)))
         if a.explain_base_url:
             root = cache_root(cfg.cache_dir)
             settings = ExplainSettings(str(a.explain_base_url), str(a.explain_model), str(a.explain_api_key_env),

@@ -33,6 +33,7 @@ from prefsculpt.data.tokenize import tokenize_pairs
 from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
 from prefsculpt.shaping.resolve import resolve_shaping
 from prefsculpt.stages.prepare import prepared_data
+from prefsculpt.tracking.artifacts import local_decisions
 from prefsculpt.tracking.models import log_policy
 from prefsculpt.tracking.runs import log_pairs_input, resolve_tracking_uri, stage_run
 from prefsculpt.train.datamodule import PreferenceDataModule, truncate_pair
@@ -75,7 +76,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     tc = cfg.train
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     layer = int(cfg.sae.layer) if "sae" in cfg else None
-    shaping = resolve_shaping(cfg.shaping, layer)  # validates the specs before any model is loaded
+    # local_decisions: shaping.decisions may be runs:/<audit run>/decisions/v<N>.yaml (`prefsculpt review`)
+    shaping = resolve_shaping(local_decisions(cfg), layer)  # validates the specs before any model is loaded
     check_layers(model_dir, shaping, tc.train_top_layers)
     prepared = None if tc.pairs_path else prepared_data(cfg)[0]
     pairs = load_train_pairs(OmegaConf.to_object(tc), prepared)

@@ -159,3 +159,63 @@ def test_unreachable_endpoint_names_the_url(top_contexts):
     settings = ExplainSettings("http://127.0.0.1:9", "m", timeout_s=1)
     with pytest.raises(ExplainError, match=r"127\.0\.0\.1:9/v1/chat/completions"):
         explain_labels(build_labels(top_contexts), ["latent:3"], settings)
+
+
+# ---------------------------------------------------------------- characteristic phrase (planted)
+
+
+def _planted_dot_latent():
+    """latent:5 fires on '.' in both sides; on the chosen side, always right after ', not <word>'."""
+    chosen = [("It is a feature, not", "bugs"), ("Think of it as a plan, not", "promises"),
+              ("This is a question of taste, not", "rules"), ("Call it a draft, not", "verdicts"),
+              ("It is an estimate, not", "guarantees"), ("We want progress, not", "perfection")]
+    after = [" Then", " So we", " Next,", "\n\nFirst", " If you", " Try it"]
+    rejected = [("The answer is", " 42"), ("Water boils at 100 degrees at sea", " level"),
+                ("Paris is the capital of", " France"), ("Use a sorted list and", " binary search")]
+    rows = []
+    for i, (left, last) in enumerate(chosen):
+        rows.append(_row("latent:5", i, 9.0 - i * 0.1, f"c{i}", "chosen", ".", f"{left} {last}", after[i]))
+    for i, (left, last) in enumerate(rejected):
+        rows.append(_row("latent:5", 10 + i, 5.0 - i * 0.1, f"r{i}", "rejected", ".", left + last, after[-1 - i]))
+    # a token-level latent with no recurring context: its phrase stays None
+    rows += [_row("latent:6", 0, 3.0, "c0", "chosen", " cat", "the", " sat"),
+             _row("latent:6", 1, 2.0, "c1", "chosen", " cat", "a big", " ran")]
+    return pd.DataFrame(rows)
+
+
+def test_dot_latent_gets_its_phrase_contrasted_with_the_other_side():
+    labels = build_labels(_planted_dot_latent(), directions={"latent:5": 1})
+    lab = labels["latent:5"]
+    # position -3 ',' and -2 'not' agree in all 6 chosen windows; -1 varies -> X; 0 is the firing '.'
+    assert lab.phrase == "…, not X."
+    assert lab.phrase_counts == {"side": "chosen", "other": "rejected", "k_side": 6, "n_side": 6,
+                                 "k_other": 0, "n_other": 4}
+    assert lab.label == "'.' — “…, not X.” in chosen 6/6, rejected 0/4"
+    assert [c.pair_id for c in lab.phrase_contexts] == ["c0", "c1", "c2"]
+    assert labels["latent:6"].phrase is None and labels["latent:6"].label == "' cat'"
+
+
+def test_phrase_side_follows_the_direction_and_feeds_the_llm_prompt():
+    from prefsculpt.audit.labels import explain_messages
+
+    # read as a latent favouring the rejected side, the rejected windows share no phrase
+    flipped = build_labels(_planted_dot_latent(), directions={"latent:5": -1})["latent:5"]
+    assert flipped.phrase is None
+    lab = build_labels(_planted_dot_latent())["latent:5"]  # no direction: the side with more windows
+    assert lab.phrase == "…, not X."
+    user = explain_messages(lab)[1]["content"]
+    assert 'Recurring phrase around the firing token (X = varies): "…, not X." in 6 of 6 chosen' in user
+    assert "- (chosen response) It is a feature, not bugs[[.]] Then" in user
+
+
+def test_phrase_keeps_the_longest_pattern_nearly_as_specific_as_the_best():
+    from prefsculpt.audit.phrases import characteristic_phrase, pieces
+
+    assert pieces(" you're right.") == [("you", True), ("'", False), ("re", False), ("right", True), (".", False)]
+    side = [("I think", " you", "'re absolutely right"), ("Well", " you", "'re absolutely correct"),
+            ("So", " you", "'re absolutely right")]
+    other = [("Then", " you", " should check")]
+    ph = characteristic_phrase(side, other, k=3)
+    # ' you' alone matches the other side too (contrast 0); "you're absolutely" matches only chosen
+    assert ph.text == "… you're absolutely…" and (ph.k_side, ph.k_other) == (3, 0)
+    assert characteristic_phrase([], other) is None
