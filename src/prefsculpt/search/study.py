@@ -68,6 +68,9 @@ def open_storage(url: str, sc: Any) -> tuple[Any, Path | None]:
         path = Path(url.split("sqlite:///", 1)[-1])
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = path.with_name(path.name + ".lock")
+    elif url.startswith("postgres"):
+        # A worker's connections idle through a whole trial; the server or a proxy may drop them.
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     try:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API is "experimental"
         return optuna.storages.RDBStorage(
