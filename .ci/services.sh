@@ -85,7 +85,14 @@ stop() {
     return 0
   fi
   if [[ -f "$dir/mlflow.pid" ]]; then
-    kill -- -"$(cat "$dir/mlflow.pid")" 2>/dev/null || true
+    local pgid
+    pgid=$(cat "$dir/mlflow.pid")
+    kill -- -"$pgid" 2>/dev/null || true
+    for _ in $(seq 1 20); do  # uvicorn shuts down gracefully; give it 10 s, then kill what is left
+      kill -0 -- -"$pgid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -KILL -- -"$pgid" 2>/dev/null || true
   fi
   if [[ -f "$dir/pg/PG_VERSION" ]]; then
     runuser -u postgres -- "$(pg_bin)/pg_ctl" -D "$dir/pg" -m immediate -w stop >/dev/null 2>&1 || true
