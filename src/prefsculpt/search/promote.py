@@ -16,9 +16,13 @@ Gates (all must pass to move ``champion``; METHOD §7 and issue 7):
   demand that the candidate decreases it by at least half as much);
 - ``on_target_vs_baseline``: candidate's on-target accuracy >= baseline's − ``on_target_tolerance``;
 - ``off_target_vs_champion`` / ``on_target_vs_champion``: not worse than the current champion on
-  either objective (± ``champion_tolerance``); skipped when there is no champion yet.
+  either objective (± ``champion_tolerance``); skipped when there is no champion yet (the registry
+  says the model or alias does not exist), read inside the promotion lock (issue 15).
+Gates fail closed: a gate whose inputs cannot be read or are not finite numbers (the registry call
+behind it raised, a metric is missing) fails, and the refusal names the error.
 The new version always gets alias ``candidate`` and tags for the audit run, the decisions hash,
-the headline metrics and every gate; a refusal names each failed gate and its margin.
+the headline metrics, every gate, the decision and the champion it was compared with; a refusal
+names each failed gate and its margin or error.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 The rule and the gates live in :mod:`prefsculpt.search.promote`; this stage reads the trials of
 the search's study, registers the pick (alias ``candidate``), and moves ``champion`` only when every
 gate passes; the decision, gates and trials are logged on the run and tagged on the version.
+Registering, reading the champion, gating against it and moving the aliases happen under one lock
+per model name (:mod:`prefsculpt.search.lock`), so concurrent promotes compare-then-set in turn.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
                     Tag.BASELINE_ON_TARGET: f"{base['on_target']:.6g}", Tag.BASELINE_TRIAL_RUN: str(b.run_id),
                     Tag.GATES: "passed" if refusal is None else "failed",
                     Tag.PROMOTE_DECISION: pc.champion_alias if refusal is None else "refused",
-                    Tag.PREVIOUS_CHAMPION: "none" if champ_mv is None else str(champ_mv.version),
+                    Tag.PREVIOUS_CHAMPION: ("unreadable" if any(g.error for g in cgates) else
+                                            "none" if champ_mv is None else str(champ_mv.version)),
                     Tag.REFUSAL: (refusal or "")[:5000],
                     **{f"{Tag.GATE_PREFIX}{g.name}": (f"FAIL ({g.error[:400]})" if g.error else
                                                       f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})")

@@ -162,6 +162,7 @@ def test_gates_fail_closed_when_the_champion_cannot_be_read(mlflow_uri, tmp_path
     assert str(client.get_model_version_by_alias(cfg.promote.model_name, "champion").version) == champion
     tags = client.get_model_version(cfg.promote.model_name, r["version"]).tags
     assert tags["prefsculpt.promote_decision"] == "refused" and tags["prefsculpt.gates"] == "failed"
+    assert tags["prefsculpt.previous_champion"] == "unreadable"
     assert tags["prefsculpt.gate.on_target_vs_champion"].startswith("FAIL (MlflowException: registry unavailable")
 
 
