@@ -78,7 +78,9 @@ def resolve_lock(explicit: str | None, tracking_uri: str, search_storage: str | 
     if explicit:
         if _PG.match(explicit):
             return LockSpec("postgres", _libpq(explicit), key)
-        if "://" in explicit:
+        if explicit.startswith("file://"):
+            explicit = explicit[len("file://"):]
+        elif "://" in explicit:
             raise PromoteLockError(f"promote.lock={redact(explicit)!r}: use a postgresql:// URL or a file path")
         return LockSpec("file", str(Path(explicit).expanduser()), key)
     if _PG.match(tracking_uri):

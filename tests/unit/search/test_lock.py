@@ -26,6 +26,7 @@ def test_lock_follows_the_tracking_store(tmp_path):
     sq = resolve_lock(None, f"sqlite:///{tmp_path}/mlflow.db", None, "m", fb)
     assert sq.kind == "file" and sq.target.startswith(f"{tmp_path}/mlflow.db.promote-")
     assert resolve_lock(str(tmp_path / "x.lock"), "http://h", None, "m", fb).target == str(tmp_path / "x.lock")
+    assert resolve_lock(f"file://{tmp_path}/y.lock", "http://h", None, "m", fb).target == str(tmp_path / "y.lock")
     with pytest.raises(PromoteLockError, match="use a postgresql:// URL or a file path"):
         resolve_lock("redis://h", "http://h", None, "m", fb)
     # one key per model name, the same in every process
