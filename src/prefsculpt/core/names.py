@@ -45,6 +45,8 @@ class Tag:
     STUDY_NAME = "prefsculpt.study_name"
     STUDY_UID = "prefsculpt.study_uid"
     STUDY_CREATOR = "prefsculpt.study_creator"
+    #: "true" on the search run of ``search.create_only`` (it created the study and ran no trial).
+    CREATE_ONLY = "prefsculpt.create_only"
     STORAGE = "prefsculpt.storage"
     TRIAL_NUMBER = "prefsculpt.trial_number"
     BASELINE = "prefsculpt.baseline"
@@ -68,6 +70,12 @@ class Tag:
     MODEL_VERSION = "prefsculpt.model_version"
     PROMOTED = "prefsculpt.promoted"
     REFUSAL = "prefsculpt.refusal"
+    #: On the version: "champion" (moved to it) or "refused" (candidate only), decided inside the lock.
+    PROMOTE_DECISION = "prefsculpt.promote_decision"
+    #: On the version: the champion version read inside the lock when deciding ("none": there was none).
+    PREVIOUS_CHAMPION = "prefsculpt.previous_champion"
+    #: On the promote run: which lock serialised the promotion (search/lock.py), without credentials.
+    PROMOTE_LOCK = "prefsculpt.promote_lock"
     # review
     DECISIONS_LATEST = "prefsculpt.decisions.latest"
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.names import Tag
@@ -38,6 +39,7 @@ from prefsculpt.core.redact import mlflow_params
 from prefsculpt.search.slots import retry_of
 from prefsculpt.search.space import BASELINE_ATTR, Candidate, SpaceBounds, describe, suggest_concepts
 from prefsculpt.shaping.config import ConceptSpec
+from prefsculpt.tracking.orphans import close_dead_run_tree, own_lineage
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +131,24 @@ class TrialContext:
 
 
 def _close_stale_run(trial: Any) -> None:
-    """A retried trial (its worker died) carries the dead worker's run id: mark that run KILLED."""
+    """A retried trial (its worker died) carries the dead worker's run id: close that run, the runs
+    under it and the dead worker's search run (KILLED), so the run tree shows no orphan RUNNING run."""
     old = trial.user_attrs.get("mlflow_run_id")
     if not old or retry_of(trial) is None:
         return
-    client = mlflow.MlflowClient()
-    try:
-        if client.get_run(old).info.status == "RUNNING":
-            client.set_tag(old, Tag.ERROR, "worker died (heartbeat lost); the trial was retried")
-            client.set_terminated(old, "KILLED")
-    except mlflow.exceptions.MlflowException as exc:
-        log.warning("could not close the dead trial run %s: %s", old, exc)
+    close_dead_run_tree(old, f"worker died (heartbeat lost in trial {retry_of(trial)}); the trial was retried",
+                        spare=own_lineage())
+
+
+def close_dead_trials(study: Any) -> list[str]:
+    """End of a worker: close the runs of every failed trial whose run is still RUNNING (a worker that
+    died in a trial no one retried, e.g. ``max_retry`` reached); a trial that raised closed its own."""
+    spare, closed = own_lineage(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        rid = t.user_attrs.get("mlflow_run_id")
+        if rid:
+            closed += close_dead_run_tree(rid, f"worker died (heartbeat lost in trial {t.number})", spare=spare)
+    return closed
 
 
 def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:

@@ -14,6 +14,11 @@ Several ``mlflow run -e search`` processes on one storage and study name share t
   worker that looks. Workers with nothing left to pop wait while others run, to retry their trials
   if they die. A journal file has no heartbeat: a killed worker's trial stays RUNNING.
 - A trial that raises is recorded as FAIL (with its error) and the worker takes the next slot.
+- On a fresh PostgreSQL storage, create the study once before the workers start
+  (``search.create_only=true``): workers racing to create its tables collide on ``alembic_version``.
+- The worker that retries a dead worker's trial closes that worker's trial run, the runs under it
+  and its search run (KILLED); each worker, when done, closes the runs of any failed trial still
+  RUNNING (a death no one retried), so the run tree shows no orphan (``tracking.orphans``).
 
 Each worker's MLflow run (``stage_run(cfg, "search")``) holds its trials as child runs, and at the
 end logs the whole study as ``search/trials.json``, the Pareto front as ``search/pareto.json`` and
@@ -69,6 +74,9 @@ def open_storage(url: str, sc: Any) -> tuple[Any, Path | None]:
         path = Path(url.split("sqlite:///", 1)[-1])
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = path.with_name(path.name + ".lock")
+    elif url.startswith("postgres"):
+        # A worker's connections idle through a whole trial; the server or a proxy may drop them.
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     try:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API is "experimental"
         return optuna.storages.RDBStorage(

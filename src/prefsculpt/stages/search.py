@@ -70,9 +70,17 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
                                         "methods": ",".join(c.methods), "actions": ",".join(c.actions)}
                                        for c in candidates] + [{"concept": s["concept"], "skipped": s["reason"]}
                                                                for s in skipped]), "search/candidates.json")
+        if sc.get("create_only", False):
+            mlflow.set_tag(Tag.CREATE_ONLY, "true")
+            log.info("search: study %r ready with %d trials planned; start the workers (search.create_only=false)",
+                     str(sc.study_name), int(study.user_attrs[Attr.PLANNED]))
+            return {"run_id": run.info.run_id, "study_name": str(sc.study_name), "study_uid": uid, "storage": url,
+                    "audit_run_id": audit_id, "decisions_hash": dhash, "trials_ran": [], "created": created,
+                    "candidates": [c.concept for c in candidates]}
         ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or train_and_evaluate)
         poll = float(sc.heartbeat_interval) if hasattr(storage, "get_heartbeat_interval") else None
         ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll, storage=storage)
+        O.close_dead_trials(study)
         df = trials_table(study)
         metrics = log_results(df)
         mlflow.log_metric("search/n_ran_here", float(len(ran)))
