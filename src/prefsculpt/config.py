@@ -31,17 +31,10 @@ from prefsculpt.shaping.config import ShapingConfig, TrainConfig
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-class PlantedVariant(StrEnum):
-    standard = "standard"
-    null = "null"
-    clean = "clean"
+PlantedVariant = StrEnum("PlantedVariant", ["standard", "null", "clean"])
 
 
-class DataFormat(StrEnum):
-    auto = "auto"
-    plain = "plain"
-    chat = "chat"
-    hh_rlhf = "hh_rlhf"
+DataFormat = StrEnum("DataFormat", ["auto", "plain", "chat", "hh_rlhf"])
 
 
 #: ``raise`` is a keyword, so this enum is built by name (OmegaConf matches members by name).

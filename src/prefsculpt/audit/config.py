@@ -5,22 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-
-class ScoreStat(StrEnum):
-    """Span statistic (METHOD §2): the max activation over the span, or the share of tokens firing."""
-
-    max = "max"
-    freq = "freq"
+#: Span statistic (METHOD §2): the max activation over the span, or the share of tokens firing.
+ScoreStat = StrEnum("ScoreStat", ["max", "freq"])
 
 
-class PairedTest(StrEnum):
-    wilcoxon = "wilcoxon"
-    sign = "sign"
+PairedTest = StrEnum("PairedTest", ["wilcoxon", "sign"])
 
 
-class RankBy(StrEnum):
-    conservative = "conservative"
-    split_half = "split_half"
+RankBy = StrEnum("RankBy", ["conservative", "split_half"])
 
 
 @dataclass

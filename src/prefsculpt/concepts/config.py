@@ -7,23 +7,13 @@ from enum import StrEnum
 
 from prefsculpt.core.choices import DType
 
-
-class SAESource(StrEnum):
-    train = "train"
-    path = "path"
-    pretrained = "pretrained"
+SAESource = StrEnum("SAESource", ["train", "path", "pretrained"])
 
 
-class SAEArchitecture(StrEnum):
-    topk = "topk"
-    batchtopk = "batchtopk"
-    jumprelu = "jumprelu"
-    standard = "standard"
+SAEArchitecture = StrEnum("SAEArchitecture", ["topk", "batchtopk", "jumprelu", "standard"])
 
 
-class NamedKind(StrEnum):
-    regex = "regex"
-    contrastive = "contrastive"
+NamedKind = StrEnum("NamedKind", ["regex", "contrastive"])
 
 
 @dataclass

@@ -26,6 +26,7 @@ from prefsculpt.audit.decisions import (
     FORMAT_VERSION,
     INFO_FIELDS,
     DecisionsError,
+    plain_value,
 )
 from prefsculpt.core.errors import UserError
 from prefsculpt.shaping.decisions import load_decisions
@@ -42,15 +43,6 @@ ROW_COLUMNS = ("concept", "kind", "rank", "label", "direction", "d_z", "mean_dif
                "significant", "member_of", "n_members", "where")
 #: hypotheses.json fields forwarded to the detail view.
 DETAIL_FIELDS = ("share_chosen_more", "share_rejected_more", "where_detail", "examples", "members")
-
-
-def _plain(v: Any) -> Any:
-    """JSON-safe scalar: numpy -> Python, NaN/inf -> None."""
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def _is_missing(v: Any) -> bool:
@@ -72,7 +64,7 @@ def table_payload(table: pd.DataFrame, labels: Mapping[str, str] | None = None) 
     for rec in t.to_dict("records"):
         if _is_missing(rec.get("label")) and rec["concept"] in labels:
             rec["label"] = labels[rec["concept"]]
-        rows.append([_plain(rec.get(c)) for c in ROW_COLUMNS])
+        rows.append([plain_value(rec.get(c)) for c in ROW_COLUMNS])
     return {"columns": list(ROW_COLUMNS), "rows": rows}
 
 
@@ -89,8 +81,8 @@ def concept_detail(concept: str, record: Mapping[str, Any] | None, label: Any = 
     out: dict[str, Any] = {"concept": concept, "label": lab}
     out.update({key: rec.get(key) for key in DETAIL_FIELDS})
     out["members"] = None if out["members"] is None else [str(m) for m in out["members"]]
-    out["share_chosen_more"] = _plain(out["share_chosen_more"])
-    out["share_rejected_more"] = _plain(out["share_rejected_more"])
+    out["share_chosen_more"] = plain_value(out["share_chosen_more"])
+    out["share_rejected_more"] = plain_value(out["share_rejected_more"])
     out["examples"] = out["examples"] or []
     out["where_detail"] = out["where_detail"] or []
     return out

@@ -9,20 +9,13 @@ from prefsculpt.core.errors import UserError
 from prefsculpt.shaping.interventions import SHARE_RANGE
 from prefsculpt.shaping.registry import STRENGTH_RANGE
 
-
-class AllowPins(StrEnum):
-    edited = "edited"
-    all = "all"
+AllowPins = StrEnum("AllowPins", ["edited", "all"])
 
 
-class SamplerName(StrEnum):
-    tpe = "tpe"
-    nsga2 = "nsga2"
-    random = "random"
+SamplerName = StrEnum("SamplerName", ["tpe", "nsga2", "random"])
 
 
-class PickRule(StrEnum):
-    lowest_off_target = "lowest_off_target"
+PickRule = StrEnum("PickRule", ["lowest_off_target"])
 
 
 

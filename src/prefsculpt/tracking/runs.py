@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.core.names import Artifact, Tag
 from prefsculpt.core.redact import mlflow_params, redact_text
+from prefsculpt.data.prepared import pairs_digest
 from prefsculpt.data.schema import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -111,15 +111,6 @@ def stage_run(cfg: DictConfig, stage: str, nested: bool | None = None) -> Iterat
     finally:
         if token is not None:
             CURRENT_STAGE_KEY.reset(token)
-
-
-def pairs_digest(pairs: Sequence[PreferencePair]) -> str:
-    """Content digest of a list of pairs (order-sensitive), the key for caches and run reuse."""
-    h = hashlib.sha256()
-    for p in pairs:
-        h.update(json.dumps(p.to_record(), sort_keys=True).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
 
 
 def pairs_frame(pairs: Sequence[PreferencePair]):
