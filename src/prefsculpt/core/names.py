@@ -78,6 +78,11 @@ class Tag:
     PROMOTE_LOCK = "prefsculpt.promote_lock"
     # review
     DECISIONS_LATEST = "prefsculpt.decisions.latest"
+    DECISIONS_LATEST_HASH = "prefsculpt.decisions.latest_hash"
+
+    @staticmethod
+    def decisions_version_hash(n: int) -> str:
+        return f"prefsculpt.decisions.v{n}.hash"
 
 
 class Attr:
@@ -89,6 +94,7 @@ class Attr:
     DECISIONS_HASH = Tag.DECISIONS_HASH
     BASELINE = Tag.BASELINE
     INFORMED_START = "prefsculpt.informed_start"
+    UNPLANNED = "prefsculpt.unplanned"
 
 
 class Artifact:

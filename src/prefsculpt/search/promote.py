@@ -36,7 +36,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.names import Tag
@@ -159,14 +158,15 @@ def choose(trials: pd.DataFrame, base: dict[str, float], pc: Any) -> tuple[pd.Se
 
 
 # ---------------------------------------------------------------- reading MLflow
-def find_search_run(cfg: DictConfig) -> mlflow.entities.Run:
+def find_search_run(search_run_id: str | None, experiment: str) -> mlflow.entities.Run:
+    """``promote.search_run_id``, else the latest finished search run in ``experiment`` (else anywhere)."""
     client = mlflow.MlflowClient()
-    if cfg.promote.search_run_id:
+    if search_run_id:
         try:
-            return client.get_run(str(cfg.promote.search_run_id))
+            return client.get_run(search_run_id)
         except mlflow.exceptions.MlflowException as exc:
-            raise PromoteInputError(f"promote.search_run_id={cfg.promote.search_run_id!r} is not a run here: {exc}") from exc
-    exp = client.get_experiment_by_name(str(cfg.tracking.experiment))
+            raise PromoteInputError(f"promote.search_run_id={search_run_id!r} is not a run here: {exc}") from exc
+    exp = client.get_experiment_by_name(experiment)
     ids = [exp.experiment_id] if exp else [e.experiment_id for e in client.search_experiments()]
     found = latest_stage_run("search", ids)
     if found is None:

@@ -44,12 +44,13 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from prefsculpt.core.names import Attr
 from prefsculpt.search.errors import SearchInputError
 from prefsculpt.search.slots import claim, is_unplanned, storage_trial_id
 from prefsculpt.search.space import BASELINE_ATTR, enqueue_plan
 
 log = logging.getLogger(__name__)
-UID, PLANNED, AUDIT, DHASH = "prefsculpt.uid", "prefsculpt.planned", "prefsculpt.audit_run_id", "prefsculpt.decisions_hash"
+UID, PLANNED, AUDIT, DHASH = Attr.UID, Attr.PLANNED, Attr.AUDIT_RUN, Attr.DECISIONS_HASH
 
 
 # ---------------------------------------------------------------- storage and study

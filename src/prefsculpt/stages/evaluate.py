@@ -163,7 +163,7 @@ def run_pipeline_evaluate(cfg: DictConfig) -> dict[str, Any]:
     Trials are evaluated on what the objectives need; the pick gets every evaluation here, concept
     shift included, as its own run. The promote stage then registers that policy.
     """
-    search = find_search_run(cfg)
+    search = find_search_run(cfg.promote.search_run_id, cfg.tracking.experiment)
     uid = search.data.tags.get(Tag.STUDY_UID)
     trials = read_trials(uid) if uid else None
     if trials is None or trials.empty:

@@ -44,7 +44,7 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
     check_aliases(str(pc.candidate_alias), str(pc.champion_alias))
     name = str(pc.model_name)
     with stage_run(cfg, "promote") as run:
-        search = find_search_run(cfg)
+        search = find_search_run(pc.search_run_id, cfg.tracking.experiment)
         uid = search.data.tags.get(Tag.STUDY_UID)
         if not uid:
             raise PromoteInputError(f"run {search.info.run_id} is not a search run (no {Tag.STUDY_UID} tag)")

@@ -30,13 +30,14 @@ from omegaconf import DictConfig
 
 from prefsculpt.audit.decisions import decisions_hash, write_decisions
 from prefsculpt.audit.labels import build_labels, validate_top_contexts
+from prefsculpt.core.names import Tag
 from prefsculpt.review import data as D
 from prefsculpt.review.server import ReviewApp, ReviewServer
 from prefsculpt.tracking.artifacts import RUNS_PREFIX, parse_runs_ref
 from prefsculpt.tracking.runs import latest_stage_run, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-LATEST_TAG, HASH_TAG = "prefsculpt.decisions.latest", "prefsculpt.decisions.latest_hash"
+LATEST_TAG, HASH_TAG = Tag.DECISIONS_LATEST, Tag.DECISIONS_LATEST_HASH
 _VERSION = re.compile(r"^decisions/v(\d+)\.yaml$")
 #: Unlabelled concepts (tested first, in the audit's order) labelled before the page is served;
 #: labels cost ~10-40 ms each, so the rest are built when a person opens one.
@@ -54,7 +55,7 @@ def find_audit_run(cfg: DictConfig) -> str:
             run = client.get_run(rid)
         except mlflow.exceptions.MlflowException as exc:
             raise D.ReviewInputError(f"review.audit_run={ref!r} is not a run in {mlflow.get_tracking_uri()}: {exc}") from exc
-        if run.data.tags.get("prefsculpt.stage") != "audit":
+        if run.data.tags.get(Tag.STAGE) != "audit":
             raise D.ReviewInputError(f"run {rid} is a {run.data.tags.get('prefsculpt.stage')!r} run, not an audit run; "
                                      "pass review.audit_run=<audit run id>")
         return run.info.run_id
@@ -121,7 +122,7 @@ def load_inputs(run_id: str, dst: Path) -> AuditInputs:
             start, start_from = yaml.safe_load(got.read_text(encoding="utf-8")), latest
     out = AuditInputs(run_id, table, records, proposal, start, start_from)
     need = D.labels_needed(table)
-    sae = mlflow.MlflowClient().get_run(run_id).data.tags.get("prefsculpt.scores_run_id")
+    sae = mlflow.MlflowClient().get_run(run_id).data.tags.get(Tag.SCORES_RUN)
     top = _download(sae, "scores/top_contexts.parquet", dst / "sae") if need and sae else None
     if top is not None:
         t0 = time.perf_counter()
@@ -143,7 +144,7 @@ def save_decisions(run_id: str, doc: dict[str, Any], work: Path) -> dict[str, An
     digest = decisions_hash(path)
     client.log_artifact(run_id, str(path), "decisions")
     artifact = f"decisions/v{n}.yaml"
-    client.set_tag(run_id, f"prefsculpt.decisions.v{n}.hash", digest)
+    client.set_tag(run_id, Tag.decisions_version_hash(n), digest)
     client.set_tag(run_id, LATEST_TAG, artifact)
     client.set_tag(run_id, HASH_TAG, digest)
     active = [e for e in doc["concepts"] if e.get("action") != "allow"]
@@ -208,8 +209,8 @@ def run_review(cfg: DictConfig) -> dict[str, Any]:
     session = open_review(cfg)
     project_run = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run . -e review`: say what it was
     if project_run:
-        mlflow.MlflowClient().set_tag(project_run, "prefsculpt.stage", "review")
-        mlflow.MlflowClient().set_tag(project_run, "prefsculpt.audit_run_id", session.inputs.run_id)
+        mlflow.MlflowClient().set_tag(project_run, Tag.STAGE, "review")
+        mlflow.MlflowClient().set_tag(project_run, Tag.AUDIT_RUN, session.inputs.run_id)
     log.info("review: audit run %s served at %s (%s); Ctrl-C to stop", session.inputs.run_id, session.url,
              "until Ctrl-C" if rc.serve_seconds is None else f"for {float(rc.serve_seconds):g}s")
     if rc.open_browser:

@@ -52,11 +52,11 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
     storage, lock = open_storage(url, sc)
     with stage_run(cfg, "search") as run:
         pinned = I.pinned_audit_run(storage, str(sc.study_name))
-        audit_id = I.find_audit_run(cfg, run.info.run_id, pinned)
+        audit_id = I.find_audit_run(sc.audit_run_id, run.info.run_id, pinned)
         hyp, decisions, dhash = I.load_audit(audit_id, sc.decisions, cache_root)
-        sources = I.resolve_sources(cfg, audit_id, cache_root)
+        sources = I.resolve_sources(list(sc.methods), cfg.shaping, audit_id, cache_root)
         candidates, skipped = build_candidates(hyp, decisions, int(sc.top_k), list(sc.methods), list(sc.actions),
-                                               str(sc.allow_pins), I.feasibility(cfg, sources, hyp))
+                                               str(sc.allow_pins), I.feasibility(cfg.shaping, list(cfg.named_concepts), sources, hyp))
         attrs = {Attr.AUDIT_RUN: audit_id, **({Attr.DECISIONS_HASH: dhash} if dhash else {})}
         bounds = SpaceBounds(float(sc.lambda_min), float(sc.lambda_max), float(sc.share_min), float(sc.share_max),
                              str(cfg.shaping.filter_mode))
