@@ -213,14 +213,14 @@ def entries_for(keys: list[str] | set[str]) -> list[Entry]:
     return [e for e in ENTRIES if e in hit]
 
 
-def _arrow(direction: str) -> str:
+def arrow(direction: str) -> str:
     return {HIGHER: "↑ higher", LOWER: "↓ lower"}.get(direction, "–")
 
 
 def markdown(entries: list[Entry] | tuple[Entry, ...] = ENTRIES) -> str:
     """A Markdown table (the README section, the model version description)."""
     lines = ["| metric key | better | what it measures | stage |", "|---|---|---|---|"]
-    lines += [f"| `{e.pattern}` | {_arrow(e.direction)} | {e.meaning.replace('|', '/')} | {e.stage} |"
+    lines += [f"| `{e.pattern}` | {arrow(e.direction)} | {e.meaning.replace('|', '/')} | {e.stage} |"
               for e in entries]
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from prefsculpt.core.names import Tag
+from prefsculpt.search.description import version_description
 from prefsculpt.search.promote import (
     PromoteInputError,
     PromotionRefused,
@@ -71,6 +72,9 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
                 **{f"{Tag.GATE_PREFIX}{g.name}": f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})" for g in gates}}
         for k, v in tags.items():
             client.set_model_version_tag(name, mv.version, k, str(v))
+        # Description (issue 16): headline metrics, gates and the glossary of the trial run's metric keys.
+        client.update_model_version(name, mv.version, description=version_description(
+            int(pick.trial), pick.shaping, client.get_run(pick.run_id).data.metrics, gates, refusal, base))
         client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
         if refusal is None:
             client.set_registered_model_alias(name, str(pc.champion_alias), mv.version)
