@@ -14,7 +14,7 @@ REAL_KEYS = [
     "rows_read", "train/n_pairs", "validation/tag_style_bold_chosen_gt_rejected", "test/truncated_prompt",
     "planted_rate/sycophancy", "sae/explained_variance", "sae/tokens_per_second", "named/emoji/separation",
     "cache/sae_hit", "time/collect_seconds", "n_significant", "top3_d_z", "calibration/share_reporting",
-    "planted/flattery/rank", "planted/captured", "train/loss", "train/rewards/accuracies", "train/concept/latent:12",
+    "planted/flattery/rank", "planted/captured", "train/loss", "train/rewards/accuracies", "train/concept/score/namedstock_flattery",
     "train/pairs_per_s", "epoch", "syc/planted/p_agree_diff_lo", "syc/opinion/all/match_rate_base",
     "syc/are_you_sure/math/flip_rate", "style/emoji/rate_diff", "style/in_domain/bold/mean", "style/n_tokens/mean",
     "cap/pref/implicit_acc_hi", "cap/kl/mean_token", "shift/hyp_spearman", "shift/control_abs_shift_z",

@@ -50,7 +50,7 @@ def talkative_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def champion(talkative_dir, mlflow_uri):
     meta = PolicyMeta(base_model="tiny-llama", train_run_id="", decisions_hash="d" * 64, audit_run_id="a" * 32,
-                      shaping=[{"name": "named:emoji/score", "lambda": 0.5, "layer": 1}])
+                      shaping=[{"name": "score/named:emoji", "lambda": 0.5, "layer": 1}])
     mlflow.set_experiment("served-policy")
     with mlflow.start_run():
         info = log_policy(talkative_dir, meta)
@@ -84,11 +84,11 @@ def test_logged_model_is_the_transformers_chat_flavor_with_its_shaping(champion,
     example = json.loads((root / "input_example.json").read_text())
     assert example["messages"][0]["role"] == "user"
     card = (root / "model_card.md").read_text()
-    assert "d" * 64 in card and "named:emoji/score" in card and "mlflow models serve" in card
+    assert "d" * 64 in card and "score/named:emoji" in card and "mlflow models serve" in card
     assert (root / "model" / "model.safetensors").is_file() and (root / "components" / "tokenizer").is_dir()
     lm = mlflow.get_logged_model(champion.model_id)
     assert lm.tags[Tag.DECISIONS_HASH] == "d" * 64 and lm.tags[Tag.AUDIT_RUN] == "a" * 32
-    assert lm.params["shaping/named:emoji/score/lambda"] == "0.5"
+    assert lm.params["shaping/score/named:emoji/lambda"] == "0.5"
 
 
 def test_resolver_reads_the_registered_flavor_back_as_one_hf_folder(champion, talkative_dir, tmp_path):

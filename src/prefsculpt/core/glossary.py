@@ -84,7 +84,7 @@ ENTRIES: tuple[Entry, ...] = (
     _E("train/rewards/accuracies", HIGHER, "share of pairs with a positive reward margin", "train"),
     _E("train/shaped_accuracies", HIGHER, "share of pairs the shaped logit ranks correctly", "train"),
     _E("train/pair_weight_mean", INFO, "mean pair weight (filter shaping down-weights pairs)", "train"),
-    _E("train/concept/{concept}", INFO, "mean logit offset a shaped concept adds in a step", "train"),
+    _E("train/concept/{method}/{concept}", INFO, "mean logit offset a shaped concept adds in a step", "train"),
     _E("train/pairs_total", INFO, "training pairs after truncation", "train"),
     _E("train/pairs_dropped", INFO, "pairs the filter shaping dropped", "train"),
     _E("train/pairs_weighted", INFO, "pairs the filter shaping down-weighted", "train"),
