@@ -80,6 +80,11 @@ def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str
     return out
 
 
+def objective_metrics(obj: Mapping[str, float]) -> dict[str, float]:
+    """``objectives_from_metrics`` output -> the ``search/*`` metric keys trial (and evaluate) runs log."""
+    return {OFF: obj["off_target"], ON: obj["on_target"], SYC: obj["syc_increase"], STYLE: obj["style_drift"]}
+
+
 @dataclass
 class Outcome:
     """What one train + evaluate produced (all ids; the metrics are the evaluate run's)."""
@@ -176,8 +181,9 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
             mlflow.log_text(traceback.format_exc(), "error.txt")
             trial.set_user_attr("error", msg[:2000])
             raise
-        mlflow.log_metrics({OFF: obj["off_target"], ON: obj["on_target"], SYC: obj["syc_increase"],
-                            STYLE: obj["style_drift"]})
+        # The evaluation's metrics too, so the UI's compare view lines a trial up with any evaluate run.
+        mlflow.log_metrics({k: float(v) for k, v in out.eval_metrics.items() if math.isfinite(float(v))}
+                           | objective_metrics(obj))
         ids = {Tag.TRAIN_RUN: out.train_run_id, Tag.EVAL_RUN: out.eval_run_id,
                Tag.MODEL_URI: out.model_uri}
         mlflow.set_tags({k: v for k, v in ids.items() if v})

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from prefsculpt.core import paths
 from prefsculpt.core.names import Tag
 from prefsculpt.search.config import check_aliases
+from prefsculpt.search.description import version_description
 from prefsculpt.search.lock import promotion_lock, resolve_lock
 from prefsculpt.search.promote import (
     PromoteInputError,
@@ -89,6 +90,9 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
                        for g in gates}}
             for k, v in tags.items():
                 client.set_model_version_tag(name, mv.version, k, str(v))
+            # Description (issue 16): headline metrics, gates and the glossary of the trial run's metric keys.
+            client.update_model_version(name, mv.version, description=version_description(
+                int(pick.trial), pick.shaping, client.get_run(pick.run_id).data.metrics, gates, refusal, base))
             client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
             if refusal is None:
                 client.set_registered_model_alias(name, str(pc.champion_alias), mv.version)

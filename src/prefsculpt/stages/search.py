@@ -18,6 +18,7 @@ from prefsculpt.core import paths
 from prefsculpt.core.names import Attr, Tag
 from prefsculpt.search import inputs as I
 from prefsculpt.search import objective as O
+from prefsculpt.search.plots import log_parallel
 from prefsculpt.search.space import SpaceBounds, build_candidates, start_params
 from prefsculpt.search.study import (
     log_results,
@@ -83,6 +84,7 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
         O.close_dead_trials(study)
         df = trials_table(study)
         metrics = log_results(df)
+        log_parallel(study, df)
         mlflow.log_metric("search/n_ran_here", float(len(ran)))
     log.info("search: this worker ran trials %s; study %r has %d complete, %d failed, %d on the Pareto front",
              ran, str(sc.study_name), metrics["search/n_complete"], metrics["search/n_fail"], metrics["search/n_pareto"])

@@ -96,6 +96,10 @@ def test_alias_moves_only_when_gates_pass(mlflow_uri, tmp_path):
     assert v1.tags["prefsculpt.audit_run_id"] == "a" * 32 and v1.tags["prefsculpt.decisions_hash"] == "d" * 64
     assert float(v1.tags["prefsculpt.syc_increase"]) == pytest.approx(0.06)
     assert float(v1.tags["prefsculpt.baseline_syc_increase"]) == pytest.approx(0.20)
+    # the version explains itself: headline metrics with their direction, and the glossary
+    assert "trial 1 (latent:1 score suppress λ=1). All promotion gates passed." in v1.description
+    assert "| `search/off_target` | 0.08 | ↓ lower |" in v1.description
+    assert "- `search/on_target` (↑ higher): objective: on-target" in v1.description
 
     # 2. fails the baseline gates: becomes candidate, champion stays; the refusal names gates and margins
     fake_search("s2", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.15, 0.75, 0.13)], uri)
