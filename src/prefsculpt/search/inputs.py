@@ -18,6 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from prefsculpt.core.files import publish, tmp_beside
+from prefsculpt.core.names import Tag
 from prefsculpt.search.errors import SearchInputError
 from prefsculpt.shaping.decisions import load_decisions
 from prefsculpt.shaping.registry import Source, methods_needing
@@ -105,6 +106,7 @@ def resolve_sources(cfg: DictConfig, audit_id: str, cache_root: Path) -> dict[st
                                   "sae_path": None, "directions_path": None}
     if not sae_run:
         return out
+    out["layer"] = client.get_run(sae_run).data.tags.get(Tag.LAYER)  # the layer the sae stage read
     methods, sh = set(cfg.search.methods), cfg.shaping
     root = cache_root / "search" / "sae" / sae_run
     if methods & set(SCORE_METHODS) and not sh.get("scores_dir"):
