@@ -41,3 +41,15 @@ def test_config_uris_are_replaced_in_place_and_a_bad_one_names_its_field(mlflow_
     bad = compose(["data.path=runs:/ffffffffffffffffffffffffffffffff/data.jsonl"])
     with pytest.raises(I.InputSourceError, match=r"data.path='runs:/f{32}/data.jsonl' does not resolve"):
         I.resolve_config_inputs(bad, tmp_path / "in", mlflow_uri)
+
+
+def test_a_model_field_gets_the_hf_folder_inside_the_download(mlflow_uri, tmp_path, tiny_model_dir):
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tiny_model_dir), "policy/components/model")  # nested, as MLflow logs it
+        mlflow.log_text("x", "empty/readme.txt")
+    cfg = compose([f"model.name_or_path=runs:/{run.info.run_id}/policy"])
+    I.resolve_config_inputs(cfg, tmp_path / "in", mlflow_uri)
+    assert cfg.model.name_or_path.endswith("policy/components/model")
+    with pytest.raises(I.InputSourceError, match="holds no Hugging Face model folder"):
+        I.resolve_config_inputs(compose([f"model.name_or_path=runs:/{run.info.run_id}/empty"]), tmp_path / "in",
+                                mlflow_uri)

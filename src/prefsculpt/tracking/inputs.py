@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.files import atomic_dir
+from prefsculpt.tracking.policies import find_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def resolve_input(ref: str | Path | None, dst: str | Path, what: str = "input") 
     return target / rel
 
 
+#: Keys that name a model: the download must hold a Hugging Face folder, which is what they get.
+MODEL_FIELDS = frozenset({"model.name_or_path"})
 #: Keys whose MLflow URIs are resolved by their own code (a policy must become a HF model folder).
 SELF_RESOLVED = frozenset({"policy"})
 
@@ -96,6 +99,12 @@ def resolve_config_inputs(cfg: DictConfig, dst: str | Path, tracking_uri: str) -
     for key in keys:
         uri = str(OmegaConf.select(cfg, key))
         local = resolve_input(uri, dst, what=key)
+        if key in MODEL_FIELDS:  # a logged transformers model keeps its HF folder below the MLflow files
+            hf = find_hf_folder(Path(local))
+            if hf is None:
+                raise InputSourceError(f"{key}={uri!r} downloaded to {local}, but it holds no Hugging Face model "
+                                       "folder (config.json + *.safetensors)")
+            local = hf
         OmegaConf.update(cfg, key, str(local), force_add=False)
         replaced[key] = uri
     return replaced
