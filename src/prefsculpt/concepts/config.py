@@ -20,8 +20,10 @@ NamedKind = StrEnum("NamedKind", ["regex", "contrastive"])
 class SAEConfig:
     #: train (sae-lens on our own activations) | path (a local SAE folder) | pretrained (sae-lens registry; online)
     source: SAESource = SAESource.train
-    #: Residual-stream layer ℓ: the output of decoder layer ``model.layers.<layer>`` (METHOD §2).
-    layer: int = 15
+    #: Residual-stream layer ℓ: the output of decoder layer ``model.layers.<layer>`` (METHOD §2). Null: a
+    #: loaded SAE's own hook (``blocks.N.hook_resid_post`` -> N), or the model's middle layer for source=train
+    #: (15 on SmolLM2's 30). Set on a loaded SAE, it must agree with the SAE's hook.
+    layer: int | None = None
     #: topk | batchtopk | jumprelu | standard
     architecture: SAEArchitecture = SAEArchitecture.topk
     #: Latents = expansion * d_model.
@@ -33,6 +35,9 @@ class SAEConfig:
     #: For source=pretrained: sae-lens release and id.
     release: str | None = None
     sae_id: str | None = None
+    #: source=path|pretrained: refuse an SAE whose metadata names another model than model.name_or_path
+    #: (false for a local copy of the same weights under another name; d_in is checked regardless).
+    check_model: bool = True
     #: Extra training text files (one document per line) added to the pairs' spans.
     extra_text_files: list[str] = field(default_factory=list)
     #: Training steps x batch: the unique tokens are cycled (reshuffled) until this many are seen.

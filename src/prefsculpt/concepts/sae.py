@@ -45,6 +45,14 @@ QUALITY_FILE = "quality.json"
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
 
+#: How to use a published SAE without hub access (sae-lens' own save/load pair).
+OFFLINE_RECIPE = (
+    "On a machine with hub access save it once with SAE.from_pretrained(release, sae_id).save_model('<folder>'), "
+    "copy the folder here and use sae.source=path sae.path=<folder> (read with SAE.load_from_disk); "
+    "or train one here with sae.source=train."
+)
+
+
 class SAESourceError(UserError):
     """The SAE asked for cannot be trained or loaded; the message says what to do instead."""
 
@@ -262,30 +270,19 @@ def load_sae(cfg: SAEConfig) -> Any:
         if _hub_offline():
             raise SAESourceError(
                 f"sae.source=pretrained (release {cfg.release!r}, id {cfg.sae_id!r}) downloads from the Hugging Face "
-                "hub, but hub access is off (HF_HUB_OFFLINE=1). On a machine with access, save it once with "
-                "SAE.from_pretrained(release, sae_id).save_model('<folder>'), then use sae.source=path "
-                "sae.path=<folder>; or train one here with sae.source=train."
+                f"hub, but hub access is off (HF_HUB_OFFLINE=1). {OFFLINE_RECIPE}"
             )
         try:
             sae = SAE.from_pretrained(str(cfg.release), str(cfg.sae_id), device="cpu")
         except Exception as exc:
             raise SAESourceError(
-                f"sae.source=pretrained: loading release {cfg.release!r} id {cfg.sae_id!r} failed ({exc!r})"
+                f"sae.source=pretrained: loading release {cfg.release!r} id {cfg.sae_id!r} failed ({exc!r}). "
+                f"Without hub access: {OFFLINE_RECIPE}"
             ) from exc
     else:
         raise SAESourceError(f"sae.source={cfg.source!r} is not one of train, path, pretrained (use load_sae for the latter two)")
     sae.eval()
     return sae
-
-
-def check_sae_fits(sae: Any, d_model: int, layer: int) -> None:
-    """A loaded SAE must read residuals of this model's width (and warn if it names another hook)."""
-    if int(sae.cfg.d_in) != d_model:
-        raise SAESourceError(f"the SAE reads d_in={sae.cfg.d_in} but the model's residual width is {d_model}: "
-                             "it was trained for another model")
-    hook = getattr(sae.cfg.metadata, "hook_name", None)
-    if hook and hook != f"model.layers.{layer}":
-        log.warning("the SAE was trained at hook %r, but sae.layer=%d (model.layers.%d)", hook, layer, layer)
 
 
 # ---------------------------------------------------------------- content-addressed cache
@@ -300,7 +297,7 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 
 #: SAEConfig fields that do not change the trained SAE (where it comes from is the key's other part).
-_NOT_IN_KEY = ("source", "path", "release", "sae_id")
+_NOT_IN_KEY = ("source", "path", "release", "sae_id", "check_model")
 
 
 def sae_cache_key(model_id: str, layer: int, data_digest: str, cfg: Any) -> str:
@@ -348,6 +345,8 @@ def get_or_train_sae(
     ``activations``: what ``train_sae`` takes, or a callable returning it (called on a miss only).
     ``data_digest`` must identify the training data. Returns (SAE, metrics, folder, cache_hit).
     """
+    if cfg.layer is None:
+        raise ValueError("get_or_train_sae needs cfg.layer set (the sae stage resolves a null sae.layer first)")
     folder = Path(cache_root) / "saes" / sae_cache_key(model_id, int(cfg.layer), data_digest, cfg)
     hit = load_cached_sae(folder)
     if hit is not None:

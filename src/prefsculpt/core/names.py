@@ -19,6 +19,10 @@ class Tag:
     REUSED_FROM = "prefsculpt.reused_from"
     GIT_COMMIT = "prefsculpt.git_commit"
     ERROR = "prefsculpt.error"
+    #: Under ``mlflow run`` in another store/experiment than the config's: the project's run id (on the
+    #: stage's run), and where the stages logged instead (on the project's run).
+    PROJECT_RUN = "prefsculpt.project_run_id"
+    LOGGED_TO = "prefsculpt.logged_to"
     # data and concepts
     DATASET = "prefsculpt.dataset"
     DATA_DIGEST = "prefsculpt.data_digest"

@@ -109,6 +109,7 @@ def resolve_sources(methods: Sequence[str], sh: Any, audit_id: str, cache_root: 
                                   "sae_path": None, "directions_path": None}
     if not sae_run:
         return out
+    out["layer"] = client.get_run(sae_run).data.tags.get(Tag.LAYER)  # the layer the sae stage read
     methods = set(methods)
     root = cache_root / "search" / "sae" / sae_run
     if methods & set(SCORE_METHODS) and not sh.scores_dir:

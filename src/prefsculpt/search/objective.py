@@ -109,6 +109,8 @@ def trial_config(cfg: DictConfig, specs: Sequence[Mapping[str, Any]], sources: M
     for key in ("scores_dir", "sae_path", "directions_path"):
         if not t.shaping.get(key) and sources.get(key):
             t.shaping[key] = sources[key]
+    if "sae" in t and t.sae.get("layer") is None and sources.get("layer") is not None:
+        t.sae.layer = int(sources["layer"])  # a published SAE's own layer, as the sae stage resolved it
     for key, val in (("sae_run_id", sources.get("sae_run_id")), ("audit_run_id", sources.get("audit_run_id"))):
         if "eval" in t and not t.eval.shift.get(key) and val:
             t.eval.shift[key] = val

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.concepts.sae_model import concept_layer
 from prefsculpt.core.files import atomic_dir, atomic_write_json, model_fingerprint
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
@@ -86,7 +87,7 @@ def _audit_run_id(cfg: DictConfig, run_id: str) -> str | None:
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     tc = cfg.train
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
-    layer = int(cfg.sae.layer) if "sae" in cfg else None
+    layer = concept_layer(cfg.sae.layer, cfg.shaping.get("sae_path"), model_dir) if "sae" in cfg else None
     # local_decisions: shaping.decisions may be runs:/<audit run>/decisions/v<N>.yaml (`prefsculpt review`)
     shaping = resolve_shaping(local_decisions(cfg), layer)  # validates the specs before any model is loaded
     check_layers(model_dir, shaping, tc.train_top_layers)

@@ -1,7 +1,11 @@
 """Stage runs: every stage opens (or, under ``mlflow run``, attaches to) one explicit MLflow run.
 
-The tracking URI comes from ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else
-``sqlite:///<cwd>/mlflow.db`` — never the file store, which MLflow 3.17 refuses (STACK.md §3).
+The tracking URI comes from ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else
+``sqlite:///<cwd>/mlflow.db`` — never the file store, which MLflow 3.17 refuses (STACK.md §3). The
+experiment is ``tracking.experiment``. Under ``mlflow run`` the project's run is used only when it
+lives in that store and experiment; when it does not (``tracking.uri`` names another store, or
+``mlflow run`` got no ``--experiment-name`` and put it in ``Default``) the stages log where the config
+says and the project's run is tagged with where that is (``adopt_project_run``).
 """
 
 from __future__ import annotations
@@ -31,12 +35,46 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``tracking.uri`` when set, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    if uri:
+        return str(uri)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    if uri:
-        return uri
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+#: Set once the project's run was left for the configured store/experiment: its run id.
+PROJECT_RUN: contextvars.ContextVar[str | None] = contextvars.ContextVar("project_run", default=None)
+_DEFAULT_EXPERIMENT_ID = "0"
+
+
+def adopt_project_run(cfg: DictConfig) -> bool:
+    """Under ``mlflow run``: keep its run when it is in the configured store and experiment (True);
+    else leave it (False): the environment ``mlflow run`` set is dropped, so every stage of this
+    process logs to ``tracking.uri``/``tracking.experiment`` as from the CLI, and the project's run is
+    tagged with where that is. Outside ``mlflow run`` it does nothing and returns False."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return False
+    project_uri = os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None)
+    want_uri = resolve_tracking_uri(cfg.tracking.uri)
+    want_exp = str(cfg.tracking.experiment) if cfg.tracking.experiment else None
+    if want_uri != project_uri:
+        why = f"tracking.uri={redact_text(want_uri)} is not the project's store"
+    elif want_exp and mlflow.MlflowClient(project_uri).get_run(run_id).info.experiment_id == _DEFAULT_EXPERIMENT_ID \
+            and want_exp != "Default" and not os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        why = f"mlflow run got no --experiment-name, so its run is in Default, not tracking.experiment={want_exp!r}"
+    else:
+        return True
+    log.warning("%s: the stages log to experiment %r at %s instead of the project's run %s",
+                why, want_exp, redact_text(want_uri), run_id)
+    mlflow.MlflowClient(project_uri).set_tag(run_id, Tag.LOGGED_TO, redact_text(f"{want_uri} :: {want_exp}"))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(var, None)
+    os.environ["MLFLOW_TRACKING_URI"] = want_uri  # the stores other code opens from the environment
+    PROJECT_RUN.set(run_id)
+    return False
 
 
 def git_commit() -> str | None:
@@ -98,6 +136,8 @@ def stage_run(cfg: DictConfig, stage: str, nested: bool | None = None) -> Iterat
     key = CURRENT_STAGE_KEY.get()
     if key:
         tags[Tag.STAGE_KEY] = key
+    if PROJECT_RUN.get() and not active:
+        tags[Tag.PROJECT_RUN] = PROJECT_RUN.get()
     # The key belongs to this run only: the runs a stage opens inside itself (the search's trial
     # train/evaluate runs) must not look like the stage's own run to ``find_reusable``.
     token = CURRENT_STAGE_KEY.set(None) if key else None
