@@ -22,6 +22,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from prefsculpt.audit import clusters as C
+from prefsculpt.audit import streaming as SS
 from prefsculpt.audit.decisions import propose_decisions, write_decisions
 from prefsculpt.audit.labels import (
     ConceptLabel,
@@ -30,8 +31,8 @@ from prefsculpt.audit.labels import (
     explain_labels,
     validate_top_contexts,
 )
-from prefsculpt.audit.stats import calibrate, half_assignment, test_concepts
-from prefsculpt.concepts.scores import ConceptScores
+from prefsculpt.audit.stats import half_assignment
+from prefsculpt.concepts.store import ScoreStore
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.report import html as H
 from prefsculpt.report import plots as P
@@ -67,9 +68,7 @@ def find_scores_run(cfg: DictConfig, current_run_id: str) -> str:
     )
 
 
-def download_scores(run_id: str, dst: Path) -> tuple[ConceptScores, pd.DataFrame]:
-    from prefsculpt.concepts.shards import load_scores
-
+def download_scores(run_id: str, dst: Path) -> tuple[ScoreStore, pd.DataFrame]:
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     if "scores" not in names:
         raise AuditInputError(f"sae run {run_id} has no scores/ artifact (has {sorted(names)}); re-run the sae stage")
@@ -80,7 +79,7 @@ def download_scores(run_id: str, dst: Path) -> tuple[ConceptScores, pd.DataFrame
             raise AuditInputError(f"sae run {run_id} has no top_contexts.parquet; re-run the sae stage")
         top = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="top_contexts.parquet",
                                                        dst_path=str(dst)))
-    return load_scores(sdir), pd.read_parquet(top)
+    return ScoreStore(sdir), pd.read_parquet(top)
 
 
 def align_pairs(pairs: list[PreferencePair], pair_ids: list[str], source: str) -> list[PreferencePair]:
@@ -119,31 +118,10 @@ def select_hypotheses(table: pd.DataFrame, clusters: list[list[str]]) -> pd.Data
     return t
 
 
-def concept_diffs(scores: ConceptScores, names: list[str], stat: str, groups: dict[str, list[int]]) -> np.ndarray:
-    """(n, len(names)) chosen - rejected of latents/named (columns), clusters (mean of members), length."""
-    col = {c: i for i, c in enumerate(scores.concept_names)}
-    d = scores.diff(stat).astype(np.float64)
-    out = []
-    for c in names:
-        if c in col:
-            out.append(d[:, col[c]])
-        elif c in groups:
-            out.append(d[:, groups[c]].mean(axis=1))
-        elif c == "length":
-            out.append(scores.length_diff())
-        else:
-            raise KeyError(c)
-    return np.stack(out, axis=1) if out else np.zeros((scores.n_pairs, 0))
-
-
 def describe_clusters(labels: np.ndarray, sym: np.ndarray, pairs: list[PreferencePair]) -> dict[int, str]:
     """A readable line per data cluster: its most central prompt. sym: (n, F) symmetric activity."""
-    x = sym / np.maximum(np.linalg.norm(sym, axis=1, keepdims=True), 1e-12)
     out = {}
-    for c in np.unique(labels[labels >= 0]):
-        idx = np.flatnonzero(labels == c)
-        centre = x[idx].mean(axis=0)
-        best = idx[int(np.argmax(x[idx] @ centre))]
+    for c, best in C.central_rows(labels, sym).items():
         text = " ".join(pairs[best].prompt_text().split())
         out[int(c)] = f"e.g. “{text[:90]}{'…' if len(text) > 90 else ''}”"
     return out
@@ -240,13 +218,12 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
 
         groups: list[list[int]] = []
         if a.latent_clusters and latent_cols:
-            firing = C.firing_matrix(scores, stat)[:, latent_cols]
-            groups = [[latent_cols[i] for i in g] for g in C.latent_clusters(
-                firing, float(a.nmi_top_fraction), int(a.min_latent_cluster), int(cfg.seed))]
+            groups = SS.latent_groups(scores, stat, latent_cols, float(a.nmi_top_fraction),
+                                      int(a.min_latent_cluster), int(cfg.seed))
         test_kw = dict(stat=stat, test=str(a.test), fdr=float(a.fdr), min_support=float(a.min_support),
                        min_nonzero=int(a.min_nonzero_pairs), rank_by=str(a.rank_by))
-        table = test_concepts(scores, keys, extra={"length": scores.length_diff()}, clusters=groups or None,
-                              **test_kw)
+        table, _ = SS.test_store(scores, keys, extra={"length": scores.length_diff()}, clusters=groups or None,
+                                 **test_kw)
         if int(a.calibration_seeds) > 0:
             log_calibration(scores, keys, int(a.calibration_seeds), test_kw)
         member_names = [[scores.concept_names[i] for i in g] for g in groups]
@@ -272,12 +249,12 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         table["label"] = table["concept"].map(label_of)
         shown = shown.assign(label=shown["concept"].map(label_of))
 
-        d = concept_diffs(scores, names, stat, group_cols)  # (n, shown)
+        d = SS.concept_diffs(scores, names, stat, group_cols)  # (n, shown)
         dirs = shown["direction"].to_numpy(dtype=float)
         half = half_assignment(keys)
         where: list[list[dict[str, Any]]] = [[] for _ in names]
-        sym = (scores.get("chosen", stat) + scores.get("rejected", stat))[:, latent_cols].astype(np.float64)
-        k = min(int(a.n_data_clusters), int((np.linalg.norm(sym, axis=1) > 0).sum()) // max(1, int(a.min_cluster_size)))
+        sym = SS.symmetric_activity(scores, stat, latent_cols)  # sparse (n, latents)
+        k = min(int(a.n_data_clusters), int(C.active_rows(sym).sum()) // max(1, int(a.min_cluster_size)))
         if k >= 2:
             dl = C.data_clusters(sym, k, int(cfg.seed))
             where = where_rows(d, dirs, dl, half, cfg, describe_clusters(dl, sym, pairs))
@@ -302,9 +279,9 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
             "planted": None if planted is None else planted.to_dict("records")}
 
 
-def log_calibration(scores: ConceptScores, keys: list[str], n_seeds: int, test_kw: dict[str, Any]) -> None:
+def log_calibration(scores: ScoreStore, keys: list[str], n_seeds: int, test_kw: dict[str, Any]) -> None:
     """The swap null on these very pairs (METHOD §3 "Calibration"): how many seeds report anything."""
-    cal = calibrate(scores, keys, n_seeds=n_seeds, extra={"length": scores.length_diff()}, **test_kw)
+    cal = SS.calibrate_store(scores, keys, n_seeds=n_seeds, extra={"length": scores.length_diff()}, **test_kw)
     n_reporting = int((cal["n_q_below_fdr"] > 0).sum())  # any q < fdr, replicated or not (strict)
     n_replicated = int((cal["n_significant"] > 0).sum())
     mlflow.log_metrics({"calibration/seeds": n_seeds, "calibration/seeds_reporting": n_reporting,

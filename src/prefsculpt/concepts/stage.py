@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -77,16 +78,16 @@ def get_activations(model: Any, tokenized: Sequence[Any], tok: Any, cfg: DictCon
     path = root / "activations" / f"{_digest(model_id, layer, pairs_digest_tokens(tokenized))}.safetensors"
     if path.exists():
         try:
-            cache = ActivationCache.load(path)
+            cache = ActivationCache.load(path, lazy=True)
             if cache.pair_ids == [t.id for t in tokenized] and cache.layer == layer:
                 log.info("activations from cache %s", path)
                 return cache, True
         except Exception as exc:  # a damaged cache file is recomputed, never trusted
             log.warning("ignoring unreadable activation cache %s (%s)", path, exc)
+    keep = bool(cfg.sae.cache_activations)  # streamed to disk either way; a temporary file is removed after use
     cache = collect_activations(model, tokenized, layer, batch_tokens=int(cfg.encode.batch_tokens),
-                                special_ids=tok.all_special_ids, pad_id=int(tok.pad_token_id or 0))
-    if cfg.sae.cache_activations:
-        cache.save(path)
+                                special_ids=tok.all_special_ids, pad_id=int(tok.pad_token_id or 0),
+                                path=path if keep else path.with_name(f".run-{os.getpid()}-{path.name}"), keep_file=keep)
     return cache, False
 
 
