@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,12 @@ def train_sae(
         trained.save_inference_model(tmp)  # batchtopk becomes jumprelu with the learnt threshold
         inference = SAE.load_from_disk(tmp, device="cpu")
     inference.eval()
-    ev_on = select_training_tokens(held_out, cfg) if held_out is not None else x
+    if held_out is not None:
+        # quality needs far fewer tokens than training: a quarter of the cap bounds both held at once
+        cap = int(getattr(cfg, "max_train_tokens", 0) or 0)
+        ev_on = select_training_tokens(held_out, replace(cfg, max_train_tokens=max(cap // 4, 1)) if cap else cfg)
+    else:
+        ev_on = x
     metrics = {f"sae/{k}": v for k, v in sae_quality(inference, ev_on).items()}
     metrics.update({"sae/train_seconds": seconds, "sae/train_tokens_unique": float(x.shape[0]),
                     "sae/train_steps": float(steps), "sae/tokens_per_second": steps * batch / max(seconds, 1e-9)})
