@@ -79,8 +79,9 @@ def wilcoxon_test(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     continuity correction, normal approximation (the module doc says why not exact). The
     direction is the sign of r+ - E[r+] = r+ - c(c+1)/4 over the c nonzero pairs, with r+ taken from
     the one-sided call (its statistic is r+; scipy's two-sided statistic is min(r+, r-), which has
-    no sign). Before scipy we took the sign of the continuity-corrected z, which differs only where
-    |r+ - E[r+]| < 0.5 (p > 0.96 at c >= 10): such concepts now point the way r+ does.
+    no sign). Before scipy we took the sign of the continuity-corrected z; ranks are multiples of
+    0.5, so the two differ only where |r+ - E[r+]| = 0.5 exactly, where the corrected z is 0 (p = 1):
+    such a concept now points the way r+ does instead of 0. p-values are unchanged.
     """
     d = np.asarray(d, dtype=np.float64)
     kw = dict(axis=0, zero_method="wilcox", correction=True, method="asymptotic")
