@@ -5,7 +5,8 @@ process), on planted data of ``--base`` x m pairs for m in ``--multipliers`` (de
 default ``data.planted.n_pairs`` = 1,200 -> 1,200 / 4,800 / 19,200 pairs; ``clean_pairs`` scaled
 with it). Each size gets a fresh cache folder and a fresh SQLite MLflow store, so nothing is reused.
 
-Settings, to keep it minutes rather than hours on a 2-core CPU: ``experiment=tiny`` (the tiny
+Settings, to keep it minutes per size rather than hours (about 50 min for all three on the shared
+2-core box under load, 16x being 35 min of it): ``experiment=tiny`` (the tiny
 model/SAE/audit groups of conf/*/tiny.yaml: SmolLM2-135M, a TopK SAE trained for 80k tokens),
 with a **tiny SAE width** (``sae.expansion=1``: 576 latents, k=16) read at a **shallow layer**
 (``--layer``, default 1: the truncated forward runs 2 of the 30 decoder layers; the default
