@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,26 +164,42 @@ def training_sae_config(cfg: SAEConfig, d_in: int) -> Any:
     return cfg_cls(**common, **extra)
 
 
-def _matrix(activations: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(acts (N, d) float32, special (N,) bool | None) from a tensor or an ActivationCache."""
+def select_training_rows(activations: Any, cfg: SAEConfig) -> np.ndarray:
+    """Ascending row indices of a tensor or ActivationCache fit to train (or evaluate) the SAE on."""
     if isinstance(activations, torch.Tensor):
-        return activations.float(), None
-    acts = torch.as_tensor(activations.acts).float()
-    special = getattr(activations, "special", None)
-    return acts, (torch.as_tensor(special).bool() if special is not None else None)
+        return np.flatnonzero(training_token_mask(activations.float(), None, float(cfg.max_norm_ratio)).numpy())
+    from prefsculpt.concepts.diskrows import row_norms
 
-
-def select_training_tokens(activations: Any, cfg: SAEConfig) -> torch.Tensor:
-    """The rows of a tensor or ActivationCache the SAE trains (or is evaluated) on, (M, d)."""
-    acts, special = _matrix(activations)
-    keep = training_token_mask(acts, special if cfg.exclude_special else None, float(cfg.max_norm_ratio))
-    if cfg.dedupe_prefixes and not isinstance(activations, torch.Tensor):
+    special = activations.special.bool() if cfg.exclude_special else torch.zeros(len(activations.special), dtype=torch.bool)
+    keep = ~special
+    ratio = float(cfg.max_norm_ratio)
+    if ratio > 0 and keep.any():
+        norms = row_norms(activations.acts)  # (N,), read block by block from a disk cache
+        keep &= norms <= ratio * norms[keep].median()
+    if cfg.dedupe_prefixes:
         dup = prefix_duplicate_mask(
             np.asarray(activations.pair_index), np.asarray(activations.position),
             np.asarray(activations.token_id), np.asarray(activations.span) == 0,
         )
         keep &= torch.from_numpy(~dup)
-    return acts[keep]
+    return np.flatnonzero(keep.numpy())
+
+
+def select_training_tokens(activations: Any, cfg: SAEConfig) -> torch.Tensor:
+    """The rows of a tensor or ActivationCache the SAE trains (or is evaluated) on, (M, d).
+
+    At most ``cfg.max_train_tokens`` of them (0 = no cap): a uniform sample without replacement
+    (seeded by ``cfg.seed``, kept in row order) when more qualify, so memory is bounded whatever
+    the number of pairs. Under the cap every qualifying row is kept, as before the cap existed.
+    """
+    from prefsculpt.concepts.diskrows import take_rows
+
+    rows = select_training_rows(activations, cfg)
+    cap = int(getattr(cfg, "max_train_tokens", 0) or 0) or None
+    if cap is not None and len(rows) > cap:
+        log.info("SAE tokens: a uniform sample of %d of the %d qualifying rows (sae.max_train_tokens)", cap, len(rows))
+    acts = activations if isinstance(activations, torch.Tensor) else activations.acts
+    return take_rows(acts, rows, cap, int(cfg.seed))
 
 
 def train_sae(
@@ -230,7 +246,12 @@ def train_sae(
         trained.save_inference_model(tmp)  # batchtopk becomes jumprelu with the learnt threshold
         inference = SAE.load_from_disk(tmp, device="cpu")
     inference.eval()
-    ev_on = select_training_tokens(held_out, cfg) if held_out is not None else x
+    if held_out is not None:
+        # quality needs far fewer tokens than training: a quarter of the cap bounds both held at once
+        cap = int(getattr(cfg, "max_train_tokens", 0) or 0)
+        ev_on = select_training_tokens(held_out, replace(cfg, max_train_tokens=max(cap // 4, 1)) if cap else cfg)
+    else:
+        ev_on = x
     metrics = {f"sae/{k}": v for k, v in sae_quality(inference, ev_on).items()}
     metrics.update({"sae/train_seconds": seconds, "sae/train_tokens_unique": float(x.shape[0]),
                     "sae/train_steps": float(steps), "sae/tokens_per_second": steps * batch / max(seconds, 1e-9)})
