@@ -19,6 +19,10 @@ class Tag:
     REUSED_FROM = "prefsculpt.reused_from"
     GIT_COMMIT = "prefsculpt.git_commit"
     ERROR = "prefsculpt.error"
+    #: a killed run this run was reattached to after (count of reattachments)
+    REATTACHED = "prefsculpt.reattached"
+    #: on a fresh ``mlflow run`` project run retired in favour of the killed run it resumed
+    RESUMED_INTO = "prefsculpt.resumed_into"
     # data and concepts
     DATASET = "prefsculpt.dataset"
     DATA_DIGEST = "prefsculpt.data_digest"
@@ -28,6 +32,8 @@ class Tag:
     SCORES_RUN = "prefsculpt.scores_run_id"
     AUDIT_RUN = "prefsculpt.audit_run_id"
     DECISIONS_HASH = "prefsculpt.decisions_hash"
+    #: the LLM labeller's endpoint failed; the offline labels stand (the error)
+    EXPLAIN_ERROR = "prefsculpt.explain_error"
     # training
     RESUMED = "prefsculpt.resumed"
     TRAIN_KEY = "prefsculpt.train_key"
