@@ -119,9 +119,13 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         if a.explain_base_url:
             root = cache_root(cfg.cache_dir)
             settings = ExplainSettings(str(a.explain_base_url), str(a.explain_model), str(a.explain_api_key_env),
-                                       float(a.explain_timeout_s), root / "explanations")
+                                       float(a.explain_timeout_s), root / "explanations",
+                                       int(a.explain_retries), float(a.explain_backoff_s))
             todo = hyp[hyp["kind"].isin(["latent", "cluster"])]["concept"].head(int(a.explain_top))
-            explain_labels(labels, todo, settings)
+            outcome = explain_labels(labels, todo, settings)
+            mlflow.log_metrics({"labels/explained": outcome.explained, "labels/explain_failed": outcome.failed})
+            if outcome.error:
+                mlflow.set_tag(Tag.EXPLAIN_ERROR, outcome.error[:5000])
         label_of = {c: lab.label for c, lab in labels.items()}
         table["label"] = table["concept"].map(label_of)
         shown = shown.assign(label=shown["concept"].map(label_of))
