@@ -3,10 +3,10 @@ process SIGKILL itself when it reaches that named point, as a power cut or the O
 
 Points (each reached once per stage run or per unit of work, never inside a per-token loop):
 ``<stage>:start`` (the stage's run is open), ``prepare:logged`` (splits uploaded, before the
-metrics), ``sae:activations`` (activations collected), ``sae:shard`` (after each encoder shard
-after the first, so at least one shard is on disk), ``audit:scores`` (the sae run's scores
-downloaded), ``train:checkpoint`` (after each ``last.ckpt`` save), ``search:trial`` (after
-each finished trial), ``<stage>:end`` (the work is done, the run not yet closed).
+metrics), ``sae:activations`` (activations collected), ``sae:shard`` (after each encoder shard is
+written), ``audit:scores`` (the sae run's scores downloaded), ``train:checkpoint`` (after each
+``last.ckpt`` save), ``search:trial`` (as each trial starts, before its run opens),
+``<stage>:end`` (the work is done, the run not yet closed).
 ``PREFSCULPT_FAULT_AFTER=n`` kills at the n-th time the point is reached (default 1).
 """
 

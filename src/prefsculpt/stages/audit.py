@@ -11,7 +11,6 @@ at the end, so a failed audit leaves no partial artifacts.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,8 @@ from prefsculpt.audit.labels import ExplainSettings, build_labels, explain_label
 from prefsculpt.audit.stats import calibrate, half_assignment, test_concepts
 from prefsculpt.concepts.scores import ConceptScores
 from prefsculpt.concepts.shards import load_scores
+from prefsculpt.core.faults import fault_point
+from prefsculpt.core.files import scratch_dir
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.source import dataset_name, load_source
@@ -83,10 +84,11 @@ def download_scores(run_id: str, dst: Path) -> tuple[ConceptScores, pd.DataFrame
 def run_audit(cfg: DictConfig) -> dict[str, Any]:
     a = cfg.audit
     stat = str(a.score)
-    with stage_run(cfg, "audit") as run, tempfile.TemporaryDirectory(prefix="prefsculpt-audit-") as tmp:
+    with stage_run(cfg, "audit") as run, scratch_dir(cache_root(cfg.cache_dir), "audit") as tmp:
         src = find_scores_run(cfg, run.info.run_id)
         mlflow.set_tag(Tag.SCORES_RUN, src)
         scores, top = download_scores(src, Path(tmp) / "in")
+        fault_point("audit", "scores")
         top = validate_top_contexts(top)
         loaded = load_source(cfg.data)
         pairs = align_pairs(loaded.pairs, scores.pair_ids, loaded.source)

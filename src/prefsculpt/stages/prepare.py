@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,10 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.core.faults import fault_point
+from prefsculpt.core.files import scratch_dir
 from prefsculpt.core.names import Tag
+from prefsculpt.core.paths import cache_root
 from prefsculpt.data.planted import planted_tag_rates
 from prefsculpt.data.prepare import tag_stats, write_split
 from prefsculpt.data.source import dataset_name, load_clean_split, load_source
@@ -84,7 +86,7 @@ def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         stats["planted_tag_rates"] = planted_tag_rates(loaded.pairs)
         metrics.update({f"planted_rate/{k}": v for k, v in stats["planted_tag_rates"].items()})
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir(cache_root(cfg.cache_dir), "prepare") as tmp:
         out = Path(tmp) / "data"
         out.mkdir()
         for split, pairs in named.items():
@@ -92,6 +94,7 @@ def _prepare(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
         (out / "skipped.json").write_text(json.dumps([e.to_dict() for e in loaded.skipped], indent=2))
         mlflow.log_artifacts(str(out), "data")
+    fault_point("prepare", "logged")
     mlflow.log_metrics(metrics)
     if loaded.skipped:
         mlflow.log_table(pd.DataFrame([e.to_dict() for e in loaded.skipped]), "data/skip_report.json")
