@@ -21,7 +21,7 @@ class Tag:
     ERROR = "prefsculpt.error"
     #: a killed run this run was reattached to after (count of reattachments)
     REATTACHED = "prefsculpt.reattached"
-    #: on a fresh ``mlflow run`` project run retired in favour of the killed run it resumed
+    #: on a fresh ``mlflow run`` project run that only points to the killed run it resumed
     RESUMED_INTO = "prefsculpt.resumed_into"
     # data and concepts
     DATASET = "prefsculpt.dataset"

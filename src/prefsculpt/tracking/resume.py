@@ -12,11 +12,13 @@ Several live workers with the same key (search workers sharing a study) each hol
 
 Under ``mlflow run`` MLflow has already created a fresh project run for the new attempt (its id in
 ``MLFLOW_RUN_ID``) before any of our code runs, and cannot be told to reuse the killed one. The
-stage therefore resumes into the killed run and retires the fresh one: it is tagged
-``prefsculpt.resumed_into=<killed run>``, ended and soft-deleted (``mlflow gc`` or the UI's
-"deleted" view still show it); ``mlflow run`` sees it already terminated and leaves it alone.
-Only a fresh project run (an ``mlflow.project.entryPoint`` tag, no metrics) is retired this way; a
-run id a person exported by hand is always honoured.
+stage therefore resumes into the killed run and turns the fresh one into a pointer: renamed
+``<name> (resumed in <killed run>)``, tagged ``prefsculpt.resumed_into=<killed run>`` with a note;
+it holds nothing else, and ``mlflow run`` ends it as usual. (It cannot be deleted: ``mlflow run``
+3.17 then fails at exit, because its "already terminated?" check compares a status string with the
+enum's integers and so always tries to end the run, which a deleted run refuses.) Only a fresh
+project run (an ``mlflow.project.entryPoint`` tag, no metrics) is treated this way; a run id a
+person exported by hand is always honoured.
 """
 
 from __future__ import annotations
@@ -121,9 +123,11 @@ def is_fresh_project_run(run: mlflow.entities.Run) -> bool:
 
 
 def retire_project_run(client: mlflow.MlflowClient, fresh_id: str, resumed_id: str) -> None:
-    """End and soft-delete the fresh ``mlflow run`` run, pointing at the run resumed instead."""
+    """Make the fresh ``mlflow run`` run a pointer to the killed run resumed instead."""
+    name = client.get_run(fresh_id).info.run_name or "run"
     client.set_tag(fresh_id, Tag.RESUMED_INTO, resumed_id)
-    client.set_terminated(fresh_id, RunStatus.to_string(RunStatus.KILLED))
-    client.delete_run(fresh_id)
-    log.info("mlflow run: resuming killed run %s; the fresh project run %s is retired (tag %s)",
+    client.set_tag(fresh_id, "mlflow.runName", f"{name} (resumed in {resumed_id[:8]})")
+    client.set_tag(fresh_id, "mlflow.note.content",
+                   f"This attempt resumed the killed run {resumed_id}; its results are there.")
+    log.info("mlflow run: resuming killed run %s; the fresh project run %s only points there (tag %s)",
              resumed_id, fresh_id, Tag.RESUMED_INTO)
