@@ -58,6 +58,10 @@ class AuditConfig:
     explain_api_key_env: str = "OPENAI_API_KEY"
     #: Seconds to wait for one explanation; the top this-many hypotheses are explained.
     explain_timeout_s: float = 30.0
+    #: Retries of a failing request (5xx, 429, timeout) after 1, 2, 4... × ``explain_backoff_s`` seconds;
+    #: an endpoint that still fails leaves the offline labels (a warning, tag prefsculpt.explain_error).
+    explain_retries: int = 3
+    explain_backoff_s: float = 1.0
     explain_top: int = 20
     #: Run id of the sae run to read concept scores from (null = the latest finished sae run under
     #: the same parent run, else in the same experiment).

@@ -6,7 +6,10 @@ its top activations, a few short contexts per response side, the characteristic 
 firing token on the side the concept favours (:mod:`prefsculpt.audit.phrases`), and a one-line label
 such as ``'.' · ',' — “…, not X.” in chosen 5/6, rejected 0/4``. Optionally, a short explanation from any OpenAI-compatible
 ``/v1/chat/completions`` endpoint (off unless ``audit.explain_base_url`` is set), cached on disk by
-a hash of the request so a re-run of the audit costs no calls.
+a hash of the request so a re-run of the audit costs no calls. The endpoint is optional in the
+strong sense: a transient failure (HTTP 5xx/429, refused connection, timeout) is retried with
+exponential backoff, and an endpoint that still fails leaves the offline labels in place — the
+audit goes on and reports the failure (:class:`ExplainOutcome`), it never fails over it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -206,7 +210,12 @@ def build_labels(
 
 
 class ExplainError(UserError):
-    """The configured explanation endpoint failed; the message names the URL and what to do."""
+    """The configured explanation endpoint failed; the message names the URL and what to do.
+    ``transient``: worth retrying (5xx, 429, no connection, timeout), unlike a 401 or a bad payload."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -214,8 +223,21 @@ class ExplainSettings:
     base_url: str
     model: str
     api_key_env: str = "OPENAI_API_KEY"
+    #: seconds per request
     timeout_s: float = 30.0
     cache_dir: Path | None = None
+    #: retries of a transient failure, after waits of backoff_s, 2·backoff_s, 4·backoff_s, ...
+    retries: int = 3
+    backoff_s: float = 1.0
+
+
+@dataclass
+class ExplainOutcome:
+    """What the labeller did: ``error`` set when the endpoint failed and the rest kept offline labels."""
+
+    explained: int = 0
+    failed: int = 0
+    error: str | None = None
 
 
 SYSTEM_PROMPT = (
@@ -273,12 +295,14 @@ def _post_chat(settings: ExplainSettings, messages: list[dict[str, str]]) -> str
         hint = f" (is ${settings.api_key_env} set?)" if exc.code in (401, 403) else ""
         raise ExplainError(
             f"explanation endpoint {url} answered HTTP {exc.code}{hint}: {detail!r}; fix audit.explain_base_url / "
-            "audit.explain_model, or set audit.explain_base_url=null to label from top tokens only"
+            "audit.explain_model, or set audit.explain_base_url=null to label from top tokens only",
+            transient=exc.code >= 500 or exc.code == 429,
         ) from exc
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise ExplainError(
             f"explanation endpoint {url} did not answer within {settings.timeout_s:g}s ({exc}); start it, raise "
-            "audit.explain_timeout_s, or set audit.explain_base_url=null to label from top tokens only"
+            "audit.explain_timeout_s, or set audit.explain_base_url=null to label from top tokens only",
+            transient=True,
         ) from exc
     except json.JSONDecodeError as exc:
         raise ExplainError(f"explanation endpoint {url} returned non-JSON ({exc}); is it OpenAI-compatible?") from exc
@@ -301,7 +325,18 @@ def explain_label(label: ConceptLabel, settings: ExplainSettings) -> str:
         path = Path(settings.cache_dir) / f"{_cache_key(settings.model, messages)}.json"
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))["explanation"]
-    text = _post_chat(settings, messages)
+    for attempt in range(settings.retries + 1):
+        try:
+            text = _post_chat(settings, messages)
+            break
+        except ExplainError as exc:
+            if not exc.transient or attempt == settings.retries:
+                if attempt:
+                    raise ExplainError(f"{exc} (after {attempt + 1} attempts)", exc.transient) from exc
+                raise
+            wait = settings.backoff_s * 2**attempt
+            log.info("explanation endpoint: %s; retrying in %.1f s", str(exc).split(";")[0], wait)
+            time.sleep(wait)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # never a half-written cache entry
@@ -310,12 +345,23 @@ def explain_label(label: ConceptLabel, settings: ExplainSettings) -> str:
     return text
 
 
-def explain_labels(labels: Mapping[str, ConceptLabel], concepts: Iterable[str], settings: ExplainSettings) -> int:
-    """Fill ``labels[c].explanation`` for ``concepts`` in place; returns how many were explained."""
-    n = 0
-    for c in concepts:
-        if c in labels:
+def explain_labels(labels: Mapping[str, ConceptLabel], concepts: Iterable[str],
+                   settings: ExplainSettings) -> ExplainOutcome:
+    """Fill ``labels[c].explanation`` for ``concepts`` in place.
+
+    The first request that still fails after its retries stops the calls (the endpoint is down or
+    refuses us): that concept and the rest keep their offline labels, a warning says so, and the
+    outcome carries the error for the caller to record."""
+    todo = [c for c in concepts if c in labels]
+    out = ExplainOutcome()
+    for i, c in enumerate(todo):
+        try:
             labels[c].explanation = explain_label(labels[c], settings)
-            n += 1
-    log.info("explained %d labels via %s (model %s)", n, chat_url(settings.base_url), settings.model)
-    return n
+        except ExplainError as exc:
+            out.failed, out.error = len(todo) - i, str(exc)
+            log.warning("LLM labels: %s. %d of %d concepts keep their offline (top-token) labels.",
+                        exc, out.failed, len(todo))
+            break
+        out.explained += 1
+    log.info("explained %d labels via %s (model %s)", out.explained, chat_url(settings.base_url), settings.model)
+    return out

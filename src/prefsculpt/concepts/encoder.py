@@ -40,6 +40,7 @@ from prefsculpt.concepts.activations import (
 from prefsculpt.concepts.config import EncodeConfig
 from prefsculpt.concepts.sae_model import sae_codes
 from prefsculpt.concepts.scores import SPANS, span_scores
+from prefsculpt.core.faults import fault_point
 from prefsculpt.data.tokenize import TokenizedPair
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ class ShardWriter(BasePredictionWriter):
             store.write_shard(self.out_dir, k, arrays)
             del self.buffers[k]
             log.debug("wrote shard %d (%d pairs)", k, b - a)
+            fault_point("sae", "shard")
         if getattr(trainer, "received_sigterm", False):
             raise EncodeInterrupted(f"stopped by SIGTERM; finished shards in {self.out_dir} are kept, rerun to resume")
 

@@ -23,6 +23,10 @@ class Tag:
     #: stage's run), and where the stages logged instead (on the project's run).
     PROJECT_RUN = "prefsculpt.project_run_id"
     LOGGED_TO = "prefsculpt.logged_to"
+    #: a killed run this run was reattached to after (count of reattachments)
+    REATTACHED = "prefsculpt.reattached"
+    #: on a fresh ``mlflow run`` project run that only points to the killed run it resumed
+    RESUMED_INTO = "prefsculpt.resumed_into"
     # data and concepts
     DATASET = "prefsculpt.dataset"
     DATA_DIGEST = "prefsculpt.data_digest"
@@ -32,6 +36,8 @@ class Tag:
     SCORES_RUN = "prefsculpt.scores_run_id"
     AUDIT_RUN = "prefsculpt.audit_run_id"
     DECISIONS_HASH = "prefsculpt.decisions_hash"
+    #: the LLM labeller's endpoint failed; the offline labels stand (the error)
+    EXPLAIN_ERROR = "prefsculpt.explain_error"
     # training
     RESUMED = "prefsculpt.resumed"
     TRAIN_KEY = "prefsculpt.train_key"

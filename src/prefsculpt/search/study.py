@@ -169,12 +169,14 @@ def heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
         yield
         return
     stop = threading.Event()
+    # The first beat before any work: a trial never beaten is never "stale" to Optuna, so a worker
+    # killed before its thread's first beat would leave the trial RUNNING for ever (found by
+    # tests/integration/test_faults.py).
+    storage.record_heartbeat(trial_id)
 
     def beat() -> None:
-        while True:
+        while not stop.wait(interval):
             storage.record_heartbeat(trial_id)
-            if stop.wait(interval):
-                return
 
     th = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
     th.start()

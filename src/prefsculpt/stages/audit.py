@@ -11,7 +11,6 @@ at the end, so a failed audit leaves no partial artifacts.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ from prefsculpt.audit.config import AuditConfig
 from prefsculpt.audit.labels import ExplainSettings, build_labels, explain_labels, validate_top_contexts
 from prefsculpt.audit.stats import half_assignment
 from prefsculpt.concepts.store import ScoreStore
+from prefsculpt.core.faults import fault_point
+from prefsculpt.core.files import scratch_dir
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.source import dataset_name
@@ -86,11 +87,12 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
     named = [OmegaConf.to_object(n) for n in cfg.named_concepts]
     stat, seed = a.score, cfg.seed
     prepared, prepare_run = prepared_data(cfg)
-    with stage_run(cfg, "audit") as run, tempfile.TemporaryDirectory(prefix="prefsculpt-audit-") as tmp:
+    with stage_run(cfg, "audit") as run, scratch_dir(cache_root(cfg.cache_dir), "audit") as tmp:
         mlflow.set_tag(Tag.PREPARE_RUN, prepare_run)
         src = find_scores_run(cfg, run.info.run_id)
         mlflow.set_tag(Tag.SCORES_RUN, src)
         scores, top = download_scores(src, Path(tmp) / "in")
+        fault_point("audit", "scores")
         top = validate_top_contexts(top)
         source = str(prepared.meta.get("source", ""))
         pairs = align_pairs(prepared.all_pairs(), scores.pair_ids, source)
@@ -122,9 +124,13 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         if a.explain_base_url:
             root = cache_root(cfg.cache_dir)
             settings = ExplainSettings(a.explain_base_url, str(a.explain_model), a.explain_api_key_env,
-                                       a.explain_timeout_s, root / "explanations")
+                                       a.explain_timeout_s, root / "explanations", a.explain_retries,
+                                       a.explain_backoff_s)
             todo = hyp[hyp["kind"].isin(["latent", "cluster"])]["concept"].head(a.explain_top)
-            explain_labels(labels, todo, settings)
+            outcome = explain_labels(labels, todo, settings)
+            mlflow.log_metrics({"labels/explained": outcome.explained, "labels/explain_failed": outcome.failed})
+            if outcome.error:
+                mlflow.set_tag(Tag.EXPLAIN_ERROR, outcome.error[:5000])
         label_of = {c: lab.label for c, lab in labels.items()}
         table["label"] = table["concept"].map(label_of)
         shown = shown.assign(label=shown["concept"].map(label_of))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,8 @@ from prefsculpt.concepts.sae import (
     select_training_tokens,
 )
 from prefsculpt.concepts.sae_model import check_sae_fits, default_train_layer, resolve_layer
-from prefsculpt.core.files import json_digest, model_fingerprint
+from prefsculpt.core.faults import fault_point
+from prefsculpt.core.files import json_digest, model_fingerprint, scratch_dir
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.prepared import Prepared
@@ -109,6 +109,7 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
     cache, act_hit = get_activations(model, tokenized, tok, layer, int(cfg.encode.batch_tokens),
                                       bool(cfg.sae.cache_activations), root, model_id)
     timings["time/collect_seconds"] = time.perf_counter() - t0
+    fault_point("sae", "activations")
     train_cache, held_cache = subset(cache, rows["train"]), subset(cache, rows[held_split])
 
     t0 = time.perf_counter()
@@ -145,7 +146,7 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
                               extra_directions=directions, activations=cache, tokenizer=tok)
     timings["time/encode_seconds"] = time.perf_counter() - t0
 
-    with tempfile.TemporaryDirectory(prefix="prefsculpt-sae-") as tmp:
+    with scratch_dir(root, "sae") as tmp:
         sae_art = Path(tmp) / "sae"
         if sae_dir is not None:
             mlflow.log_artifacts(str(sae_dir), "sae")

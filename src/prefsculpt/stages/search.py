@@ -15,6 +15,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.core import paths
+from prefsculpt.core.faults import fault_point
 from prefsculpt.core.names import Attr, Tag
 from prefsculpt.search import inputs as I
 from prefsculpt.search import objective as O
@@ -80,7 +81,11 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
                     "candidates": [c.concept for c in candidates]}
         ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or train_and_evaluate)
         poll = float(sc.heartbeat_interval) if hasattr(storage, "get_heartbeat_interval") else None
-        ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll, storage=storage)
+        def objective(trial: Any) -> tuple[float, float]:
+            fault_point("search", "trial")  # PREFSCULPT_FAULT_AFTER=2: killed as the 2nd trial starts
+            return O.run_trial(trial, ctx)
+
+        ran = run_worker(study, objective, poll_s=poll, storage=storage)
         O.close_dead_trials(study)
         df = trials_table(study)
         metrics = log_results(df)

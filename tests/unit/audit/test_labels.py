@@ -1,4 +1,5 @@
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -7,7 +8,6 @@ import pandas as pd
 import pytest
 
 from prefsculpt.audit.labels import (
-    ExplainError,
     ExplainSettings,
     build_labels,
     chat_url,
@@ -90,6 +90,11 @@ class _Server:
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 if outer.mode == "slow":
                     time.sleep(1.5)
+                if outer.mode == "500" or (outer.mode == "flaky" and len(outer.requests) == 1):
+                    self.send_response(500)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "overloaded"}')
+                    return
                 if outer.mode == "401":
                     self.send_response(401)
                     self.end_headers()
@@ -129,7 +134,7 @@ def test_explanations_call_endpoint_once_then_come_from_cache(server, top_contex
     monkeypatch.setenv("MY_KEY", "sk-test")
     settings = ExplainSettings(server.url, "stub-model", api_key_env="MY_KEY", timeout_s=5, cache_dir=tmp_path)
     labels = build_labels(top_contexts)
-    assert explain_labels(labels, ["latent:3"], settings) == 1
+    assert explain_labels(labels, ["latent:3"], settings).explained == 1
     assert labels["latent:3"].explanation == "agreement with the user"  # one line
     assert labels["latent:7"].explanation is None
     req = server.requests[0]
@@ -142,23 +147,46 @@ def test_explanations_call_endpoint_once_then_come_from_cache(server, top_contex
     assert len(server.requests) == 1  # the second run was served from the on-disk cache
 
 
-@pytest.mark.parametrize("mode,match", [("401", "HTTP 401.*MY_KEY"), ("garbage", "choices"),
-                                        ("slow", "did not answer within")])
-def test_explanation_failures_are_clear(mode, match, top_contexts, tmp_path):
+@pytest.mark.parametrize("mode,match,calls", [("401", "HTTP 401.*MY_KEY", 1), ("garbage", "choices", 1),
+                                              ("slow", "did not answer within.*after 3 attempts", 3),
+                                              ("500", "HTTP 500.*after 3 attempts", 3)])
+def test_a_failing_endpoint_leaves_the_offline_labels_and_says_why(mode, match, calls, top_contexts, tmp_path, caplog):
+    """Transient failures (timeout, 5xx) are retried, permanent ones (401, a bad payload) are not;
+    either way the audit keeps its offline labels and the outcome names the error."""
     s = _Server(mode)
     try:
-        settings = ExplainSettings(s.url, "m", api_key_env="MY_KEY", timeout_s=0.5, cache_dir=tmp_path)
-        with pytest.raises(ExplainError, match=match):
-            explain_labels(build_labels(top_contexts), ["latent:3"], settings)
+        settings = ExplainSettings(s.url, "m", api_key_env="MY_KEY", timeout_s=0.5, cache_dir=tmp_path,
+                                   retries=2, backoff_s=0.01)
+        labels = build_labels(top_contexts)
+        offline = labels["latent:3"].label
+        out = explain_labels(labels, ["latent:3", "latent:7"], settings)
+        assert out.explained == 0 and out.failed == 2 and re.search(match, out.error)
+        assert len(s.requests) == calls  # stopped at the first concept that failed
+        assert labels["latent:3"].explanation is None and labels["latent:3"].label == offline
+        assert "keep their offline" in caplog.text
         assert not list(tmp_path.iterdir())  # nothing cached from a failure
     finally:
         s.close()
 
 
+def test_a_500_then_success_is_retried_with_backoff(top_contexts, tmp_path):
+    s = _Server("flaky")
+    try:
+        settings = ExplainSettings(s.url, "m", timeout_s=5, cache_dir=tmp_path, retries=3, backoff_s=0.2)
+        labels = build_labels(top_contexts)
+        t0 = time.perf_counter()
+        out = explain_labels(labels, ["latent:3"], settings)
+        assert time.perf_counter() - t0 >= 0.2  # waited backoff_s before the retry
+        assert out.explained == 1 and out.error is None and len(s.requests) == 2
+        assert labels["latent:3"].explanation == "agreement with the user"
+    finally:
+        s.close()
+
+
 def test_unreachable_endpoint_names_the_url(top_contexts):
-    settings = ExplainSettings("http://127.0.0.1:9", "m", timeout_s=1)
-    with pytest.raises(ExplainError, match=r"127\.0\.0\.1:9/v1/chat/completions"):
-        explain_labels(build_labels(top_contexts), ["latent:3"], settings)
+    settings = ExplainSettings("http://127.0.0.1:9", "m", timeout_s=1, retries=1, backoff_s=0.01)
+    out = explain_labels(build_labels(top_contexts), ["latent:3"], settings)
+    assert re.search(r"127\.0\.0\.1:9/v1/chat/completions", out.error)
 
 
 # ---------------------------------------------------------------- characteristic phrase (planted)
