@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 export WANDB_MODE ?= disabled
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Hub access is the user's choice (a hub model or a published SAE needs it); only the tests run offline.
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 .PHONY: install run test test-unit lint ui clean
 
@@ -27,10 +27,10 @@ run: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest tests -q
+	$(TEST_ENV) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest tests -q
 
 test-unit: install
-	$(BIN)/python -m pytest tests/unit -q
+	$(TEST_ENV) $(BIN)/python -m pytest tests/unit -q
 
 lint: install
 	$(BIN)/ruff check .

@@ -19,10 +19,13 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.logging import RichHandler
 
-from prefsculpt.config import compose
+from prefsculpt.config import compose, conf_dir
 from prefsculpt.core.errors import UserError
+from prefsculpt.core.paths import cache_root
 from prefsculpt.core.progress import quiet_library_bars
 from prefsculpt.stages import STAGES
+from prefsculpt.tracking.inputs import resolve_config_inputs
+from prefsculpt.tracking.runs import adopt_project_run, resolve_tracking_uri
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -59,6 +62,10 @@ def user_message(exc: BaseException) -> str:
 def run_stage(stage: str, overrides: str | list[str] | None) -> dict:
     os.environ.setdefault("WANDB_MODE", "disabled")  # sae_lens imports wandb (STACK.md §0)
     cfg = compose(overrides)
+    logging.getLogger("prefsculpt").info("config from %s", conf_dir())
+    adopt_project_run(cfg)  # under `mlflow run`: tracking.uri and tracking.experiment still decide
+    # runs:/<id>/<path> and models:/<name>@<alias> in any file field become local paths, once, here.
+    resolve_config_inputs(cfg, cache_root(cfg.cache_dir) / "inputs", resolve_tracking_uri(cfg.tracking.uri))
     seed_everything(int(cfg.seed))
     return STAGES[stage].fn()(cfg)
 

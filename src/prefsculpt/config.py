@@ -6,6 +6,7 @@ user passes (``mlflow run . -P overrides="data.path=x.jsonl train.lr=1e-5"``).
 
 from __future__ import annotations
 
+import logging
 import shlex
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -23,24 +24,39 @@ from prefsculpt.concepts.config import EncodeConfig, NamedConceptConfig, SAEConf
 from prefsculpt.core.choices import DType
 from prefsculpt.data.planted import PlantedRates
 from prefsculpt.evals.config import EvalConfig
+from prefsculpt.review.config import ReviewConfig
 from prefsculpt.search.config import PromoteConfig, SearchConfig
 from prefsculpt.shaping.config import ShapingConfig, TrainConfig
 
-#: The repository's ``conf/`` folder (pipelines run from a checkout; see README).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+log = logging.getLogger(__name__)
+
+#: ``conf/`` of the checkout this module lives in (src layout), when it is one.
+CHECKOUT_CONF = Path(__file__).resolve().parents[2] / "conf"
+#: The copy a wheel carries inside the package (setup.py's build hook puts it there).
+PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
 
 
-class PlantedVariant(StrEnum):
-    standard = "standard"
-    null = "null"
-    clean = "clean"
+def conf_dir() -> Path:
+    """The config folder: the checkout's top-level ``conf/`` (a checkout or an editable install), else
+    the copy inside the installed package (a wheel: ``pip install prefsculpt`` from any folder)."""
+    if (CHECKOUT_CONF / "config.yaml").is_file() and (CHECKOUT_CONF.parent / "pyproject.toml").is_file():
+        return CHECKOUT_CONF
+    if (PACKAGED_CONF / "config.yaml").is_file():
+        return PACKAGED_CONF
+    raise FileNotFoundError(
+        f"prefsculpt's config is neither in a checkout ({CHECKOUT_CONF}) nor in the installed package "
+        f"({PACKAGED_CONF}): reinstall prefsculpt (its wheel carries conf/ inside the package)"
+    )
 
 
-class DataFormat(StrEnum):
-    auto = "auto"
-    plain = "plain"
-    chat = "chat"
-    hh_rlhf = "hh_rlhf"
+#: The config folder found at import (``conf_dir()`` says where, or why there is none).
+CONF_DIR = CHECKOUT_CONF if (CHECKOUT_CONF / "config.yaml").is_file() else PACKAGED_CONF
+
+
+PlantedVariant = StrEnum("PlantedVariant", ["standard", "null", "clean"])
+
+
+DataFormat = StrEnum("DataFormat", ["auto", "plain", "chat", "hh_rlhf"])
 
 
 #: ``raise`` is a keyword, so this enum is built by name (OmegaConf matches members by name).
@@ -150,6 +166,7 @@ class RootConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
     #: Concepts named by a regex over response text or by contrastive examples (METHOD §2).
     named_concepts: list[NamedConceptConfig] = field(default_factory=list)
     #: Global seed (torch, numpy, python).
@@ -175,7 +192,9 @@ def compose(overrides: str | list[str] | None = None, config_name: str = "config
     ConfigStore.instance().store(name="prefsculpt_schema", node=RootConfig)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    folder = conf_dir()
+    log.debug("config from %s", folder)
+    with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=parse_overrides(overrides))
     schema = OmegaConf.structured(RootConfig)
     merged = OmegaConf.merge(schema, cfg)

@@ -139,3 +139,24 @@ def test_audit_explains_top_labels_via_endpoint(sae_run, tmp_path):
     assert len(list((tmp_path / "cache" / "explanations").glob("*.json"))) == len(server.requests)
     html = (_download(res["run_id"], "audit/report.html")).read_text()
     assert html.count('<p class="expl">agreement with the user</p>') == 2
+
+
+def test_audit_survives_a_failing_label_endpoint(sae_run, tmp_path):
+    """An endpoint that always answers 500: retried, then the audit finishes on offline labels and
+    records why (warning, tag, metric) instead of failing."""
+    from tests.unit.audit.test_labels import _Server
+
+    server = _Server("500")
+    try:
+        res = run_stage("audit", f"experiment=tiny audit.explain_base_url={server.url} audit.explain_model=stub "
+                                 f"audit.explain_top=2 audit.explain_retries=1 audit.explain_backoff_s=0.01 "
+                                 f"cache_dir={tmp_path / 'cache'}")
+    finally:
+        server.close()
+    assert len(server.requests) == 2  # one concept, tried twice, then the calls stop
+    run = mlflow.MlflowClient().get_run(res["run_id"])
+    assert "HTTP 500" in run.data.tags["prefsculpt.explain_error"]
+    assert run.data.metrics["labels/explained"] == 0 and run.data.metrics["labels/explain_failed"] == 2
+    assert run.data.tags["prefsculpt.complete"] == "true"
+    html = (_download(res["run_id"], "audit/report.html")).read_text()
+    assert '<p class="expl">' not in html

@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from prefsculpt.config import CONF_DIR as CONF
+from prefsculpt.core import glossary as G
 from prefsculpt.search.config import PromoteConfig, SearchConfig
 from tests.unit.search.helpers import fake_audit_run
 
@@ -54,7 +55,18 @@ def test_search_real_trials_then_promote(mlflow_uri, tmp_path, monkeypatch):
         kids = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
         assert sorted(k.data.tags["prefsculpt.stage"] for k in kids) == ["evaluate", "train"]
         assert t.user_attrs["model_uri"].startswith("models:/")
+        # the trial carries its evaluation's metrics: one key set for the UI's compare view
+        ev = client.get_run(run.data.tags["prefsculpt.eval_run_id"]).data.metrics
+        assert set(run.data.metrics) == set(ev) and run.data.metrics["search/off_target"] == ev["search/off_target"]
+        assert G.unknown(set(run.data.metrics)) == []
     res = run_promote(cfg)
     mv = client.get_model_version_by_alias("tiny-policy", "candidate")
     assert str(mv.version) == res["version"] and mv.tags["prefsculpt.trial_number"] == str(res["trial"])
     assert res["trial"] != 0  # never the baseline itself
+    assert "search/off_target" in mv.description and "Metric glossary" in mv.description
+    # The registered policy is a servable transformers chat model: load it by alias and ask it.
+    pyf = mlflow.pyfunc.load_model("models:/tiny-policy@candidate")
+    reply = pyf.predict({"messages": [{"role": "user", "content": "What is 7 times 8?"}], "max_tokens": 5})[0]
+    assert reply["choices"][0]["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] <= 5
+    assert pyf.metadata.flavors["transformers"]["task"] == "llm/v1/chat" or \
+        pyf.metadata.metadata["task"] == "llm/v1/chat"

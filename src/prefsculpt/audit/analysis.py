@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ from prefsculpt.audit import clusters as C
 from prefsculpt.audit.config import AuditConfig
 from prefsculpt.audit.decisions import propose_decisions, write_decisions
 from prefsculpt.audit.labels import ConceptLabel
-from prefsculpt.concepts.scores import ConceptScores
 from prefsculpt.core.errors import UserError
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.report import html as H
@@ -68,31 +68,10 @@ def select_hypotheses(table: pd.DataFrame, clusters: list[list[str]]) -> pd.Data
     return t
 
 
-def concept_diffs(scores: ConceptScores, names: list[str], stat: str, groups: dict[str, list[int]]) -> np.ndarray:
-    """(n, len(names)) chosen - rejected of latents/named (columns), clusters (mean of members), length."""
-    col = {c: i for i, c in enumerate(scores.concept_names)}
-    d = scores.diff(stat).astype(np.float64)
-    out = []
-    for c in names:
-        if c in col:
-            out.append(d[:, col[c]])
-        elif c in groups:
-            out.append(d[:, groups[c]].mean(axis=1))
-        elif c == "length":
-            out.append(scores.length_diff())
-        else:
-            raise KeyError(c)
-    return np.stack(out, axis=1) if out else np.zeros((scores.n_pairs, 0))
-
-
 def describe_clusters(labels: np.ndarray, sym: np.ndarray, pairs: list[PreferencePair]) -> dict[int, str]:
     """A readable line per data cluster: its most central prompt. sym: (n, F) symmetric activity."""
-    x = sym / np.maximum(np.linalg.norm(sym, axis=1, keepdims=True), 1e-12)
     out = {}
-    for c in np.unique(labels[labels >= 0]):
-        idx = np.flatnonzero(labels == c)
-        centre = x[idx].mean(axis=0)
-        best = idx[int(np.argmax(x[idx] @ centre))]
+    for c, best in C.central_rows(labels, sym).items():
         text = " ".join(pairs[best].prompt_text().split())
         out[int(c)] = f"e.g. “{text[:90]}{'…' if len(text) > 90 else ''}”"
     return out
@@ -180,7 +159,7 @@ def write_outputs(out: Path, a: AuditConfig, data_name: str, run_id: str, src: s
     for v in views:
         r = {k: (None if isinstance(x, float) and not np.isfinite(x) else x) for k, x in v.row.items()}
         r.update(label_detail=v.label.to_dict() if v.label else None, where_detail=v.where,
-                 example_pairs=[e.pair_id for e in v.examples])
+                 example_pairs=[e.pair_id for e in v.examples], examples=[asdict(e) for e in v.examples])
         records.append(r)
     (out / "hypotheses.json").write_text(json.dumps(records, indent=1, default=_json_default, ensure_ascii=False))
     write_decisions(propose_decisions(hyp, None, audit_run_id=run_id), out / "decisions.yaml", methods_help)

@@ -24,8 +24,30 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- data clusters
 def _normalise_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if sparse.issparse(x):
+        x = sparse.csr_matrix(x, dtype=np.float64)
+        norm = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+        return sparse.diags(1.0 / np.where(norm > 0, norm, 1.0)) @ x, norm > 0
     norm = np.linalg.norm(x, axis=1)
     return x / np.where(norm > 0, norm, 1.0)[:, None], norm > 0
+
+
+def active_rows(sym: np.ndarray) -> np.ndarray:
+    """(n,) bool: pairs with any activity (dense or sparse ``sym``)."""
+    if sparse.issparse(sym):
+        return np.asarray(abs(sym).sum(axis=1)).ravel() > 0
+    return np.linalg.norm(np.asarray(sym, dtype=np.float64), axis=1) > 0
+
+
+def central_rows(labels: np.ndarray, sym: np.ndarray) -> dict[int, int]:
+    """Per data cluster, its pair with the highest cosine to the cluster's mean unit row."""
+    x, _ = _normalise_rows(sym if sparse.issparse(sym) else np.asarray(sym, dtype=np.float64))
+    out = {}
+    for c in np.unique(labels[labels >= 0]):
+        idx = np.flatnonzero(labels == c)
+        centre = np.asarray(x[idx].mean(axis=0)).ravel()
+        out[int(c)] = int(idx[int(np.argmax(np.asarray(x[idx] @ centre).ravel()))])
+    return out
 
 
 def _kmeanspp(x: sparse.csr_matrix, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -44,12 +66,13 @@ def _kmeanspp(x: sparse.csr_matrix, k: int, rng: np.random.Generator) -> np.ndar
 def data_clusters(sym: np.ndarray, k: int, seed: int = 0, n_init: int = 4, max_iter: int = 100) -> np.ndarray:
     """Spherical k-means labels (n,) of the pairs; deterministic per seed.
 
-    sym: (n, F) symmetric activity s(chosen) + s(rejected). Rows are L2-normalised, so pairs cluster
+    sym: (n, F) symmetric activity s(chosen) + s(rejected), dense or scipy sparse. Rows are L2-normalised, so pairs cluster
     by *which* concepts are active, not how much text they hold. Pairs with no activity at all get
     label -1. Clusters are numbered by size, largest first. Best of ``n_init`` k-means++ starts by
     total cosine similarity.
     """
-    sym = np.asarray(sym, dtype=np.float64)
+    if not sparse.issparse(sym):
+        sym = np.asarray(sym, dtype=np.float64)
     x, alive = _normalise_rows(sym)
     # activity is sparse (most latents are silent on a pair): sparse products make each step O(nnz·k)
     xa = sparse.csr_matrix(x[alive])
@@ -83,7 +106,7 @@ def data_clusters(sym: np.ndarray, k: int, seed: int = 0, n_init: int = 4, max_i
     first = np.array([np.flatnonzero(best == j)[0] if sizes[j] else len(best) for j in range(k)])
     rank = np.empty(k, dtype=int)
     rank[np.lexsort((first, -sizes))] = np.arange(k)
-    labels = np.full(len(sym), -1)
+    labels = np.full(sym.shape[0], -1)
     labels[alive] = rank[best]
     return labels
 
@@ -188,15 +211,18 @@ def firing_matrix(scores: ConceptScores, stat: str = "max") -> np.ndarray:
 def _top_pairs(firing: np.ndarray, top_fraction: float, chunk: int = 512):
     """The top ``top_fraction`` of latent pairs (i < j) by NMI: (i, j, w) arrays, w > 0."""
     x = firing.astype(np.float32)
-    m, f = x.shape
-    cnt = x.sum(axis=0)
+    return _top_pairs_from_counts(x.T @ x, x.sum(axis=0), x.shape[0], top_fraction, chunk)
+
+
+def _top_pairs_from_counts(co: np.ndarray, cnt: np.ndarray, m: int, top_fraction: float, chunk: int = 512):
+    """As :func:`_top_pairs` from co-firing counts co (F, F), firing counts cnt (F,) over m rows."""
+    f = len(cnt)
     n_keep = max(1, int(round(top_fraction * f * (f - 1) / 2)))
     keep_i, keep_j, keep_w = [], [], []
-    for lo in range(0, f, chunk):  # row blocks bound memory at chunk x F, not F x F
+    for lo in range(0, f, chunk):  # row blocks bound the NMI temporaries at chunk x F, not F x F
         hi = min(f, lo + chunk)
         # only columns j >= lo can hold pairs i < j: (chunk, F - lo) co-firing counts, exact in float32
-        co = x[:, lo:hi].T @ x[:, lo:]
-        nmi = binary_nmi(co, cnt[lo:hi], cnt[lo:], m)
+        nmi = binary_nmi(co[lo:hi, lo:], cnt[lo:hi], cnt[lo:], m)
         ii, jj = np.nonzero((np.arange(lo, hi)[:, None] < np.arange(lo, f)[None, :]) & (nmi > 0))
         w, jj = nmi[ii, jj], jj + lo
         if len(w) > n_keep:  # only a block's own top n_keep can reach the global top
@@ -219,15 +245,24 @@ def latent_clusters(
     ``top_fraction`` of all latent pairs by NMI become a weighted graph (the paper's 1%); Leiden
     (modularity) communities with at least ``min_size`` members are returned.
     """
+    firing = np.asarray(firing, dtype=bool)
+    x = firing.astype(np.float32)
+    return latent_clusters_from_counts(x.T @ x, x.sum(axis=0), len(firing), top_fraction, min_size, seed)
+
+
+def latent_clusters_from_counts(
+    co: np.ndarray, cnt: np.ndarray, m: int, top_fraction: float = 0.01, min_size: int = 4, seed: int = 0
+) -> list[list[int]]:
+    """:func:`latent_clusters` from co-firing counts co (F, F), firing counts cnt (F,) over m responses
+    (what a pass over a shard store accumulates: memory F x F, whatever the number of pairs)."""
     import igraph as ig
     import leidenalg
 
-    firing = np.asarray(firing, dtype=bool)
-    cnt = firing.sum(axis=0)
-    alive = np.flatnonzero((cnt > 0) & (cnt < len(firing)))  # constant latents share no information
+    co, cnt = np.asarray(co, dtype=np.float32), np.asarray(cnt, dtype=np.float32)
+    alive = np.flatnonzero((cnt > 0) & (cnt < m))  # constant latents share no information
     if len(alive) < max(2, min_size):
         return []
-    i, j, w = _top_pairs(firing[:, alive], top_fraction)
+    i, j, w = _top_pairs_from_counts(co[np.ix_(alive, alive)], cnt[alive], m, top_fraction)
     g = ig.Graph(n=len(alive), edges=np.stack([i, j], axis=1).tolist(), edge_attrs={"weight": w.tolist()})
     part = leidenalg.find_partition(g, leidenalg.ModularityVertexPartition, weights="weight", seed=seed)
     out = [sorted(int(alive[v]) for v in comm) for comm in part if len(comm) >= min_size]

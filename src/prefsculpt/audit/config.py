@@ -5,22 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-
-class ScoreStat(StrEnum):
-    """Span statistic (METHOD §2): the max activation over the span, or the share of tokens firing."""
-
-    max = "max"
-    freq = "freq"
+#: Span statistic (METHOD §2): the max activation over the span, or the share of tokens firing.
+ScoreStat = StrEnum("ScoreStat", ["max", "freq"])
 
 
-class PairedTest(StrEnum):
-    wilcoxon = "wilcoxon"
-    sign = "sign"
+PairedTest = StrEnum("PairedTest", ["wilcoxon", "sign"])
 
 
-class RankBy(StrEnum):
-    conservative = "conservative"
-    split_half = "split_half"
+RankBy = StrEnum("RankBy", ["conservative", "split_half"])
 
 
 @dataclass
@@ -66,6 +58,10 @@ class AuditConfig:
     explain_api_key_env: str = "OPENAI_API_KEY"
     #: Seconds to wait for one explanation; the top this-many hypotheses are explained.
     explain_timeout_s: float = 30.0
+    #: Retries of a failing request (5xx, 429, timeout) after 1, 2, 4... × ``explain_backoff_s`` seconds;
+    #: an endpoint that still fails leaves the offline labels (a warning, tag prefsculpt.explain_error).
+    explain_retries: int = 3
+    explain_backoff_s: float = 1.0
     explain_top: int = 20
     #: Run id of the sae run to read concept scores from (null = the latest finished sae run under
     #: the same parent run, else in the same experiment).

@@ -114,7 +114,7 @@ class Decisions:
         return {"version": FORMAT_VERSION, "concepts": entries}
 
 
-def _plain(v: Any) -> Any:
+def plain_value(v: Any) -> Any:
     """numpy scalars / NaN -> YAML-friendly Python values."""
     if hasattr(v, "item") and not isinstance(v, (str, bytes)):
         v = v.item()
@@ -141,7 +141,7 @@ def propose_decisions(
         for key in INFO_FIELDS:
             col = source_of.get(key, key)
             if col in rec and rec[col] is not None:
-                val = _plain(rec[col])
+                val = plain_value(rec[col])
                 if key == "members" and val is not None and not isinstance(val, str):
                     val = [str(m) for m in val]
                 if isinstance(val, float):

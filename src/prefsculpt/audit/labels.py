@@ -2,10 +2,14 @@
 
 The default needs nothing but the encoder's ``top_contexts`` table (columns ``concept, rank, value,
 pair_id, span, position, token, left, right``): per concept, the tokens that occur most often among
-its top activations, a few short contexts per response side, and a one-line label such as
-``' absolutely' · 'You' · ' right'``. Optionally, a short explanation from any OpenAI-compatible
+its top activations, a few short contexts per response side, the characteristic phrase around the
+firing token on the side the concept favours (:mod:`prefsculpt.audit.phrases`), and a one-line label
+such as ``'.' · ',' — “…, not X.” in chosen 5/6, rejected 0/4``. Optionally, a short explanation from any OpenAI-compatible
 ``/v1/chat/completions`` endpoint (off unless ``audit.explain_base_url`` is set), cached on disk by
-a hash of the request so a re-run of the audit costs no calls.
+a hash of the request so a re-run of the audit costs no calls. The endpoint is optional in the
+strong sense: a transient failure (HTTP 5xx/429, refused connection, timeout) is retried with
+exponential backoff, and an endpoint that still fails leaves the offline labels in place — the
+audit goes on and reports the failure (:class:`ExplainOutcome`), it never fails over it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -21,9 +26,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from prefsculpt.audit.phrases import characteristic_phrase
 from prefsculpt.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,13 @@ class ConceptLabel:
     contexts_chosen: list[Context] = field(default_factory=list)
     contexts_rejected: list[Context] = field(default_factory=list)
     explanation: str | None = None
+    #: The characteristic phrase (``…, not X.``; X = varies) on ``phrase_counts["side"]``, None when the
+    #: windows agree on nothing beyond the firing token.
+    phrase: str | None = None
+    #: ``{"side", "other", "k_side", "n_side", "k_other", "n_other"}``: windows matching it / windows.
+    phrase_counts: dict[str, Any] | None = None
+    #: Up to ``n_contexts`` windows of the favoured side that read as the phrase (one per pair).
+    phrase_contexts: list[Context] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,18 +130,47 @@ def _top_contexts(rows: pd.DataFrame, k: int) -> list[Context]:
     return out
 
 
+def _phrase(rows: pd.DataFrame, favoured: str, n_contexts: int) -> tuple[str | None, dict | None, list[Context]]:
+    """The characteristic phrase of ``favoured``'s windows against the other side's."""
+    other = "rejected" if favoured == "chosen" else "chosen"
+    rows = rows.drop_duplicates(["pair_id", "span", "position"])  # a cluster's members share positions
+    side = rows[rows["span"] == favoured].sort_values("value", ascending=False)
+    rest = rows[rows["span"] == other]
+    ph = characteristic_phrase(list(zip(side["left"], side["token"], side["right"], strict=True)),
+                               list(zip(rest["left"], rest["token"], rest["right"], strict=True)), favoured, other)
+    if ph is None or not ph.informative:
+        return None, None, []
+    counts = {"side": ph.side, "other": ph.other, "k_side": ph.k_side, "n_side": ph.n_side,
+              "k_other": ph.k_other, "n_other": ph.n_other}
+    return ph.text, counts, _top_contexts(side.iloc[list(ph.matched)], n_contexts)
+
+
+def _favoured(direction: Any, rows: pd.DataFrame) -> str:
+    """The side the concept favours: its audit direction, else the side with more top activations."""
+    try:
+        d = float(direction)
+    except (TypeError, ValueError):
+        d = 0.0
+    if d != d or d == 0:  # NaN or none
+        d = float((rows["span"] == "chosen").sum() - (rows["span"] == "rejected").sum()) or 1.0
+    return "chosen" if d > 0 else "rejected"
+
+
 def build_labels(
     top_contexts: pd.DataFrame,
     concepts: Iterable[str] | None = None,
     n_tokens: int = 3,
     n_contexts: int = 3,
     groups: Mapping[str, Sequence[str]] | None = None,
+    directions: Mapping[str, Any] | None = None,
 ) -> dict[str, ConceptLabel]:
     """Labels for ``concepts`` (default: every concept in the table).
 
     ``groups`` maps a compound concept (a latent cluster) to its member concepts; its label pools
     the members' top activations. A concept without top activations gets its own name as label
-    (named concepts and built-ins such as ``length`` are self-describing).
+    (named concepts and built-ins such as ``length`` are self-describing). ``directions``: concept
+    -> the audit's direction (+1: the chosen side has more), which picks the side whose phrase is
+    contrasted with the other's; a concept without one uses the side with more top activations.
     """
     df = validate_top_contexts(top_contexts)
     df = df[df["span"].isin(RESPONSE_SPANS)]
@@ -144,9 +187,17 @@ def build_labels(
             rows = by_concept.get(concept, df.iloc[:0])
         chosen, rejected = rows[rows["span"] == "chosen"], rows[rows["span"] == "rejected"]
         overall = [t for t, _ in _top_tokens(rows, n_tokens)]
+        phrase, counts, phrase_ctx = _phrase(rows, _favoured((directions or {}).get(concept), rows), n_contexts)
+        label = label_string(overall) if overall else concept.split(":", 1)[-1]
+        if phrase:
+            label += f" — “{phrase}” in {counts['side']} {counts['k_side']}/{counts['n_side']}"
+            label += f", {counts['other']} {counts['k_other']}/{counts['n_other']}" if counts["n_other"] else ""
         out[concept] = ConceptLabel(
             concept=concept,
-            label=label_string(overall) if overall else concept.split(":", 1)[-1],
+            label=label,
+            phrase=phrase,
+            phrase_counts=counts,
+            phrase_contexts=phrase_ctx,
             tokens_chosen=_top_tokens(chosen, n_tokens),
             tokens_rejected=_top_tokens(rejected, n_tokens),
             contexts_chosen=_top_contexts(chosen, n_contexts),
@@ -159,7 +210,12 @@ def build_labels(
 
 
 class ExplainError(UserError):
-    """The configured explanation endpoint failed; the message names the URL and what to do."""
+    """The configured explanation endpoint failed; the message names the URL and what to do.
+    ``transient``: worth retrying (5xx, 429, no connection, timeout), unlike a 401 or a bad payload."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -167,8 +223,21 @@ class ExplainSettings:
     base_url: str
     model: str
     api_key_env: str = "OPENAI_API_KEY"
+    #: seconds per request
     timeout_s: float = 30.0
     cache_dir: Path | None = None
+    #: retries of a transient failure, after waits of backoff_s, 2·backoff_s, 4·backoff_s, ...
+    retries: int = 3
+    backoff_s: float = 1.0
+
+
+@dataclass
+class ExplainOutcome:
+    """What the labeller did: ``error`` set when the endpoint failed and the rest kept offline labels."""
+
+    explained: int = 0
+    failed: int = 0
+    error: str | None = None
 
 
 SYSTEM_PROMPT = (
@@ -189,12 +258,19 @@ def chat_url(base_url: str) -> str:
 
 
 def explain_messages(label: ConceptLabel, max_chars: int = 160) -> list[dict[str, str]]:
-    lines = []
-    for ctx in [*label.contexts_chosen, *label.contexts_rejected]:
+    lines, seen = [], set()
+    for ctx in [*label.contexts_chosen, *label.contexts_rejected, *label.phrase_contexts]:
         window = f"{ctx.left}[[{ctx.token}]]{ctx.right}".replace("\n", "\\n")[:max_chars]
-        lines.append(f"- ({ctx.span} response) {window}")
+        if (ctx.span, window) not in seen:
+            seen.add((ctx.span, window))
+            lines.append(f"- ({ctx.span} response) {window}")
     tokens = ", ".join(token_repr(t) for t, _ in [*label.tokens_chosen, *label.tokens_rejected])
-    user = f"Most frequent firing tokens: {tokens or '(none)'}\nTop windows:\n" + "\n".join(lines or ["(none)"])
+    user = f"Most frequent firing tokens: {tokens or '(none)'}\n"
+    if label.phrase and label.phrase_counts:
+        c = label.phrase_counts
+        user += (f"Recurring phrase around the firing token (X = varies): \"{label.phrase}\" in {c['k_side']} of "
+                 f"{c['n_side']} {c['side']}-response windows, {c['k_other']} of {c['n_other']} {c['other']}\n")
+    user += "Top windows:\n" + "\n".join(lines or ["(none)"])
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -219,12 +295,14 @@ def _post_chat(settings: ExplainSettings, messages: list[dict[str, str]]) -> str
         hint = f" (is ${settings.api_key_env} set?)" if exc.code in (401, 403) else ""
         raise ExplainError(
             f"explanation endpoint {url} answered HTTP {exc.code}{hint}: {detail!r}; fix audit.explain_base_url / "
-            "audit.explain_model, or set audit.explain_base_url=null to label from top tokens only"
+            "audit.explain_model, or set audit.explain_base_url=null to label from top tokens only",
+            transient=exc.code >= 500 or exc.code == 429,
         ) from exc
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise ExplainError(
             f"explanation endpoint {url} did not answer within {settings.timeout_s:g}s ({exc}); start it, raise "
-            "audit.explain_timeout_s, or set audit.explain_base_url=null to label from top tokens only"
+            "audit.explain_timeout_s, or set audit.explain_base_url=null to label from top tokens only",
+            transient=True,
         ) from exc
     except json.JSONDecodeError as exc:
         raise ExplainError(f"explanation endpoint {url} returned non-JSON ({exc}); is it OpenAI-compatible?") from exc
@@ -247,7 +325,18 @@ def explain_label(label: ConceptLabel, settings: ExplainSettings) -> str:
         path = Path(settings.cache_dir) / f"{_cache_key(settings.model, messages)}.json"
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))["explanation"]
-    text = _post_chat(settings, messages)
+    for attempt in range(settings.retries + 1):
+        try:
+            text = _post_chat(settings, messages)
+            break
+        except ExplainError as exc:
+            if not exc.transient or attempt == settings.retries:
+                if attempt:
+                    raise ExplainError(f"{exc} (after {attempt + 1} attempts)", exc.transient) from exc
+                raise
+            wait = settings.backoff_s * 2**attempt
+            log.info("explanation endpoint: %s; retrying in %.1f s", str(exc).split(";")[0], wait)
+            time.sleep(wait)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # never a half-written cache entry
@@ -256,12 +345,23 @@ def explain_label(label: ConceptLabel, settings: ExplainSettings) -> str:
     return text
 
 
-def explain_labels(labels: Mapping[str, ConceptLabel], concepts: Iterable[str], settings: ExplainSettings) -> int:
-    """Fill ``labels[c].explanation`` for ``concepts`` in place; returns how many were explained."""
-    n = 0
-    for c in concepts:
-        if c in labels:
+def explain_labels(labels: Mapping[str, ConceptLabel], concepts: Iterable[str],
+                   settings: ExplainSettings) -> ExplainOutcome:
+    """Fill ``labels[c].explanation`` for ``concepts`` in place.
+
+    The first request that still fails after its retries stops the calls (the endpoint is down or
+    refuses us): that concept and the rest keep their offline labels, a warning says so, and the
+    outcome carries the error for the caller to record."""
+    todo = [c for c in concepts if c in labels]
+    out = ExplainOutcome()
+    for i, c in enumerate(todo):
+        try:
             labels[c].explanation = explain_label(labels[c], settings)
-            n += 1
-    log.info("explained %d labels via %s (model %s)", n, chat_url(settings.base_url), settings.model)
-    return n
+        except ExplainError as exc:
+            out.failed, out.error = len(todo) - i, str(exc)
+            log.warning("LLM labels: %s. %d of %d concepts keep their offline (top-token) labels.",
+                        exc, out.failed, len(todo))
+            break
+        out.explained += 1
+    log.info("explained %d labels via %s (model %s)", out.explained, chat_url(settings.base_url), settings.model)
+    return out

@@ -39,7 +39,6 @@ from prefsculpt.concepts.scores import STATS, ConceptScores
 log = logging.getLogger(__name__)
 
 TESTS = ("wilcoxon", "sign")
-_CHUNK = 1024  # concepts ranked per block: bounds the (chunk, n) int64 temporaries to ~20 MB at n=2.4k
 
 
 # ---------------------------------------------------------------- effects
@@ -72,53 +71,26 @@ def paired_effects(d: np.ndarray) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------- tests
-def _signed_rank_block(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Wilcoxon pieces for a block of concepts. d: (n, B).
+def wilcoxon_test(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided signed-rank p (F,) and direction (F,) per column of ``d`` (n, F); NaN p where no pair differs.
 
-    Returns ``r_plus`` (B,) = sum of ranks of |d| over positive d, ranks taken among the nonzero d
-    only (average ranks for ties); ``count`` (B,) nonzero pairs; ``tie`` (B,) = Σ_groups (t³ - t)
-    over tie groups of nonzero |d|.
+    p is ``scipy.stats.wilcoxon(d, axis=0, zero_method="wilcox", correction=True,
+    method="asymptotic")``: zeros dropped, average ranks for ties with the tie-corrected variance, a
+    continuity correction, normal approximation (the module doc says why not exact). The
+    direction is the sign of r+ - E[r+] = r+ - c(c+1)/4 over the c nonzero pairs, with r+ taken from
+    the one-sided call (its statistic is r+; scipy's two-sided statistic is min(r+, r-), which has
+    no sign). Before scipy we took the sign of the continuity-corrected z; ranks are multiples of
+    0.5, so the two differ only where |r+ - E[r+]| = 0.5 exactly, where the corrected z is 0 (p = 1):
+    such a concept now points the way r+ does instead of 0. p-values are unchanged.
     """
-    a = np.ascontiguousarray(np.abs(d).T)  # (B, n): sort along the contiguous axis
-    b, n = a.shape
-    order = np.argsort(a, axis=1, kind="stable")
-    s = np.take_along_axis(a, order, axis=1)  # (B, n) ascending; zeros come first
-    pos_sorted = np.take_along_axis(np.ascontiguousarray(d.T) > 0, order, axis=1)
-    idx = np.arange(n)
-    new = np.ones_like(s, dtype=bool)
-    new[:, 1:] = s[:, 1:] != s[:, :-1]  # first element of each tie group
-    last = np.ones_like(s, dtype=bool)
-    last[:, :-1] = new[:, 1:]  # last element of each tie group
-    start = np.maximum.accumulate(np.where(new, idx, 0), axis=1)  # (B, n) group start position
-    end = np.minimum.accumulate(np.where(last, idx, n)[:, ::-1], axis=1)[:, ::-1]  # group end
-    n_zero = (s == 0).sum(axis=1)  # (B,)
-    # 1-based average rank among all n, shifted down by the zeros (all sorted first) = rank among nonzero
-    rank = (start + end) / 2.0 + 1.0 - n_zero[:, None]
-    r_plus = (rank * pos_sorted).sum(axis=1)
-    t = (end - start + 1).astype(np.float64)
-    # Σ over elements of (t² - 1) equals Σ over groups of (t³ - t): each group has t elements
-    tie = ((t * t - 1.0) * (s > 0)).sum(axis=1)
-    return r_plus, (n - n_zero).astype(np.float64), tie
-
-
-def wilcoxon_z(d: np.ndarray, correction: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Signed-rank z (F,) and nonzero count (F,); z is NaN where no pair differs.
-
-    Matches ``scipy.stats.wilcoxon(d, zero_method="wilcox", correction=..., method="asymptotic")``.
-    """
-    d = np.asarray(d)
-    f = d.shape[1]
-    r_plus, count, tie = np.empty(f), np.empty(f), np.empty(f)
-    for lo in range(0, f, _CHUNK):  # blocks of concepts, not a loop over concepts
-        r_plus[lo:lo + _CHUNK], count[lo:lo + _CHUNK], tie[lo:lo + _CHUNK] = _signed_rank_block(d[:, lo:lo + _CHUNK])
-    mean = count * (count + 1) / 4.0
-    var = (count * (count + 1) * (2 * count + 1) - tie / 2.0) / 24.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        se = np.sqrt(var)
-        z = (r_plus - mean) / se
-        if correction:
-            z = z - np.sign(z) * 0.5 / se
-    return np.where(count > 0, z, np.nan), count
+    d = np.asarray(d, dtype=np.float64)
+    kw = dict(axis=0, zero_method="wilcox", correction=True, method="asymptotic")
+    count = (d != 0).sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # columns with no nonzero pair: 0/0 -> NaN
+        p = sps.wilcoxon(d, **kw).pvalue
+        r_plus = sps.wilcoxon(d, alternative="greater", **kw).statistic
+    p = np.where(count > 0, p, np.nan)
+    return p, np.where(count > 0, np.sign(r_plus - count * (count + 1) / 4.0), 0.0)
 
 
 def paired_pvalues(d: np.ndarray, test: str = "wilcoxon") -> np.ndarray:
@@ -134,8 +106,7 @@ def paired_pvalues(d: np.ndarray, test: str = "wilcoxon") -> np.ndarray:
 def _pvalues_and_direction(d: np.ndarray, test: str) -> tuple[np.ndarray, np.ndarray]:
     """p (F,) and the direction of the test statistic (F,): +1 chosen tends higher, -1 lower, 0 none."""
     if test == "wilcoxon":
-        z, _ = wilcoxon_z(d)
-        return 2.0 * sps.norm.sf(np.abs(z)), np.sign(np.nan_to_num(z))
+        return wilcoxon_test(d)
     if test == "sign":
         k, c = (d > 0).sum(axis=0), (d != 0).sum(axis=0)
         # symmetric binomial: outcomes at most as likely as k are those at most min(k, c-k) from an end
@@ -149,24 +120,13 @@ def bh_qvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
 
     NaN p (untested concepts) get q = 1 and do not count in m.
     """
+    if method not in ("bh", "by"):
+        raise ValueError(f"q-value method must be 'bh' or 'by', got {method!r}")
     p = np.asarray(p, dtype=np.float64)
     q = np.ones_like(p)
     ok = np.isfinite(p)
-    m = int(ok.sum())
-    if m == 0:
-        return q
-    pv = p[ok]
-    order = np.argsort(pv)
-    scale = m / np.arange(1, m + 1)  # m / rank
-    if method == "by":
-        scale = scale * np.sum(1.0 / np.arange(1, m + 1))
-    elif method != "bh":
-        raise ValueError(f"q-value method must be 'bh' or 'by', got {method!r}")
-    # q_(i) = min over j >= i of p_(j) m / j: a reversed running minimum keeps q monotone in p
-    qs = np.minimum.accumulate((pv[order] * scale)[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(qs, 1.0)
-    q[ok] = out
+    if ok.any():  # scipy rejects NaN; the finite p-values alone make up m
+        q[ok] = sps.false_discovery_control(p[ok], method=method)
     return q
 
 
@@ -262,6 +222,98 @@ def _check_finite(d: np.ndarray, names: Sequence[str], pair_ids: Sequence[str], 
         )
 
 
+def column_stats(
+    d: np.ndarray, support: np.ndarray, half: np.ndarray, length_diff: np.ndarray | None, test: str = "wilcoxon",
+    min_support: float = 0.01, min_nonzero: int = 10,
+) -> dict[str, np.ndarray]:
+    """Every per-concept quantity of the audit table for a block of concepts: (g,) arrays.
+
+    d: (n, g) chosen - rejected; support: (g,) share of pairs where the concept is nonzero on either
+    side; half: (n,) split-half membership; length_diff: (n,) or None. Each column is computed from
+    its own values only, so a table built block by block (``audit.streaming``) equals one built at
+    once; only the q-values need all p-values (:func:`assemble_table`).
+    """
+    eff = paired_effects(d)
+    tested = (support >= min_support) & (eff["n_nonzero"] >= max(min_nonzero, 1))
+    p = np.full(d.shape[1], np.nan)
+    direction = np.sign(eff["mean"])
+    if tested.any():
+        pt, dt = _pvalues_and_direction(d[:, tested], test)
+        p[tested], direction[tested] = pt, dt
+    ha, hb = split_half_effects(d, half)
+    if length_diff is not None:
+        leff, lp = length_controlled(d, length_diff)
+    else:
+        leff, lp = np.full(d.shape[1], np.nan), np.full(d.shape[1], np.nan)
+    return {
+        "n_nonzero": eff["n_nonzero"], "support": support, "tested": tested, "mean_diff": eff["mean"],
+        "d_z": eff["d_z"], "share_chosen_more": eff["share_chosen_more"],
+        "share_rejected_more": eff["share_rejected_more"], "ci_low": eff["ci_low"], "ci_high": eff["ci_high"],
+        "p": p, "half_a": ha, "half_b": hb, "length_effect": leff, "length_p": lp, "direction": direction,
+    }
+
+
+def concat_stats(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Blocks of :func:`column_stats`, in concept order, as one."""
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
+def assemble_table(
+    names: Sequence[str], kinds: Sequence[str], index: Sequence[int], n: int, st: Mapping[str, np.ndarray],
+    fdr: float = 0.05, rank_by: str = "conservative",
+) -> pd.DataFrame:
+    """The audit table from all concepts' :func:`column_stats`: q-values (BH over the tested), replication,
+    significance, rank score and the sort order described in :func:`test_concepts`."""
+    tested, direction = st["tested"], st["direction"]
+    q = bh_qvalues(st["p"])
+    q[~tested] = np.nan
+    ha, hb = st["half_a"], st["half_b"]
+    rep = replicates(ha, hb) & (np.sign(ha) == direction)
+    df = pd.DataFrame({
+        "concept": list(names), "kind": list(kinds), "index": list(index), "n": n, "n_nonzero": st["n_nonzero"],
+        "support": st["support"], "tested": tested, "mean_diff": st["mean_diff"], "d_z": st["d_z"],
+        "share_chosen_more": st["share_chosen_more"], "share_rejected_more": st["share_rejected_more"],
+        "ci_low": st["ci_low"], "ci_high": st["ci_high"], "p": st["p"], "q": q,
+        "half_a": ha, "half_b": hb, "replicated": rep, "rank_effect": np.where(rep, rank_effect(ha, hb), 0.0),
+        "length_effect": st["length_effect"], "length_p": st["length_p"], "direction": direction.astype(int),
+        "significant": tested & (q < fdr) & rep,
+    })
+    score = np.abs(df["rank_effect"].to_numpy())
+    if rank_by == "conservative":
+        le = df["length_effect"].to_numpy()
+        agree = np.sign(le) == df["direction"].to_numpy()
+        score = np.where(np.isfinite(le), np.minimum(score, np.where(agree, np.abs(le), 0.0)), score)
+    df["rank_score"] = score
+    key_sig = np.where(df["significant"], -df["rank_score"], np.inf)
+    df = df.assign(_a=~df["significant"], _b=key_sig, _c=~df["tested"], _d=df["p"].fillna(np.inf))
+    df = df.sort_values(["_a", "_b", "_c", "_d"], kind="stable").drop(columns=["_a", "_b", "_c", "_d"])
+    log.info("audit: %d concepts, %d tested, %d significant (q < %g, replicated)",
+             len(df), int(tested.sum()), int(df["significant"].sum()), fdr)
+    return df.reset_index(drop=True)
+
+
+def check_table_args(stat: str, rank_by: str, n: int, prompt_keys: Sequence[str]) -> None:
+    if rank_by not in ("conservative", "split_half"):
+        raise ValueError(f"audit.rank_by={rank_by!r}: use conservative or split_half")
+    if stat not in STATS:
+        raise ValueError(f"audit score {stat!r} not in the concept scores (have {list(STATS)})")
+    if len(prompt_keys) != n:
+        raise ValueError(f"prompt_keys has {len(prompt_keys)} entries but the concept scores have {n} pairs")
+
+
+def builtin_diffs(extra: Mapping[str, np.ndarray], n: int, pair_ids: Sequence[str]) -> np.ndarray:
+    """The built-in concepts' differences as (n, len(extra)) float64, shapes and finiteness checked."""
+    cols = []
+    for name, v in extra.items():
+        v = np.asarray(v, dtype=np.float64)
+        if v.shape != (n,):
+            raise ValueError(f"built-in concept {name!r} has shape {v.shape}, expected ({n},) differences")
+        cols.append(v)
+    xd = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
+    _check_finite(xd, list(extra), pair_ids, "built-in concepts")
+    return xd
+
+
 def test_concepts(
     scores: ConceptScores,
     prompt_keys: Sequence[str],
@@ -293,14 +345,14 @@ def test_concepts(
     length control flips the sign), so a concept that only rides on "the preferred answer is longer"
     does not crowd out the rest; concepts with no length-controlled effect (length itself) keep
     |rank_effect|.
+
+    Holds the (n, F) scores in memory; ``audit.streaming.test_store`` computes the same table from
+    a shard store concept block by concept block.
     """
-    if rank_by not in ("conservative", "split_half"):
-        raise ValueError(f"audit.rank_by={rank_by!r}: use conservative or split_half")
-    if stat not in STATS or ("chosen", stat) not in scores.values:
-        raise ValueError(f"audit score {stat!r} not in the concept scores (have {sorted({s for _, s in scores.values})})")
     n = scores.n_pairs
-    if len(prompt_keys) != n:
-        raise ValueError(f"prompt_keys has {len(prompt_keys)} entries but the concept scores have {n} pairs")
+    check_table_args(stat, rank_by, n, prompt_keys)
+    if ("chosen", stat) not in scores.values:
+        raise ValueError(f"audit score {stat!r} not in the concept scores (have {sorted({s for _, s in scores.values})})")
     if clusters:
         from prefsculpt.audit.clusters import cluster_scores
 
@@ -313,63 +365,19 @@ def test_concepts(
     d = (c.astype(np.float64) - r)  # (n, F)
     _check_finite(d, names, scores.pair_ids, "concept scores")
     support = ((c != 0) | (r != 0)).mean(axis=0)  # (F,)
-
+    has_len = {"chosen", "rejected"} <= set(scores.n_tokens)
     if extra is None:
-        extra = {"length": scores.length_diff()} if {"chosen", "rejected"} <= set(scores.n_tokens) else {}
+        extra = {"length": scores.length_diff()} if has_len else {}
     if extra:
-        cols = []
-        for name, v in extra.items():
-            v = np.asarray(v, dtype=np.float64)
-            if v.shape != (n,):
-                raise ValueError(f"built-in concept {name!r} has shape {v.shape}, expected ({n},) differences")
-            cols.append(v)
-        xd = np.stack(cols, axis=1)
-        _check_finite(xd, list(extra), scores.pair_ids, "built-in concepts")
+        xd = builtin_diffs(extra, n, scores.pair_ids)
         d = np.concatenate([d, xd], axis=1)
         support = np.concatenate([support, (xd != 0).mean(axis=0)])
     kinds, index = zip(*[_kind_and_index(nm, j) for j, nm in enumerate(names)], strict=True) if f else ((), ())
     names = names + list(extra)
     kinds, index = list(kinds) + ["builtin"] * len(extra), list(index) + [-1] * len(extra)
-
-    eff = paired_effects(d)
-    tested = (support >= min_support) & (eff["n_nonzero"] >= max(min_nonzero, 1))
-    p = np.full(d.shape[1], np.nan)
-    direction = np.sign(eff["mean"])
-    if tested.any():
-        pt, dt = _pvalues_and_direction(d[:, tested], test)
-        p[tested], direction[tested] = pt, dt
-    q = bh_qvalues(p)
-    q[~tested] = np.nan
-    half = half_assignment(prompt_keys, salt)
-    ha, hb = split_half_effects(d, half)
-    rep = replicates(ha, hb) & (np.sign(ha) == direction)
-    length_diff = scores.length_diff() if {"chosen", "rejected"} <= set(scores.n_tokens) else None
-    if length_diff is not None:
-        leff, lp = length_controlled(d, length_diff)
-    else:
-        leff, lp = np.full(d.shape[1], np.nan), np.full(d.shape[1], np.nan)
-
-    df = pd.DataFrame({
-        "concept": names, "kind": kinds, "index": index, "n": n, "n_nonzero": eff["n_nonzero"],
-        "support": support, "tested": tested, "mean_diff": eff["mean"], "d_z": eff["d_z"],
-        "share_chosen_more": eff["share_chosen_more"], "share_rejected_more": eff["share_rejected_more"],
-        "ci_low": eff["ci_low"], "ci_high": eff["ci_high"], "p": p, "q": q,
-        "half_a": ha, "half_b": hb, "replicated": rep, "rank_effect": np.where(rep, rank_effect(ha, hb), 0.0),
-        "length_effect": leff, "length_p": lp, "direction": direction.astype(int),
-        "significant": tested & (q < fdr) & rep,
-    })
-    score = np.abs(df["rank_effect"].to_numpy())
-    if rank_by == "conservative":
-        le = df["length_effect"].to_numpy()
-        agree = np.sign(le) == df["direction"].to_numpy()
-        score = np.where(np.isfinite(le), np.minimum(score, np.where(agree, np.abs(le), 0.0)), score)
-    df["rank_score"] = score
-    key_sig = np.where(df["significant"], -df["rank_score"], np.inf)
-    df = df.assign(_a=~df["significant"], _b=key_sig, _c=~df["tested"], _d=df["p"].fillna(np.inf))
-    df = df.sort_values(["_a", "_b", "_c", "_d"], kind="stable").drop(columns=["_a", "_b", "_c", "_d"])
-    log.info("audit: %d concepts, %d tested, %d significant (q < %g, replicated)",
-             len(df), int(tested.sum()), int(df["significant"].sum()), fdr)
-    return df.reset_index(drop=True)
+    st = column_stats(d, support, half_assignment(prompt_keys, salt), scores.length_diff() if has_len else None,
+                      test, min_support, min_nonzero)
+    return assemble_table(names, kinds, index, n, st, fdr, rank_by)
 
 
 test_concepts.__test__ = False  # a library function, not a pytest test
@@ -388,16 +396,28 @@ def calibrate(
     """
     rows = []
     extra = kw.pop("extra", None)
-    for seed in range(n_seeds):
-        flip = np.random.default_rng(seed).random(scores.n_pairs) < 0.5
+    for seed, flip in enumerate(swap_flips(scores.n_pairs, n_seeds)):
         ex = None if extra is None else {k: np.where(flip, -1.0, 1.0) * np.asarray(v) for k, v in extra.items()}
         df = test_concepts(scores.swapped(flip), prompt_keys, fdr=fdr, extra=ex, **kw)
-        t = df[df["tested"]]
-        rows.append({
-            "seed": seed, "n_q_below_fdr": int((t["q"] < fdr).sum()), "n_significant": int(t["significant"].sum()),
-            "min_q": float(t["q"].min()) if len(t) else np.nan, "min_p": float(t["p"].min()) if len(t) else np.nan,
-        })
+        rows.append(calibration_row(seed, df, fdr))
+    return calibration_summary(rows, fdr)
+
+
+def swap_flips(n_pairs: int, n_seeds: int) -> list[np.ndarray]:
+    """The null datasets' coins: seed s swaps pair i where ``default_rng(s).random(n)[i] < 0.5``."""
+    return [np.random.default_rng(seed).random(n_pairs) < 0.5 for seed in range(n_seeds)]
+
+
+def calibration_row(seed: int, df: pd.DataFrame, fdr: float) -> dict[str, float]:
+    t = df[df["tested"]]
+    return {
+        "seed": seed, "n_q_below_fdr": int((t["q"] < fdr).sum()), "n_significant": int(t["significant"].sum()),
+        "min_q": float(t["q"].min()) if len(t) else np.nan, "min_p": float(t["p"].min()) if len(t) else np.nan,
+    }
+
+
+def calibration_summary(rows: list[dict[str, float]], fdr: float) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     log.info("calibration: %d of %d null seeds report a hypothesis at q < %g",
-             int((out["n_q_below_fdr"] > 0).sum()), n_seeds, fdr)
+             int((out["n_q_below_fdr"] > 0).sum()), len(out), fdr)
     return out

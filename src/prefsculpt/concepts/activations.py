@@ -7,6 +7,12 @@ the same in ``prompt + chosen`` and ``prompt + rejected``, so this gives the act
 sequences while computing the prompt once (about a third fewer tokens on chat data).
 
 Batches are length-bucketed under a token budget (``B * T <= batch_tokens``) with right padding.
+
+Memory: with ``collect_activations(..., path=...)`` the (N, d) activations go straight to a
+safetensors file as batches finish and ``ActivationCache.acts`` is a :class:`DiskRows`, which reads
+rows on demand; only the per-token metadata (~20 bytes a token) stays in RAM. Consumers read
+bounded pieces: a pair's rows (the encoder) or a capped uniform sample (SAE training, named
+concepts; :func:`take_rows`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from prefsculpt.concepts import diskrows as DR
+from prefsculpt.concepts.diskrows import DiskRows, take_rows  # noqa: F401  (re-exported)
 from prefsculpt.core.progress import track
 from prefsculpt.data.tokenize import TokenizedPair
 from prefsculpt.models.hooks import truncated_forward
@@ -140,7 +148,7 @@ class ActivationCache:
         """(N,) bool rows to train an SAE on: not special, and (if given) norm <= factor x median norm."""
         keep = ~self.special
         if norm_factor is not None and keep.any():
-            norms = self.acts.norm(dim=1)
+            norms = DR.row_norms(self.acts)
             keep &= norms <= norm_factor * norms[keep].median()
         return keep
 
@@ -155,7 +163,7 @@ class ActivationCache:
         pos = torch.zeros((len(spans), t_max), dtype=torch.long)
         seg = torch.full((len(spans), t_max), PAD, dtype=torch.int8)
         for b, (a, e) in enumerate(spans):
-            acts[b, : e - a] = self.acts[a:e]
+            acts[b, : e - a] = DR.read_slice(self.acts, a, e)
             ids[b, : e - a] = self.token_id[a:e].long()
             pos[b, : e - a] = self.position[a:e].long()
             seg[b, : e - a] = self.span[a:e]
@@ -168,7 +176,7 @@ class ActivationCache:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
-            "acts": self.acts.contiguous(), "pair_index": self.pair_index, "span": self.span,
+            "acts": DR.read_slice(self.acts, 0, self.n_tokens).contiguous(), "pair_index": self.pair_index, "span": self.span,
             "position": self.position, "token_id": self.token_id, "special": self.special.to(torch.uint8),
         }
         meta = {"format": FORMAT, "layer": str(self.layer), "pair_ids": json.dumps(self.pair_ids)}
@@ -178,17 +186,18 @@ class ActivationCache:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ActivationCache:
+    def load(cls, path: str | os.PathLike, lazy: bool = False) -> ActivationCache:
+        """The cache at ``path``; ``lazy``: ``acts`` is a :class:`DiskRows` on the file (read on demand)."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a prefsculpt activation cache (format {meta.get('format')!r}); recollect it")
-        t = load_file(str(path))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a prefsculpt activation cache (format {meta.get('format')!r}); "
+                                 "recollect it")
+            t = {k: fh.get_tensor(k) for k in fh.keys() if k != "acts" or not lazy}
         return cls(
-            acts=t["acts"], pair_index=t["pair_index"], span=t["span"], position=t["position"],
+            acts=DR.open_safetensors_rows(path, "acts") if lazy else t["acts"], pair_index=t["pair_index"], span=t["span"], position=t["position"],
             token_id=t["token_id"], special=t["special"].bool(), pair_ids=json.loads(meta["pair_ids"]),
             layer=int(meta["layer"]),
         )
@@ -201,22 +210,21 @@ def collect_activations(
     batch_tokens: int = 8192,
     special_ids: Sequence[int] = (),
     pad_id: int = 0,
+    path: str | os.PathLike | None = None,
+    keep_file: bool = True,
 ) -> ActivationCache:
-    """Run every pair once (packed, truncated at ``layer``) and keep all its token activations."""
+    """Run every pair once (packed, truncated at ``layer``) and keep all its token activations.
+
+    ``path=None``: in RAM, (N, d) float32. With ``path`` the activations are streamed to that
+    safetensors file (the format of ``ActivationCache.save``; written under a temporary name and
+    renamed when complete) and ``acts`` reads from it; ``keep_file=False`` deletes the file when the
+    cache is garbage-collected (activations needed for this run only).
+    """
     if not tokenized:
         raise ValueError("collect_activations got no pairs")
     lengths = [packed_length(t) for t in tokenized]
     off = np.concatenate([[0], np.cumsum(lengths)])
     d = decoder_width(model)
-    acts = torch.empty((int(off[-1]), d), dtype=torch.float32)  # preallocated: N is known up front
-    batches = length_buckets(lengths, range(len(tokenized)), batch_tokens)
-    model.eval()
-    with torch.inference_mode():
-        for idx in track(batches, f"activations (layer {layer})", "pairs", total=len(tokenized), size=len):
-            batch = pack_pairs([tokenized[i] for i in idx], pad_id)
-            h = packed_forward(model, batch, layer).float()  # (B, T, d)
-            for b, i in enumerate(idx):
-                acts[off[i] : off[i + 1]] = h[b, : lengths[i]]
     pair_index, span, position, token_id = [], [], [], []
     for i, t in enumerate(tokenized):
         n_p, n_c, n_r = len(t.prompt_ids), len(t.chosen_ids), len(t.rejected_ids)
@@ -227,10 +235,35 @@ def collect_activations(
     tok = torch.from_numpy(np.concatenate(token_id))
     pos = torch.from_numpy(np.concatenate(position))
     special = torch.isin(tok, torch.tensor(list(special_ids), dtype=torch.int32)) | (pos == 0)
-    return ActivationCache(
-        acts=acts, pair_index=torch.from_numpy(np.concatenate(pair_index)), span=torch.from_numpy(np.concatenate(span)),
-        position=pos, token_id=tok, special=special, pair_ids=[t.id for t in tokenized], layer=layer,
-    )
+    meta = {
+        "pair_index": torch.from_numpy(np.concatenate(pair_index)), "span": torch.from_numpy(np.concatenate(span)),
+        "position": pos, "token_id": tok, "special": special,
+    }
+    n_rows = int(off[-1])
+    if path is None:
+        acts_mem = torch.empty((n_rows, d), dtype=torch.float32)  # preallocated: N is known up front
+        writer = None
+    else:
+        writer = DR.SafetensorsRowWriter(
+            path, "acts", (n_rows, d), {k: (v.to(torch.uint8) if k == "special" else v) for k, v in meta.items()},
+            {"format": FORMAT, "layer": str(layer), "pair_ids": json.dumps([t.id for t in tokenized])})
+    batches = length_buckets(lengths, range(len(tokenized)), batch_tokens)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for idx in track(batches, f"activations (layer {layer})", "pairs", total=len(tokenized), size=len):
+                batch = pack_pairs([tokenized[i] for i in idx], pad_id)
+                h = packed_forward(model, batch, layer).float()  # (B, T, d)
+                for b, i in enumerate(idx):
+                    if writer is None:
+                        acts_mem[off[i] : off[i + 1]] = h[b, : lengths[i]]
+                    else:
+                        writer.write_rows(int(off[i]), h[b, : lengths[i]].numpy())
+        acts = acts_mem if writer is None else writer.finish(keep_file)
+    finally:
+        if writer is not None:
+            writer.abort()
+    return ActivationCache(acts=acts, **meta, pair_ids=[t.id for t in tokenized], layer=layer)
 
 
 def decoder_width(model: Any) -> int:

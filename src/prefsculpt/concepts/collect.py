@@ -15,7 +15,7 @@ import torch
 from prefsculpt.concepts.activations import ActivationCache, collect_activations
 from prefsculpt.concepts.encoder import pairs_digest_tokens
 from prefsculpt.concepts.sae import SAESourceError
-from prefsculpt.core.files import json_digest
+from prefsculpt.core.files import json_digest, tmp_beside
 from prefsculpt.models.hooks import truncated_forward
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,16 @@ def get_activations(model: Any, tokenized: Sequence[Any], tok: Any, layer: int, 
     path = root / "activations" / f"{json_digest(model_id, layer, pairs_digest_tokens(tokenized))}.safetensors"
     if path.exists():
         try:
-            cache = ActivationCache.load(path)
+            cache = ActivationCache.load(path, lazy=True)
             if cache.pair_ids == [t.id for t in tokenized] and cache.layer == layer:
                 log.info("activations from cache %s", path)
                 return cache, True
         except Exception as exc:  # a damaged cache file is recomputed, never trusted
             log.warning("ignoring unreadable activation cache %s (%s)", path, exc)
+    # streamed to disk either way; a temporary file (use_cache false) is removed after use
     cache = collect_activations(model, tokenized, layer, batch_tokens=batch_tokens,
-                                special_ids=tok.all_special_ids, pad_id=int(tok.pad_token_id or 0))
-    if use_cache:
-        cache.save(path)
+                                special_ids=tok.all_special_ids, pad_id=int(tok.pad_token_id or 0),
+                                path=path if use_cache else tmp_beside(path), keep_file=use_cache)
     return cache, False
 
 

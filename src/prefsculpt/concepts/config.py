@@ -7,31 +7,23 @@ from enum import StrEnum
 
 from prefsculpt.core.choices import DType
 
-
-class SAESource(StrEnum):
-    train = "train"
-    path = "path"
-    pretrained = "pretrained"
+SAESource = StrEnum("SAESource", ["train", "path", "pretrained"])
 
 
-class SAEArchitecture(StrEnum):
-    topk = "topk"
-    batchtopk = "batchtopk"
-    jumprelu = "jumprelu"
-    standard = "standard"
+SAEArchitecture = StrEnum("SAEArchitecture", ["topk", "batchtopk", "jumprelu", "standard"])
 
 
-class NamedKind(StrEnum):
-    regex = "regex"
-    contrastive = "contrastive"
+NamedKind = StrEnum("NamedKind", ["regex", "contrastive"])
 
 
 @dataclass
 class SAEConfig:
     #: train (sae-lens on our own activations) | path (a local SAE folder) | pretrained (sae-lens registry; online)
     source: SAESource = SAESource.train
-    #: Residual-stream layer ℓ: the output of decoder layer ``model.layers.<layer>`` (METHOD §2).
-    layer: int = 15
+    #: Residual-stream layer ℓ: the output of decoder layer ``model.layers.<layer>`` (METHOD §2). Null: a
+    #: loaded SAE's own hook (``blocks.N.hook_resid_post`` -> N), or the model's middle layer for source=train
+    #: (15 on SmolLM2's 30). Set on a loaded SAE, it must agree with the SAE's hook.
+    layer: int | None = None
     #: topk | batchtopk | jumprelu | standard
     architecture: SAEArchitecture = SAEArchitecture.topk
     #: Latents = expansion * d_model.
@@ -43,6 +35,9 @@ class SAEConfig:
     #: For source=pretrained: sae-lens release and id.
     release: str | None = None
     sae_id: str | None = None
+    #: source=path|pretrained: refuse an SAE whose metadata names another model than model.name_or_path
+    #: (false for a local copy of the same weights under another name; d_in is checked regardless).
+    check_model: bool = True
     #: Extra training text files (one document per line) added to the pairs' spans.
     extra_text_files: list[str] = field(default_factory=list)
     #: Training steps x batch: the unique tokens are cycled (reshuffled) until this many are seen.
@@ -67,6 +62,11 @@ class SAEConfig:
     max_norm_ratio: float = 10.0
     #: Count a prompt prefix shared by many pairs (the system message) once.
     dedupe_prefixes: bool = True
+    #: Most tokens held in memory to train on (and, separately, to measure held-out quality on): a
+    #: uniform sample of the qualifying tokens when there are more (0 = all). Bounds the SAE step's
+    #: memory whatever the data size: 262,144 x 576 x 4 B = 0.6 GB at SmolLM2's width. The planted
+    #: default (~58k unique training tokens) is under it, so nothing is sampled there.
+    max_train_tokens: int = 262_144
     #: Keep the layer-ℓ activations under ``<cache_dir>/activations`` so a rerun skips the model.
     cache_activations: bool = True
     seed: int = 0

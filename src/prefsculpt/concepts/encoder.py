@@ -38,7 +38,9 @@ from prefsculpt.concepts.activations import (
     packed_length,
 )
 from prefsculpt.concepts.config import EncodeConfig
+from prefsculpt.concepts.sae_model import sae_codes
 from prefsculpt.concepts.scores import SPANS, span_scores
+from prefsculpt.core.faults import fault_point
 from prefsculpt.core.progress_bar import StepProgress
 from prefsculpt.data.tokenize import TokenizedPair
 
@@ -95,7 +97,7 @@ class ConceptEncoder(L.LightningModule):
 
     def concept_acts(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, d) residuals -> (B, T, F) non-negative concept activations (latents, then named)."""
-        a = self.sae.encode(h.to(self.sae.W_enc.dtype))
+        a = sae_codes(self.sae, h)  # sae-lens' own encode: its activation and normalisation
         if self.extra is not None:
             a = torch.cat([a, directional_scores(h, self.extra_vectors, self.extra_bias).to(a.dtype)], dim=-1)
         return a.float()  # span statistics in fp32 also under bf16 autocast
@@ -200,6 +202,7 @@ class ShardWriter(BasePredictionWriter):
             store.write_shard(self.out_dir, k, arrays)
             del self.buffers[k]
             log.debug("wrote shard %d (%d pairs)", k, b - a)
+            fault_point("sae", "shard")
         if getattr(trainer, "received_sigterm", False):
             raise EncodeInterrupted(f"stopped by SIGTERM; finished shards in {self.out_dir} are kept, rerun to resume")
 

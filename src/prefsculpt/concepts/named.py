@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from prefsculpt.concepts.config import NamedConceptConfig
+from prefsculpt.concepts.diskrows import take_rows
 from prefsculpt.concepts.encoder import NamedDirections
 from prefsculpt.core.errors import UserError
 from prefsculpt.models.hooks import truncated_forward
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 KINDS = ("regex", "contrastive")
 #: The user turn a contrastive text answers; neutral so the text itself carries the concept.
 NEUTRAL_PROMPT = "Please reply."
+#: Token rows per class (matching / not matching a regex) read to fit a regex concept's direction.
+MAX_CLASS_ROWS = 65_536
 
 
 class NamedConceptError(UserError):
@@ -184,7 +187,10 @@ def regex_classes(
     if n_match < 5:
         log.warning("named concept %r matches only %d responses: its direction is noisy", concept.name, n_match)
     pos, neg = np.concatenate(pos_rows), np.concatenate(neg_rows)
-    return cache.acts[torch.from_numpy(pos)], cache.acts[torch.from_numpy(neg)], n_match
+    # a uniform sample of at most MAX_CLASS_ROWS per class: the class means (and so the direction)
+    # are estimated as well from 65k tokens, and memory stays bounded on large data
+    return (take_rows(cache.acts, pos, MAX_CLASS_ROWS, 0), take_rows(cache.acts, neg, MAX_CLASS_ROWS, 1),
+            n_match)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "standard")
 QUALITY_FILE = "quality.json"
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+#: How to use a published SAE without hub access (sae-lens' own save/load pair).
+OFFLINE_RECIPE = (
+    "On a machine with hub access save it once with SAE.from_pretrained(release, sae_id).save_model('<folder>'), "
+    "copy the folder here and use sae.source=path sae.path=<folder> (read with SAE.load_from_disk); "
+    "or train one here with sae.source=train."
+)
 
 
 class SAESourceError(UserError):
@@ -157,26 +165,42 @@ def training_sae_config(cfg: SAEConfig, d_in: int) -> Any:
     return cfg_cls(**common, **extra)
 
 
-def _matrix(activations: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(acts (N, d) float32, special (N,) bool | None) from a tensor or an ActivationCache."""
+def select_training_rows(activations: Any, cfg: SAEConfig) -> np.ndarray:
+    """Ascending row indices of a tensor or ActivationCache fit to train (or evaluate) the SAE on."""
     if isinstance(activations, torch.Tensor):
-        return activations.float(), None
-    acts = torch.as_tensor(activations.acts).float()
-    special = getattr(activations, "special", None)
-    return acts, (torch.as_tensor(special).bool() if special is not None else None)
+        return np.flatnonzero(training_token_mask(activations.float(), None, float(cfg.max_norm_ratio)).numpy())
+    from prefsculpt.concepts.diskrows import row_norms
 
-
-def select_training_tokens(activations: Any, cfg: SAEConfig) -> torch.Tensor:
-    """The rows of a tensor or ActivationCache the SAE trains (or is evaluated) on, (M, d)."""
-    acts, special = _matrix(activations)
-    keep = training_token_mask(acts, special if cfg.exclude_special else None, float(cfg.max_norm_ratio))
-    if cfg.dedupe_prefixes and not isinstance(activations, torch.Tensor):
+    special = activations.special.bool() if cfg.exclude_special else torch.zeros(len(activations.special), dtype=torch.bool)
+    keep = ~special
+    ratio = float(cfg.max_norm_ratio)
+    if ratio > 0 and keep.any():
+        norms = row_norms(activations.acts)  # (N,), read block by block from a disk cache
+        keep &= norms <= ratio * norms[keep].median()
+    if cfg.dedupe_prefixes:
         dup = prefix_duplicate_mask(
             np.asarray(activations.pair_index), np.asarray(activations.position),
             np.asarray(activations.token_id), np.asarray(activations.span) == 0,
         )
         keep &= torch.from_numpy(~dup)
-    return acts[keep]
+    return np.flatnonzero(keep.numpy())
+
+
+def select_training_tokens(activations: Any, cfg: SAEConfig) -> torch.Tensor:
+    """The rows of a tensor or ActivationCache the SAE trains (or is evaluated) on, (M, d).
+
+    At most ``cfg.max_train_tokens`` of them (0 = no cap): a uniform sample without replacement
+    (seeded by ``cfg.seed``, kept in row order) when more qualify, so memory is bounded whatever
+    the number of pairs. Under the cap every qualifying row is kept, as before the cap existed.
+    """
+    from prefsculpt.concepts.diskrows import take_rows
+
+    rows = select_training_rows(activations, cfg)
+    cap = int(getattr(cfg, "max_train_tokens", 0) or 0) or None
+    if cap is not None and len(rows) > cap:
+        log.info("SAE tokens: a uniform sample of %d of the %d qualifying rows (sae.max_train_tokens)", cap, len(rows))
+    acts = activations if isinstance(activations, torch.Tensor) else activations.acts
+    return take_rows(acts, rows, cap, int(cfg.seed))
 
 
 def train_sae(
@@ -227,7 +251,12 @@ def train_sae(
         trained.save_inference_model(tmp)  # batchtopk becomes jumprelu with the learnt threshold
         inference = SAE.load_from_disk(tmp, device="cpu")
     inference.eval()
-    ev_on = select_training_tokens(held_out, cfg) if held_out is not None else x
+    if held_out is not None:
+        # quality needs far fewer tokens than training: a quarter of the cap bounds both held at once
+        cap = int(getattr(cfg, "max_train_tokens", 0) or 0)
+        ev_on = select_training_tokens(held_out, replace(cfg, max_train_tokens=max(cap // 4, 1)) if cap else cfg)
+    else:
+        ev_on = x
     metrics = {f"sae/{k}": v for k, v in sae_quality(inference, ev_on).items()}
     metrics.update({"sae/train_seconds": seconds, "sae/train_tokens_unique": float(x.shape[0]),
                     "sae/train_steps": float(steps), "sae/tokens_per_second": steps * batch / max(seconds, 1e-9)})
@@ -267,30 +296,19 @@ def load_sae(cfg: SAEConfig) -> Any:
         if _hub_offline():
             raise SAESourceError(
                 f"sae.source=pretrained (release {cfg.release!r}, id {cfg.sae_id!r}) downloads from the Hugging Face "
-                "hub, but hub access is off (HF_HUB_OFFLINE=1). On a machine with access, save it once with "
-                "SAE.from_pretrained(release, sae_id).save_model('<folder>'), then use sae.source=path "
-                "sae.path=<folder>; or train one here with sae.source=train."
+                f"hub, but hub access is off (HF_HUB_OFFLINE=1). {OFFLINE_RECIPE}"
             )
         try:
             sae = SAE.from_pretrained(str(cfg.release), str(cfg.sae_id), device="cpu")
         except Exception as exc:
             raise SAESourceError(
-                f"sae.source=pretrained: loading release {cfg.release!r} id {cfg.sae_id!r} failed ({exc!r})"
+                f"sae.source=pretrained: loading release {cfg.release!r} id {cfg.sae_id!r} failed ({exc!r}). "
+                f"Without hub access: {OFFLINE_RECIPE}"
             ) from exc
     else:
         raise SAESourceError(f"sae.source={cfg.source!r} is not one of train, path, pretrained (use load_sae for the latter two)")
     sae.eval()
     return sae
-
-
-def check_sae_fits(sae: Any, d_model: int, layer: int) -> None:
-    """A loaded SAE must read residuals of this model's width (and warn if it names another hook)."""
-    if int(sae.cfg.d_in) != d_model:
-        raise SAESourceError(f"the SAE reads d_in={sae.cfg.d_in} but the model's residual width is {d_model}: "
-                             "it was trained for another model")
-    hook = getattr(sae.cfg.metadata, "hook_name", None)
-    if hook and hook != f"model.layers.{layer}":
-        log.warning("the SAE was trained at hook %r, but sae.layer=%d (model.layers.%d)", hook, layer, layer)
 
 
 # ---------------------------------------------------------------- content-addressed cache
@@ -305,7 +323,7 @@ def _plain(cfg: Any) -> dict[str, Any]:
 
 
 #: SAEConfig fields that do not change the trained SAE (where it comes from is the key's other part).
-_NOT_IN_KEY = ("source", "path", "release", "sae_id")
+_NOT_IN_KEY = ("source", "path", "release", "sae_id", "check_model")
 
 
 def sae_cache_key(model_id: str, layer: int, data_digest: str, cfg: Any) -> str:
@@ -353,6 +371,8 @@ def get_or_train_sae(
     ``activations``: what ``train_sae`` takes, or a callable returning it (called on a miss only).
     ``data_digest`` must identify the training data. Returns (SAE, metrics, folder, cache_hit).
     """
+    if cfg.layer is None:
+        raise ValueError("get_or_train_sae needs cfg.layer set (the sae stage resolves a null sae.layer first)")
     folder = Path(cache_root) / "saes" / sae_cache_key(model_id, int(cfg.layer), data_digest, cfg)
     hit = load_cached_sae(folder)
     if hit is not None:

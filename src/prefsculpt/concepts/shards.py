@@ -3,8 +3,12 @@
 Layout of ``out_dir``:
 - ``plan.json``: the fingerprint of what is being encoded (pairs, layer, SAE, concepts, shard
   size). Shards are only reused under the same fingerprint.
-- ``shard-00000.npz``: pair_ids, ``<span>_<stat>`` (n_shard, F) float32, ``<span>_n_tokens`` and the
-  shard's top-context candidates. Written to a temporary name, then ``os.replace``d.
+- ``shard-00000.npz``: pair_ids, the span scores as a sparse (n_shard, F) CSC matrix per span (SAE
+  codes are sparse: a TopK latent is zero on most spans) — ``<span>_indptr`` (F + 1,) int64,
+  ``<span>_rows`` (nnz,) int32, ``<span>_max`` and ``<span>_freq`` (nnz,) float32 on the same pattern
+  (both stats are nonzero exactly where the concept fired) — ``<span>_n_tokens`` and the shard's
+  top-context candidates. Written to a temporary name, then ``os.replace``d. Stores written before
+  the sparse layout hold ``<span>_<stat>`` as dense (n_shard, F) arrays; both are read.
 - ``shards.jsonl``: one line per finished shard with its sha256, appended *after* the rename.
   A shard counts as finished only if its line exists and the file still hashes to it, so a
   truncated or corrupt file is redone, never read.
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from prefsculpt.concepts.scores import SPANS, STATS, ConceptScores
 from prefsculpt.core.errors import UserError
@@ -49,8 +54,40 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def sparse_span_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Dense ``<span>_<stat>`` (n, F) arrays replaced by one CSC pattern per span plus its values."""
+    out = dict(arrays)
+    for span in SPANS:
+        if f"{span}_max" not in arrays or np.ndim(arrays[f"{span}_max"]) != 2:
+            continue
+        dense = {st: np.asarray(out.pop(f"{span}_{st}"), dtype=np.float32) for st in STATS}
+        pattern = sparse.csc_matrix((dense["max"] != 0) | (dense["freq"] != 0))
+        pattern.sort_indices()
+        rows = pattern.indices.astype(np.int32)
+        cols = np.repeat(np.arange(pattern.shape[1]), np.diff(pattern.indptr))
+        out[f"{span}_indptr"] = pattern.indptr.astype(np.int64)
+        out[f"{span}_rows"] = rows
+        for st in STATS:
+            out[f"{span}_{st}"] = dense[st][rows, cols]
+    return out
+
+
+def span_matrix(z: Any, span: str, stat: str) -> sparse.csc_matrix:
+    """One span statistic of an open shard (``np.load``) as a (n_shard, F) float32 CSC matrix."""
+    vals = z[f"{span}_{stat}"]
+    if vals.ndim == 2:  # a store written before the sparse layout
+        return sparse.csc_matrix(vals)
+    indptr = z[f"{span}_indptr"]
+    n = len(z[f"{span}_n_tokens"])
+    return sparse.csc_matrix((vals, z[f"{span}_rows"], indptr), shape=(n, len(indptr) - 1))
+
+
 def write_shard(out_dir: Path, k: int, arrays: dict[str, np.ndarray]) -> str:
-    """Write shard ``k`` atomically and record its checksum; returns the sha256."""
+    """Write shard ``k`` atomically and record its checksum; returns the sha256.
+
+    Dense ``<span>_<stat>`` (n, F) score arrays are stored sparse (:func:`sparse_span_arrays`).
+    """
+    arrays = sparse_span_arrays(arrays)
     path = out_dir / shard_name(k)
     tmp = out_dir / f".{shard_name(k)}.tmp-{os.getpid()}.npz"  # np.savez appends .npz to other names
     np.savez_compressed(tmp, **arrays)
@@ -146,23 +183,43 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def load_scores(out_dir: str | os.PathLike) -> ConceptScores:
-    """All shards of a complete store, checksums verified, in the original pair order."""
-    out_dir = Path(out_dir)
+def complete_manifest(out_dir: Path) -> dict[str, Any]:
+    """The manifest of a complete store, else a ``ShardStoreError`` saying what to do."""
     manifest = _read_json(out_dir / MANIFEST)
     if manifest is None or not manifest.get("complete"):
         raise ShardStoreError(
             f"{out_dir} holds no complete concept scores ({MANIFEST} missing or unfinished); run the encoder "
             "again (it resumes from the finished shards)"
         )
+    return manifest
+
+
+def verified_shards(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Every shard of ``manifest`` present and matching its recorded checksum, else ``ShardStoreError``."""
     records = read_index(out_dir)
-    parts: list[dict[str, np.ndarray]] = []
     for k in range(manifest["n_shards"]):
         problem = verify_shard(out_dir, k, records)
         if problem is not None:
             raise ShardStoreError(f"{problem}; run the encoder again to redo this shard")
+
+
+def load_scores(out_dir: str | os.PathLike) -> ConceptScores:
+    """All shards of a complete store, checksums verified, in the original pair order, as dense arrays.
+
+    Holds (n_pairs, F) float32 per span and statistic in memory: for large stores read them shard by
+    shard with ``prefsculpt.concepts.store.ScoreStore`` instead.
+    """
+    out_dir = Path(out_dir)
+    manifest = complete_manifest(out_dir)
+    verified_shards(out_dir, manifest)
+    parts: list[dict[str, np.ndarray]] = []
+    for k in range(manifest["n_shards"]):
         with np.load(out_dir / shard_name(k)) as z:
-            parts.append({name: z[name] for name in z.files if not name.startswith("top_")})
+            part = {"pair_ids": z["pair_ids"], **{f"{s}_n_tokens": z[f"{s}_n_tokens"] for s in SPANS}}
+            for s in SPANS:
+                for st in STATS:
+                    part[f"{s}_{st}"] = span_matrix(z, s, st).toarray()
+            parts.append(part)
     pair_ids = [str(p) for part in parts for p in part["pair_ids"]]
     if len(pair_ids) != manifest["n_pairs"]:
         raise ShardStoreError(f"{out_dir}: shards hold {len(pair_ids)} pairs, {MANIFEST} says {manifest['n_pairs']}")

@@ -9,7 +9,4 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-
-class DType(StrEnum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
+DType = StrEnum("DType", ["float32", "bfloat16"])

@@ -10,7 +10,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -21,10 +23,43 @@ from typing import Any
 _MEMO: dict[tuple[str, int, int], str] = {}
 #: Temporary names start with this, so a later run can clean what a killed one left behind.
 TMP_PREFIX = ".tmp-"
+#: ``.tmp-<name>-<pid>.<host hash>-<8 hex>[suffix]``: the writer, so a cleaner can tell a dead one.
+_OWNER = re.compile(r"-(\d+)\.([0-9a-f]{6})-[0-9a-f]{8}(?:\.[^/]*)?$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 
 
 def _tmp_beside(target: Path, suffix: str = "") -> Path:
-    return target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+    return target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}.{_host_tag()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+def _writer_dead(name: str) -> bool:
+    """True when ``name`` was written by a process of this host that no longer exists."""
+    m = _OWNER.search(name)
+    if not m or m.group(2) != _host_tag():
+        return False  # another machine's (shared cache) or an old-style name: age decides
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def scratch_dir(root: str | os.PathLike, label: str) -> Iterator[Path]:
+    """A temporary folder under ``root/tmp`` named like :func:`atomic_path`'s, removed on exit; a
+    killed process's is found and removed by :func:`clean_stale_tmp_tree` at the next stage start
+    (a ``tempfile`` folder in ``/tmp`` would stay until reboot)."""
+    path = _tmp_beside(Path(root) / "tmp" / label)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -102,19 +137,38 @@ def tmp_beside(target: str | os.PathLike) -> Path:
 
 
 def clean_stale_tmp(folder: str | os.PathLike, older_than_s: float = 6 * 3600) -> int:
-    """Remove temporary files/folders a killed process left in ``folder``; returns how many."""
+    """Remove temporary files/folders a killed process left in ``folder``: those whose writer (named
+    in the temporary name) is a dead process of this host, and any older than ``older_than_s``
+    (another machine's on a shared cache, or an old-style name); returns how many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     n, now = 0, time.time()
     for p in folder.glob(f"{TMP_PREFIX}*"):
         try:
-            if now - p.stat().st_mtime < older_than_s:
+            if not _writer_dead(p.name) and now - p.lstat().st_mtime < older_than_s:
                 continue
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             n += 1
         except OSError:
             continue
+    return n
+
+
+def clean_stale_tmp_tree(root: str | os.PathLike, max_depth: int = 4, older_than_s: float = 6 * 3600) -> int:
+    """:func:`clean_stale_tmp` in ``root`` and its folders down to ``max_depth`` levels (caches put
+    temporary names beside their targets: ``activations/``, ``saes/``, ``scores/<key>/``, ...)."""
+    root = Path(root)
+    n, todo = 0, [(root, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        n += clean_stale_tmp(folder, older_than_s)
+        if depth >= max_depth:
+            continue
+        with contextlib.suppress(OSError), os.scandir(folder) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False) and not e.name.startswith(TMP_PREFIX):
+                    todo.append((Path(e.path), depth + 1))
     return n
 
 
@@ -133,7 +187,9 @@ def file_sha256(path: str | os.PathLike, memo: bool = False) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    if key is not None:
+    # Not memoised while the mtime is recent ("racy git"): a same-size rewrite within the
+    # filesystem's timestamp granularity would otherwise keep the old digest.
+    if key is not None and time.time_ns() - key[2] > 2_000_000_000:
         _MEMO[key] = digest
     return digest
 

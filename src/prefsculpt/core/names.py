@@ -19,6 +19,14 @@ class Tag:
     REUSED_FROM = "prefsculpt.reused_from"
     GIT_COMMIT = "prefsculpt.git_commit"
     ERROR = "prefsculpt.error"
+    #: Under ``mlflow run`` in another store/experiment than the config's: the project's run id (on the
+    #: stage's run), and where the stages logged instead (on the project's run).
+    PROJECT_RUN = "prefsculpt.project_run_id"
+    LOGGED_TO = "prefsculpt.logged_to"
+    #: a killed run this run was reattached to after (count of reattachments)
+    REATTACHED = "prefsculpt.reattached"
+    #: on a fresh ``mlflow run`` project run that only points to the killed run it resumed
+    RESUMED_INTO = "prefsculpt.resumed_into"
     # data and concepts
     DATASET = "prefsculpt.dataset"
     DATA_DIGEST = "prefsculpt.data_digest"
@@ -28,6 +36,8 @@ class Tag:
     SCORES_RUN = "prefsculpt.scores_run_id"
     AUDIT_RUN = "prefsculpt.audit_run_id"
     DECISIONS_HASH = "prefsculpt.decisions_hash"
+    #: the LLM labeller's endpoint failed; the offline labels stand (the error)
+    EXPLAIN_ERROR = "prefsculpt.explain_error"
     # training
     RESUMED = "prefsculpt.resumed"
     TRAIN_KEY = "prefsculpt.train_key"
@@ -45,6 +55,8 @@ class Tag:
     STUDY_NAME = "prefsculpt.study_name"
     STUDY_UID = "prefsculpt.study_uid"
     STUDY_CREATOR = "prefsculpt.study_creator"
+    #: "true" on the search run of ``search.create_only`` (it created the study and ran no trial).
+    CREATE_ONLY = "prefsculpt.create_only"
     STORAGE = "prefsculpt.storage"
     TRIAL_NUMBER = "prefsculpt.trial_number"
     BASELINE = "prefsculpt.baseline"
@@ -68,8 +80,19 @@ class Tag:
     MODEL_VERSION = "prefsculpt.model_version"
     PROMOTED = "prefsculpt.promoted"
     REFUSAL = "prefsculpt.refusal"
+    #: On the version: "champion" (moved to it) or "refused" (candidate only), decided inside the lock.
+    PROMOTE_DECISION = "prefsculpt.promote_decision"
+    #: On the version: the champion version read inside the lock when deciding ("none": there was none).
+    PREVIOUS_CHAMPION = "prefsculpt.previous_champion"
+    #: On the promote run: which lock serialised the promotion (search/lock.py), without credentials.
+    PROMOTE_LOCK = "prefsculpt.promote_lock"
     # review
     DECISIONS_LATEST = "prefsculpt.decisions.latest"
+    DECISIONS_LATEST_HASH = "prefsculpt.decisions.latest_hash"
+
+    @staticmethod
+    def decisions_version_hash(n: int) -> str:
+        return f"prefsculpt.decisions.v{n}.hash"
 
 
 class Attr:
@@ -81,6 +104,7 @@ class Attr:
     DECISIONS_HASH = Tag.DECISIONS_HASH
     BASELINE = Tag.BASELINE
     INFORMED_START = "prefsculpt.informed_start"
+    UNPLANNED = "prefsculpt.unplanned"
 
 
 class Artifact:

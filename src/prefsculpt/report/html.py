@@ -22,6 +22,8 @@ import jinja2
 import markupsafe
 import pandas as pd
 
+from prefsculpt.core import glossary as G
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -235,6 +237,8 @@ def render_report(
         planted_rows=planted_rows,
         planted_cols=planted_cols,
         images={k: png_data_uri(v) for k, v in (images or {}).items()},
+        glossary=[{"pattern": e.pattern, "better": G.arrow(e.direction), "meaning": e.meaning, "stage": e.stage}
+                  for e in G.ENTRIES],
     )
 
 
@@ -356,6 +360,15 @@ the rejected side in {{ ((r.get('share_rejected_more') or 0) * 100) | round | in
 </article>
 {% endfor %}
 </section>
+<section id="glossary"><h2>Metric glossary</h2>
+<p>Every metric key the pipeline logs to MLflow. Evaluation metrics come as <code>k</code> (policy),
+<code>k_base</code> and <code>k_diff</code> (paired policy &minus; base), each with <code>_lo</code>/<code>_hi</code>
+bounds; <code>{x}</code> stands for one key segment.</p>
+<table class="glossary"><thead><tr><th>metric key</th><th>better</th><th>what it measures</th><th>stage</th></tr></thead><tbody>
+{% for g in glossary %}
+<tr><td><code>{{ g.pattern }}</code></td><td>{{ g.better }}</td><td>{{ g.meaning }}</td><td>{{ g.stage }}</td></tr>
+{% endfor %}
+</tbody></table></section>
 <script>
 (function () {
   "use strict";

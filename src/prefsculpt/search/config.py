@@ -5,23 +5,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from prefsculpt.core.errors import UserError
 from prefsculpt.shaping.interventions import SHARE_RANGE
 from prefsculpt.shaping.registry import STRENGTH_RANGE
 
-
-class AllowPins(StrEnum):
-    edited = "edited"
-    all = "all"
+AllowPins = StrEnum("AllowPins", ["edited", "all"])
 
 
-class SamplerName(StrEnum):
-    tpe = "tpe"
-    nsga2 = "nsga2"
-    random = "random"
+SamplerName = StrEnum("SamplerName", ["tpe", "nsga2", "random"])
 
 
-class PickRule(StrEnum):
-    lowest_off_target = "lowest_off_target"
+PickRule = StrEnum("PickRule", ["lowest_off_target"])
+
+
+
+class PromoteConfigError(UserError):
+    """An invalid ``promote`` setting; the message names it and the fix."""
+
+
+def check_aliases(candidate: str, champion: str) -> None:
+    """``candidate`` and ``champion`` must be two different aliases: with one name, every registered
+    pick, gates passed or not, would silently become the champion."""
+    for key, val in (("candidate_alias", candidate), ("champion_alias", champion)):
+        if not str(val or "").strip():
+            raise PromoteConfigError(f"promote.{key} is empty: give the alias a name (e.g. {key.split('_')[0]})")
+    if str(candidate).strip().lower() == str(champion).strip().lower():
+        raise PromoteConfigError(f"promote.candidate_alias and promote.champion_alias are both {champion!r}: every "
+                                 "pick would move the champion without its gates; give them different names")
 
 
 @dataclass
@@ -91,6 +101,10 @@ class SearchConfig:
     #: Train each trial on at most this many pairs (null = all): the search compares settings, and
     #: 5 trials on the full split would not fit the pipeline's ~30-minute CPU budget.
     trial_max_pairs: int | None = 400
+    #: Create the study (storage tables, the plan of ``n_trials``) and stop without running a trial.
+    #: Run it once before starting workers on several machines: workers racing to create a fresh
+    #: PostgreSQL storage's tables collide on Alembic's ``alembic_version`` (STACK §8).
+    create_only: bool = False
 
 
 @dataclass
@@ -114,3 +128,12 @@ class PromoteConfig:
     champion_alias: str = "champion"
     #: A refusal to move ``champion`` fails the stage (exit 2) instead of only being logged.
     fail_on_refusal: bool = False
+    #: The lock serialising promotes of one model (search/lock.py): ``postgresql://…`` (an advisory
+    #: lock on that database) or a lock-file path; null = the tracking store's database, for an http(s)
+    #: server ``search.storage`` when it is PostgreSQL, else a file lock beside the store.
+    lock: str | None = None
+    #: Seconds to wait for another promote of the same model to finish before failing.
+    lock_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        check_aliases(self.candidate_alias, self.champion_alias)

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
-from omegaconf import DictConfig
 
 from prefsculpt.core.files import publish, tmp_beside
+from prefsculpt.core.names import Attr, Tag
 from prefsculpt.search.errors import SearchInputError
 from prefsculpt.shaping.decisions import load_decisions
 from prefsculpt.shaping.registry import Source, methods_needing
+from prefsculpt.tracking.artifacts import resolve_artifact
 from prefsculpt.tracking.runs import latest_stage_run
 
 log = logging.getLogger(__name__)
@@ -32,24 +33,24 @@ def pinned_audit_run(storage: Any, study_name: str) -> str | None:
     import optuna
 
     try:
-        return optuna.load_study(study_name=study_name, storage=storage).user_attrs.get("prefsculpt.audit_run_id")
+        return optuna.load_study(study_name=study_name, storage=storage).user_attrs.get(Attr.AUDIT_RUN)
     except KeyError:
         return None
 
 
-def find_audit_run(cfg: DictConfig, current_run_id: str, pinned: str | None) -> str:
+def find_audit_run(audit_run_id: str | None, current_run_id: str, pinned: str | None) -> str:
     """``search.audit_run_id``, else the study's own, else the latest finished audit run beside this
     run (same parent), else the latest in the experiment."""
 
     client = mlflow.MlflowClient()
-    rid = cfg.search.audit_run_id or pinned
+    rid = audit_run_id or pinned
     if rid:
         try:
             run = client.get_run(str(rid))
         except mlflow.exceptions.MlflowException as exc:
             raise SearchInputError(f"search.audit_run_id={rid!r} is not a run in this tracking store: {exc}") from exc
-        if run.data.tags.get("prefsculpt.stage") != "audit":
-            raise SearchInputError(f"run {rid} is a {run.data.tags.get('prefsculpt.stage')!r} run, not an audit run")
+        if run.data.tags.get(Tag.STAGE) != "audit":
+            raise SearchInputError(f"run {rid} is a {run.data.tags.get(Tag.STAGE)!r} run, not an audit run")
         return run.info.run_id
     run = client.get_run(current_run_id)
     exp = run.info.experiment_id
@@ -84,7 +85,9 @@ def load_audit(audit_id: str, decisions_path: str | None, cache_root: Path) -> t
     if hyp_file is None:
         raise SearchInputError(f"audit run {audit_id} has no audit/hypotheses.parquet; re-run the audit stage")
     hyp = pd.read_parquet(hyp_file)
-    path = decisions_path or fetch(audit_id, "audit/decisions.yaml", root / "decisions.yaml")
+    # search.decisions: a local file or runs:/<audit run>/decisions/v<N>.yaml (saved by `prefsculpt review`)
+    path = (resolve_artifact(decisions_path, cache_root / "artifacts") if decisions_path
+            else fetch(audit_id, "audit/decisions.yaml", root / "decisions.yaml"))
     if path is None:
         return hyp, None, None
     dec = load_decisions(str(path), hyp["concept"].astype(str).tolist())
@@ -97,38 +100,40 @@ def _sae_folder(root: Path) -> Path | None:
     return hits[0] if hits else None
 
 
-def resolve_sources(cfg: DictConfig, audit_id: str, cache_root: Path) -> dict[str, str | None]:
-    """Concept sources for training (only those ``cfg.shaping`` leaves unset and the methods need)."""
+def resolve_sources(methods: Sequence[str], sh: Any, audit_id: str, cache_root: Path) -> dict[str, str | None]:
+    """Concept sources for training (only those the shaping section ``sh`` leaves unset and the
+    search ``methods`` need)."""
     client = mlflow.MlflowClient()
-    sae_run = client.get_run(audit_id).data.tags.get("prefsculpt.scores_run_id")
+    sae_run = client.get_run(audit_id).data.tags.get(Tag.SCORES_RUN)
     out: dict[str, str | None] = {"audit_run_id": audit_id, "sae_run_id": sae_run, "scores_dir": None,
                                   "sae_path": None, "directions_path": None}
     if not sae_run:
         return out
-    methods, sh = set(cfg.search.methods), cfg.shaping
+    out["layer"] = client.get_run(sae_run).data.tags.get(Tag.LAYER)  # the layer the sae stage read
+    methods = set(methods)
     root = cache_root / "search" / "sae" / sae_run
-    if methods & set(SCORE_METHODS) and not sh.get("scores_dir"):
+    if methods & set(SCORE_METHODS) and not sh.scores_dir:
         got = fetch(sae_run, "scores", root / "scores")
         out["scores_dir"] = str(got) if got else None
     if methods & set(DIRECTION_METHODS):
-        if not sh.get("sae_path"):
+        if not sh.sae_path:
             got = fetch(sae_run, "sae", root / "sae")
             folder = _sae_folder(got) if got else None
             out["sae_path"] = str(folder) if folder else None
-        if not sh.get("directions_path"):
+        if not sh.directions_path:
             got = fetch(sae_run, "named/directions.safetensors", root / "directions.safetensors")
             out["directions_path"] = str(got) if got else None
     return out
 
 
-def feasibility(cfg: DictConfig, sources: dict[str, str | None], hyp: pd.DataFrame) -> Callable[[str, str], bool]:
-    """``(concept, method) -> bool``: does training have what ``method`` needs for ``concept``?"""
-    sh = cfg.shaping
-    scores = bool(sh.get("scores_dir") or sources.get("scores_dir"))
-    sae = bool(sh.get("sae_path") or sources.get("sae_path"))
-    dirs = bool(sh.get("directions_path") or sources.get("directions_path"))
-    regex = {f"named:{n.name}" for n in cfg.get("named_concepts") or [] if n.kind == "regex" and n.pattern}
-    instructions = set(dict(sh.get("instructions") or {}))
+def feasibility(sh: Any, named_concepts: Sequence[Any], sources: dict[str, str | None],
+                hyp: pd.DataFrame) -> Callable[[str, str], bool]:
+    """``(concept, method) -> bool``: does training (shaping section ``sh``) have what ``method`` needs?"""
+    scores = bool(sh.scores_dir or sources.get("scores_dir"))
+    sae = bool(sh.sae_path or sources.get("sae_path"))
+    dirs = bool(sh.directions_path or sources.get("directions_path"))
+    regex = {f"named:{n.name}" for n in named_concepts or [] if n.kind == "regex" and n.pattern}
+    instructions = set(dict(sh.instructions or {}))
 
     def ok(concept: str, method: str) -> bool:
         if method in methods_needing(Source.instruction):

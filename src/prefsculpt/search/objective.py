@@ -31,6 +31,7 @@ from typing import Any
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.names import Tag
@@ -38,6 +39,7 @@ from prefsculpt.core.redact import mlflow_params
 from prefsculpt.search.slots import retry_of
 from prefsculpt.search.space import BASELINE_ATTR, Candidate, SpaceBounds, describe, suggest_concepts
 from prefsculpt.shaping.config import ConceptSpec
+from prefsculpt.tracking.orphans import close_dead_run_tree, own_lineage
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,11 @@ def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str
     return out
 
 
+def objective_metrics(obj: Mapping[str, float]) -> dict[str, float]:
+    """``objectives_from_metrics`` output -> the ``search/*`` metric keys trial (and evaluate) runs log."""
+    return {OFF: obj["off_target"], ON: obj["on_target"], SYC: obj["syc_increase"], STYLE: obj["style_drift"]}
+
+
 @dataclass
 class Outcome:
     """What one train + evaluate produced (all ids; the metrics are the evaluate run's)."""
@@ -102,6 +109,8 @@ def trial_config(cfg: DictConfig, specs: Sequence[Mapping[str, Any]], sources: M
     for key in ("scores_dir", "sae_path", "directions_path"):
         if not t.shaping.get(key) and sources.get(key):
             t.shaping[key] = sources[key]
+    if "sae" in t and t.sae.get("layer") is None and sources.get("layer") is not None:
+        t.sae.layer = int(sources["layer"])  # a published SAE's own layer, as the sae stage resolved it
     for key, val in (("sae_run_id", sources.get("sae_run_id")), ("audit_run_id", sources.get("audit_run_id"))):
         if "eval" in t and not t.eval.shift.get(key) and val:
             t.eval.shift[key] = val
@@ -129,17 +138,24 @@ class TrialContext:
 
 
 def _close_stale_run(trial: Any) -> None:
-    """A retried trial (its worker died) carries the dead worker's run id: mark that run KILLED."""
+    """A retried trial (its worker died) carries the dead worker's run id: close that run, the runs
+    under it and the dead worker's search run (KILLED), so the run tree shows no orphan RUNNING run."""
     old = trial.user_attrs.get("mlflow_run_id")
     if not old or retry_of(trial) is None:
         return
-    client = mlflow.MlflowClient()
-    try:
-        if client.get_run(old).info.status == "RUNNING":
-            client.set_tag(old, Tag.ERROR, "worker died (heartbeat lost); the trial was retried")
-            client.set_terminated(old, "KILLED")
-    except mlflow.exceptions.MlflowException as exc:
-        log.warning("could not close the dead trial run %s: %s", old, exc)
+    close_dead_run_tree(old, f"worker died (heartbeat lost in trial {retry_of(trial)}); the trial was retried",
+                        spare=own_lineage())
+
+
+def close_dead_trials(study: Any) -> list[str]:
+    """End of a worker: close the runs of every failed trial whose run is still RUNNING (a worker that
+    died in a trial no one retried, e.g. ``max_retry`` reached); a trial that raised closed its own."""
+    spare, closed = own_lineage(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        rid = t.user_attrs.get("mlflow_run_id")
+        if rid:
+            closed += close_dead_run_tree(rid, f"worker died (heartbeat lost in trial {t.number})", spare=spare)
+    return closed
 
 
 def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
@@ -167,8 +183,9 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
             mlflow.log_text(traceback.format_exc(), "error.txt")
             trial.set_user_attr("error", msg[:2000])
             raise
-        mlflow.log_metrics({OFF: obj["off_target"], ON: obj["on_target"], SYC: obj["syc_increase"],
-                            STYLE: obj["style_drift"]})
+        # The evaluation's metrics too, so the UI's compare view lines a trial up with any evaluate run.
+        mlflow.log_metrics({k: float(v) for k, v in out.eval_metrics.items() if math.isfinite(float(v))}
+                           | objective_metrics(obj))
         ids = {Tag.TRAIN_RUN: out.train_run_id, Tag.EVAL_RUN: out.eval_run_id,
                Tag.MODEL_URI: out.model_uri}
         mlflow.set_tags({k: v for k, v in ids.items() if v})

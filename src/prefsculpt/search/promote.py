@@ -16,14 +16,19 @@ Gates (all must pass to move ``champion``; METHOD §7 and issue 7):
   demand that the candidate decreases it by at least half as much);
 - ``on_target_vs_baseline``: candidate's on-target accuracy >= baseline's − ``on_target_tolerance``;
 - ``off_target_vs_champion`` / ``on_target_vs_champion``: not worse than the current champion on
-  either objective (± ``champion_tolerance``); skipped when there is no champion yet.
+  either objective (± ``champion_tolerance``); skipped when there is no champion yet (the registry
+  says the model or alias does not exist), read inside the promotion lock (issue 15).
+Gates fail closed: a gate whose inputs cannot be read or are not finite numbers (the registry call
+behind it raised, a metric is missing) fails, and the refusal names the error.
 The new version always gets alias ``candidate`` and tags for the audit run, the decisions hash,
-the headline metrics and every gate; a refusal names each failed gate and its margin.
+the headline metrics, every gate, the decision and the champion it was compared with; a refusal
+names each failed gate and its margin or error.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +36,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.names import Tag
@@ -59,37 +63,69 @@ class Gate:
     #: How far inside (>= 0) or outside (< 0) the limit the value is, in the metric's units.
     margin: float
     rule: str
+    #: Why the gate could not be evaluated (it then fails: gates fail closed), else None.
+    error: str | None = None
 
     def text(self) -> str:
+        if self.error:
+            return f"{self.name} FAILED (could not be checked: {self.error}): {self.rule}"
         state = "passed" if self.passed else "FAILED"
         return f"{self.name} {state}: {self.rule} (value {self.value:.4f}, limit {self.limit:.4f}, margin {self.margin:+.4f})"
 
 
+def _gate(name: str, value: float, limit: float, upper: bool, rule: str) -> Gate:
+    """``value <= limit`` (upper) or ``>=``; a value or limit that is missing or not finite fails it."""
+    try:
+        value, limit = float(value), float(limit)
+    except (TypeError, ValueError) as exc:
+        return Gate(name, False, math.nan, math.nan, math.nan, rule, f"{type(exc).__name__}: {exc}")
+    if not (math.isfinite(value) and math.isfinite(limit)):
+        return Gate(name, False, value, limit, math.nan, rule, f"value {value} or limit {limit} is not a finite number "
+                    "(a metric missing from a trial run?)")
+    margin = limit - value if upper else value - limit
+    return Gate(name, margin >= 0, value, limit, margin, rule)
+
+
+def failed_gates(names: list[str], rule: str, exc: BaseException) -> list[Gate]:
+    """Gates that could not be evaluated because ``exc`` was raised: each fails, naming the error."""
+    msg = f"{type(exc).__name__}: {exc}"[:1000]
+    return [Gate(n, False, math.nan, math.nan, math.nan, rule, msg) for n in names]
+
+
+BASELINE_GATES = ["sycophancy_vs_baseline", "on_target_vs_baseline"]
+CHAMPION_GATES = ["off_target_vs_champion", "on_target_vs_champion"]
+
+
 # ---------------------------------------------------------------- gates (pure)
 def baseline_gates(cand: dict[str, float], base: dict[str, float], syc_ratio_max: float, tol: float) -> list[Gate]:
-    """``cand``/``base``: {syc_increase, on_target}."""
-    lim_syc = syc_ratio_max * base["syc_increase"]
-    lim_on = base["on_target"] - tol
-    return [
-        Gate("sycophancy_vs_baseline", cand["syc_increase"] <= lim_syc, cand["syc_increase"], lim_syc,
-             lim_syc - cand["syc_increase"],
-             f"sycophancy increase over base <= {syc_ratio_max:g} x plain DPO's {base['syc_increase']:.4f}"),
-        Gate("on_target_vs_baseline", cand["on_target"] >= lim_on, cand["on_target"], lim_on, cand["on_target"] - lim_on,
-             f"on-target accuracy >= plain DPO's {base['on_target']:.4f} - {tol:g}"),
-    ]
+    """``cand``/``base``: {syc_increase, on_target}; any error evaluating them fails both (named)."""
+    try:
+        lim_syc = syc_ratio_max * base["syc_increase"]
+        lim_on = base["on_target"] - tol
+        return [
+            _gate("sycophancy_vs_baseline", cand["syc_increase"], lim_syc, True,
+                  f"sycophancy increase over base <= {syc_ratio_max:g} x plain DPO's {base['syc_increase']:.4f}"),
+            _gate("on_target_vs_baseline", cand["on_target"], lim_on, False,
+                  f"on-target accuracy >= plain DPO's {base['on_target']:.4f} - {tol:g}"),
+        ]
+    except Exception as exc:  # fail closed: a gate that cannot be computed is not passed
+        return failed_gates(BASELINE_GATES, "candidate vs plain DPO", exc)
 
 
 def champion_gates(cand: dict[str, float], champ: dict[str, float] | None, tol: float) -> list[Gate]:
-    """``cand``/``champ``: {off_target, on_target}; no champion -> no gate."""
+    """``cand``/``champ``: {off_target, on_target}; no champion -> no gate; any error fails both."""
     if champ is None:
         return []
-    lim_off, lim_on = champ["off_target"] + tol, champ["on_target"] - tol
-    return [
-        Gate("off_target_vs_champion", cand["off_target"] <= lim_off, cand["off_target"], lim_off,
-             lim_off - cand["off_target"], f"off-target <= champion's {champ['off_target']:.4f} + {tol:g}"),
-        Gate("on_target_vs_champion", cand["on_target"] >= lim_on, cand["on_target"], lim_on, cand["on_target"] - lim_on,
-             f"on-target >= champion's {champ['on_target']:.4f} - {tol:g}"),
-    ]
+    try:
+        lim_off, lim_on = champ["off_target"] + tol, champ["on_target"] - tol
+        return [
+            _gate("off_target_vs_champion", cand["off_target"], lim_off, True,
+                  f"off-target <= champion's {champ['off_target']:.4f} + {tol:g}"),
+            _gate("on_target_vs_champion", cand["on_target"], lim_on, False,
+                  f"on-target >= champion's {champ['on_target']:.4f} - {tol:g}"),
+        ]
+    except Exception as exc:
+        return failed_gates(CHAMPION_GATES, "candidate vs the current champion", exc)
 
 
 def refusal_message(gates: list[Gate], champion_alias: str = "champion") -> str | None:
@@ -97,6 +133,7 @@ def refusal_message(gates: list[Gate], champion_alias: str = "champion") -> str 
     if not failed:
         return None
     return f"{champion_alias} not moved: " + "; ".join(
+        f"gate {g.name} failed closed, it could not be checked ({g.error})" if g.error else
         f"gate {g.name} failed by {-g.margin:.4f} ({g.rule}: value {g.value:.4f} vs limit {g.limit:.4f})" for g in failed)
 
 
@@ -121,14 +158,15 @@ def choose(trials: pd.DataFrame, base: dict[str, float], pc: Any) -> tuple[pd.Se
 
 
 # ---------------------------------------------------------------- reading MLflow
-def find_search_run(cfg: DictConfig) -> mlflow.entities.Run:
+def find_search_run(search_run_id: str | None, experiment: str) -> mlflow.entities.Run:
+    """``promote.search_run_id``, else the latest finished search run in ``experiment`` (else anywhere)."""
     client = mlflow.MlflowClient()
-    if cfg.promote.search_run_id:
+    if search_run_id:
         try:
-            return client.get_run(str(cfg.promote.search_run_id))
+            return client.get_run(search_run_id)
         except mlflow.exceptions.MlflowException as exc:
-            raise PromoteInputError(f"promote.search_run_id={cfg.promote.search_run_id!r} is not a run here: {exc}") from exc
-    exp = client.get_experiment_by_name(str(cfg.tracking.experiment))
+            raise PromoteInputError(f"promote.search_run_id={search_run_id!r} is not a run here: {exc}") from exc
+    exp = client.get_experiment_by_name(experiment)
     ids = [exp.experiment_id] if exp else [e.experiment_id for e in client.search_experiments()]
     found = latest_stage_run("search", ids)
     if found is None:
@@ -157,23 +195,37 @@ def read_trials(study_uid: str) -> pd.DataFrame:
 
 
 def champion_metrics(name: str, alias: str) -> tuple[Any, dict[str, float] | None]:
-    """(champion version or None, its {off_target, on_target} from its trial run, else its tags)."""
+    """(champion version, its {off_target, on_target}); (None, None) only when there is no champion
+    (no such model or alias). Any other error raises: the caller fails the champion gates with it."""
     client = mlflow.MlflowClient()
     try:
         mv = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None, None
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # no registered model of that name yet
+            return None, None
+        # A missing alias is reported as INVALID_PARAMETER_VALUE, like real errors: ask the model.
+        if alias not in client.get_registered_model(name).aliases:
+            return None, None
+        raise
     rid = mv.tags.get(Tag.TRIAL_RUN)
-    try:
-        m = client.get_run(rid).data.metrics if rid else {}
-    except mlflow.exceptions.MlflowException:
-        m = {}
+    m = client.get_run(rid).data.metrics if rid else {}  # an unreadable trial run fails the gates
     if OFF in m and ON in m:
         return mv, {"off_target": m[OFF], "on_target": m[ON]}
-    if Tag.OFF_TARGET in mv.tags:
+    if Tag.OFF_TARGET in mv.tags and Tag.ON_TARGET in mv.tags:
         return mv, {"off_target": float(mv.tags[Tag.OFF_TARGET]), "on_target": float(mv.tags[Tag.ON_TARGET])}
-    log.warning("champion %s has no recorded objectives; the champion gates are skipped", mv.version)
-    return mv, None
+    raise PromoteInputError(f"{alias} {name} version {mv.version} has no recorded objectives (no {OFF}/{ON} on its "
+                            f"trial run {rid or '(none tagged)'}, no {Tag.OFF_TARGET} tags): it cannot be compared with")
+
+
+def read_champion(name: str, alias: str, cand: dict[str, float], tol: float) -> tuple[Any, list[Gate]]:
+    """Inside the promotion lock: the current champion version (None: there is none) and the gates
+    against it. Failing to read it fails both champion gates, naming the error (never skips them)."""
+    try:
+        mv, champ = champion_metrics(name, alias)
+    except Exception as exc:
+        log.warning("promote: could not read %s of %s: %s: %s", alias, name, type(exc).__name__, exc)
+        return None, failed_gates(CHAMPION_GATES, f"candidate vs the current {alias}", exc)
+    return mv, champion_gates(cand, champ, tol)
 
 
 def register(name: str, pick: pd.Series) -> Any:

@@ -16,8 +16,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from prefsculpt.core.names import Attr
+
 #: User attr of a trial ``ask()`` created although the plan had no slot left (never run).
-UNPLANNED = "prefsculpt.unplanned"
+UNPLANNED = Attr.UNPLANNED
 
 
 def frozen_trial(study: optuna.Study, number: int) -> FrozenTrial:

@@ -41,12 +41,13 @@ import pandas as pd
 
 from prefsculpt.audit.decisions import PROPOSED_METHOD, Action
 from prefsculpt.core.errors import UserError
+from prefsculpt.core.names import Attr
 from prefsculpt.shaping.params import SEARCH, SearchRange, entry_fields, fields
 from prefsculpt.shaping.registry import INTERVENTIONS, Source, method_names
 
 log = logging.getLogger(__name__)
 
-BASELINE_ATTR = "prefsculpt.baseline"
+BASELINE_ATTR = Attr.BASELINE
 #: The sources a concept kind can have (a method applies when it has the one the method needs);
 #: built-ins such as ``length`` are only scores, latent clusters have neither scores nor a direction yet.
 KIND_SOURCES: dict[str, frozenset[Source]] = {
@@ -251,7 +252,7 @@ def describe(specs: Sequence[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-START_ATTR = "prefsculpt.informed_start"
+START_ATTR = Attr.INFORMED_START
 
 
 def enqueue_plan(study: Any, candidates: Sequence[Candidate], n_slots: int, with_baseline: bool,

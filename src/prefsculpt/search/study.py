@@ -14,6 +14,11 @@ Several ``mlflow run -e search`` processes on one storage and study name share t
   worker that looks. Workers with nothing left to pop wait while others run, to retry their trials
   if they die. A journal file has no heartbeat: a killed worker's trial stays RUNNING.
 - A trial that raises is recorded as FAIL (with its error) and the worker takes the next slot.
+- On a fresh PostgreSQL storage, create the study once before the workers start
+  (``search.create_only=true``): workers racing to create its tables collide on ``alembic_version``.
+- The worker that retries a dead worker's trial closes that worker's trial run, the runs under it
+  and its search run (KILLED); each worker, when done, closes the runs of any failed trial still
+  RUNNING (a death no one retried), so the run tree shows no orphan (``tracking.orphans``).
 
 Each worker's MLflow run (``stage_run(cfg, "search")``) holds its trials as child runs, and at the
 end logs the whole study as ``search/trials.json``, the Pareto front as ``search/pareto.json`` and
@@ -39,13 +44,14 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from prefsculpt.core.names import Attr
 from prefsculpt.core.progress import progress
 from prefsculpt.search.errors import SearchInputError
 from prefsculpt.search.slots import claim, is_unplanned, storage_trial_id
 from prefsculpt.search.space import BASELINE_ATTR, enqueue_plan
 
 log = logging.getLogger(__name__)
-UID, PLANNED, AUDIT, DHASH = "prefsculpt.uid", "prefsculpt.planned", "prefsculpt.audit_run_id", "prefsculpt.decisions_hash"
+UID, PLANNED, AUDIT, DHASH = Attr.UID, Attr.PLANNED, Attr.AUDIT_RUN, Attr.DECISIONS_HASH
 
 
 # ---------------------------------------------------------------- storage and study
@@ -70,6 +76,9 @@ def open_storage(url: str, sc: Any) -> tuple[Any, Path | None]:
         path = Path(url.split("sqlite:///", 1)[-1])
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = path.with_name(path.name + ".lock")
+    elif url.startswith("postgres"):
+        # A worker's connections idle through a whole trial; the server or a proxy may drop them.
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     try:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API is "experimental"
         return optuna.storages.RDBStorage(
@@ -161,12 +170,14 @@ def heartbeat(storage: Any, trial_id: int) -> Iterator[None]:
         yield
         return
     stop = threading.Event()
+    # The first beat before any work: a trial never beaten is never "stale" to Optuna, so a worker
+    # killed before its thread's first beat would leave the trial RUNNING for ever (found by
+    # tests/integration/test_faults.py).
+    storage.record_heartbeat(trial_id)
 
     def beat() -> None:
-        while True:
+        while not stop.wait(interval):
             storage.record_heartbeat(trial_id)
-            if stop.wait(interval):
-                return
 
     th = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
     th.start()

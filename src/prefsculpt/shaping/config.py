@@ -102,7 +102,7 @@ class TrainConfig:
     split: str = "train"
     #: Use at most this many pairs (null = all); for quick runs.
     max_pairs: int | None = None
-    #: Log the final policy as an MLflow pyfunc model that generates.
+    #: Log the final policy as an MLflow transformers chat model (llm/v1/chat) the registry can serve.
     log_model: bool = True
     log_every_n_steps: int = 1
     seed: int = 0

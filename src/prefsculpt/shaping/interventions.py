@@ -61,12 +61,16 @@ def _zscored_diff(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
     return ((chosen.astype(np.float64) - rejected.astype(np.float64)) / sd).astype(np.float32)
 
 
-@register_intervention("score")
-class ScoreShaping(Intervention):
-    """Reward shaping r' = r − λ·s_u: A_u = the concept's response span score, z-scored over the data."""
+class _MarginTerm(Intervention):
+    """A method whose λ_u·ΔA_u enters the DPO margin (METHOD §5's reward-shaping form)."""
 
     in_loss = True
     strength_doc = "λ ≥ 0: weight of ΔA_u in the margin"
+
+
+@register_intervention("score")
+class ScoreShaping(_MarginTerm):
+    """Reward shaping r' = r − λ·s_u: A_u = the concept's response span score, z-scored over the data."""
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
         c, r = ctx.concept_score(self.concepts[0])
@@ -74,13 +78,11 @@ class ScoreShaping(Intervention):
 
 
 @register_intervention("steer")
-class SteerShaping(Intervention):
+class SteerShaping(_MarginTerm):
     """A_u = log π₀^{u,m}(y|x) − log π₀(y|x): the reference steered by m·v_u at layer ℓ."""
 
     Params = SteerParams
-    in_loss = True
     needs = Source.direction
-    strength_doc = "λ ≥ 0: weight of ΔA_u in the margin"
 
     def validate(self) -> None:
         if self.layer is None:
@@ -95,13 +97,11 @@ class SteerShaping(Intervention):
 
 
 @register_intervention("inoculate")
-class InoculateShaping(Intervention):
+class InoculateShaping(_MarginTerm):
     """A_u = log π₀(y | x ⊕ C_u) − log π₀(y | x), C_u an instruction that names the concept."""
 
     Params = InoculateParams
-    in_loss = True
     needs = Source.instruction
-    strength_doc = "λ ≥ 0: weight of ΔA_u in the margin"
 
     def validate(self) -> None:
         if not self.args.instruction:

@@ -37,6 +37,7 @@ from prefsculpt.shaping.params import (
     SearchRange,
     check_declaration,
     coerce,
+    entry_fields,
     fields,
     problems,
 )
@@ -92,6 +93,14 @@ def register_intervention(name: str) -> Callable[[type[Intervention]], type[Inte
 
 def method_names() -> tuple[str, ...]:
     return tuple(INTERVENTIONS)
+
+
+def entry_param_names() -> tuple[str, ...]:
+    """Every parameter a decisions entry may set, over all methods (first-registered first)."""
+    out: dict[str, None] = {}
+    for cls in INTERVENTIONS.values():
+        out.update(dict.fromkeys(entry_fields(cls.Params)))
+    return tuple(out)
 
 
 def methods_needing(source: Source | str) -> tuple[str, ...]:

@@ -65,6 +65,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("promote", "prefsculpt.stages.promote:run_promote", (*_SEARCH, "promote"), ("search", "evaluate"),
           (("promote.search_run_id", "search"),), code=("search", "stages/promote.py")),
     Stage("main", "prefsculpt.stages.main:run_main", in_pipeline=False),
+    Stage("review", "prefsculpt.stages.review:run_review", in_pipeline=False),
 )}
 #: What ``main`` runs by default, in order.
 DEFAULT_ORDER = tuple(name for name, s in STAGES.items() if s.in_pipeline)

@@ -11,20 +11,18 @@ at the end, so a failed audit leaves no partial artifacts.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.audit import clusters as C
+from prefsculpt.audit import streaming as SS
 from prefsculpt.audit.analysis import (
     AuditInputError,
     align_pairs,
-    concept_diffs,
     describe_clusters,
     example_views,
     planted_check,
@@ -32,10 +30,12 @@ from prefsculpt.audit.analysis import (
     where_rows,
     write_outputs,
 )
+from prefsculpt.audit.config import AuditConfig
 from prefsculpt.audit.labels import ExplainSettings, build_labels, explain_labels, validate_top_contexts
-from prefsculpt.audit.stats import calibrate, half_assignment, test_concepts
-from prefsculpt.concepts.scores import ConceptScores
-from prefsculpt.concepts.shards import load_scores
+from prefsculpt.audit.stats import half_assignment
+from prefsculpt.concepts.store import ScoreStore
+from prefsculpt.core.faults import fault_point
+from prefsculpt.core.files import scratch_dir
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.source import dataset_name
@@ -67,7 +67,7 @@ def find_scores_run(cfg: DictConfig, current_run_id: str) -> str:
     )
 
 
-def download_scores(run_id: str, dst: Path) -> tuple[ConceptScores, pd.DataFrame]:
+def download_scores(run_id: str, dst: Path) -> tuple[ScoreStore, pd.DataFrame]:
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     if "scores" not in names:
         raise AuditInputError(f"sae run {run_id} has no scores/ artifact (has {sorted(names)}); re-run the sae stage")
@@ -78,19 +78,21 @@ def download_scores(run_id: str, dst: Path) -> tuple[ConceptScores, pd.DataFrame
             raise AuditInputError(f"sae run {run_id} has no top_contexts.parquet; re-run the sae stage")
         top = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="top_contexts.parquet",
                                                        dst_path=str(dst)))
-    return load_scores(sdir), pd.read_parquet(top)
+    return ScoreStore(sdir), pd.read_parquet(top)
 
 
 # ---------------------------------------------------------------- the stage
 def run_audit(cfg: DictConfig) -> dict[str, Any]:
-    a = cfg.audit
-    stat = str(a.score)
+    a: AuditConfig = OmegaConf.to_object(cfg.audit)  # the typed section, converted once
+    named = [OmegaConf.to_object(n) for n in cfg.named_concepts]
+    stat, seed = a.score, cfg.seed
     prepared, prepare_run = prepared_data(cfg)
-    with stage_run(cfg, "audit") as run, tempfile.TemporaryDirectory(prefix="prefsculpt-audit-") as tmp:
+    with stage_run(cfg, "audit") as run, scratch_dir(cache_root(cfg.cache_dir), "audit") as tmp:
         mlflow.set_tag(Tag.PREPARE_RUN, prepare_run)
         src = find_scores_run(cfg, run.info.run_id)
         mlflow.set_tag(Tag.SCORES_RUN, src)
         scores, top = download_scores(src, Path(tmp) / "in")
+        fault_point("audit", "scores")
         top = validate_top_contexts(top)
         source = str(prepared.meta.get("source", ""))
         pairs = align_pairs(prepared.all_pairs(), scores.pair_ids, source)
@@ -100,57 +102,60 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
 
         groups: list[list[int]] = []
         if a.latent_clusters and latent_cols:
-            firing = C.firing_matrix(scores, stat)[:, latent_cols]
-            groups = [[latent_cols[i] for i in g] for g in C.latent_clusters(
-                firing, float(a.nmi_top_fraction), int(a.min_latent_cluster), int(cfg.seed))]
-        test_kw = dict(stat=stat, test=str(a.test), fdr=float(a.fdr), min_support=float(a.min_support),
-                       min_nonzero=int(a.min_nonzero_pairs), rank_by=str(a.rank_by))
-        table = test_concepts(scores, keys, extra={"length": scores.length_diff()}, clusters=groups or None,
-                              **test_kw)
-        if int(a.calibration_seeds) > 0:
-            log_calibration(scores, keys, int(a.calibration_seeds), test_kw)
+            groups = SS.latent_groups(scores, stat, latent_cols, a.nmi_top_fraction, a.min_latent_cluster, seed)
+        test_kw = dict(stat=stat, test=a.test, fdr=a.fdr, min_support=a.min_support,
+                       min_nonzero=a.min_nonzero_pairs, rank_by=a.rank_by)
+        table, _ = SS.test_store(scores, keys, extra={"length": scores.length_diff()}, clusters=groups or None,
+                                 **test_kw)
+        if a.calibration_seeds > 0:
+            log_calibration(scores, keys, a.calibration_seeds, test_kw)
         member_names = [[scores.concept_names[i] for i in g] for g in groups]
         table = select_hypotheses(table, member_names)
-        hyp = table[table["rank"].notna()].head(int(a.top_k))
+        hyp = table[table["rank"].notna()].head(a.top_k)
         n_hyp = len(hyp)
         shown = pd.concat([hyp, table[table["kind"].isin(["named", "builtin"]) & table["rank"].isna()]])
 
         group_cols = {f"cluster:{i}": g for i, g in enumerate(groups)}
         names = shown["concept"].tolist()
         in_shown = [m for ms in shown["members"].dropna() for m in ms]  # member rows get labels too
-        labels = build_labels(top, names + in_shown, int(a.label_tokens), int(a.label_contexts),
-                              groups={f"cluster:{i}": m for i, m in enumerate(member_names)})
+        labels = build_labels(top, names + in_shown, a.label_tokens, a.label_contexts,
+                              groups={f"cluster:{i}": m for i, m in enumerate(member_names)},
+                              directions=dict(zip(table["concept"], table["direction"], strict=True)))
         if a.explain_base_url:
             root = cache_root(cfg.cache_dir)
-            settings = ExplainSettings(str(a.explain_base_url), str(a.explain_model), str(a.explain_api_key_env),
-                                       float(a.explain_timeout_s), root / "explanations")
-            todo = hyp[hyp["kind"].isin(["latent", "cluster"])]["concept"].head(int(a.explain_top))
-            explain_labels(labels, todo, settings)
+            settings = ExplainSettings(a.explain_base_url, str(a.explain_model), a.explain_api_key_env,
+                                       a.explain_timeout_s, root / "explanations", a.explain_retries,
+                                       a.explain_backoff_s)
+            todo = hyp[hyp["kind"].isin(["latent", "cluster"])]["concept"].head(a.explain_top)
+            outcome = explain_labels(labels, todo, settings)
+            mlflow.log_metrics({"labels/explained": outcome.explained, "labels/explain_failed": outcome.failed})
+            if outcome.error:
+                mlflow.set_tag(Tag.EXPLAIN_ERROR, outcome.error[:5000])
         label_of = {c: lab.label for c, lab in labels.items()}
         table["label"] = table["concept"].map(label_of)
         shown = shown.assign(label=shown["concept"].map(label_of))
 
-        d = concept_diffs(scores, names, stat, group_cols)  # (n, shown)
+        d = SS.concept_diffs(scores, names, stat, group_cols)  # (n, shown)
         dirs = shown["direction"].to_numpy(dtype=float)
         half = half_assignment(keys)
         where: list[list[dict[str, Any]]] = [[] for _ in names]
-        sym = (scores.get("chosen", stat) + scores.get("rejected", stat))[:, latent_cols].astype(np.float64)
-        k = min(int(a.n_data_clusters), int((np.linalg.norm(sym, axis=1) > 0).sum()) // max(1, int(a.min_cluster_size)))
+        sym = SS.symmetric_activity(scores, stat, latent_cols)  # sparse (n, latents)
+        k = min(a.n_data_clusters, int(C.active_rows(sym).sum()) // max(1, a.min_cluster_size))
         if k >= 2:
-            dl = C.data_clusters(sym, k, int(cfg.seed))
+            dl = C.data_clusters(sym, k, seed)
             where = where_rows(d, dirs, dl, half, a, describe_clusters(dl, sym, pairs))
         summary = [", ".join(f"cluster {w['cluster']} (z {w['welch_z']:.1f})" for w in ws) for ws in where]
         shown = shown.assign(where=summary)
         hyp = shown.iloc[:n_hyp]
         table["where"] = table["concept"].map(dict(zip(names, summary, strict=True)))
 
-        patterns = {f"named:{n.name}": str(n.pattern) for n in cfg.named_concepts if n.kind == "regex" and n.pattern}
+        patterns = {f"named:{n.name}": n.pattern for n in named if n.kind == "regex" and n.pattern}
         views = []
         for j, r in enumerate(shown.to_dict("records")):
             ex = example_views(j, r["concept"], d, int(r["direction"]), pairs, top, r["members"] or [],
-                               patterns, int(a.n_examples))
+                               patterns, a.n_examples)
             views.append(H.HypothesisView(r, labels.get(r["concept"]), where[j], ex))
-        planted = planted_check(hyp, d[:, :n_hyp], pairs, float(a.planted_min_corr), float(a.fdr))
+        planted = planted_check(hyp, d[:, :n_hyp], pairs, a.planted_min_corr, a.fdr)
         out = write_outputs(Path(tmp) / "audit", a, str(cfg.data.name), run.info.run_id, src, table, hyp, views,
                             labels, planted, decisions_help())
         mlflow.log_artifacts(str(out), "audit")
@@ -161,9 +166,9 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
             "planted": None if planted is None else planted.to_dict("records")}
 
 
-def log_calibration(scores: ConceptScores, keys: list[str], n_seeds: int, test_kw: dict[str, Any]) -> None:
+def log_calibration(scores: ScoreStore, keys: list[str], n_seeds: int, test_kw: dict[str, Any]) -> None:
     """The swap null on these very pairs (METHOD §3 "Calibration"): how many seeds report anything."""
-    cal = calibrate(scores, keys, n_seeds=n_seeds, extra={"length": scores.length_diff()}, **test_kw)
+    cal = SS.calibrate_store(scores, keys, n_seeds=n_seeds, extra={"length": scores.length_diff()}, **test_kw)
     n_reporting = int((cal["n_q_below_fdr"] > 0).sum())  # any q < fdr, replicated or not (strict)
     n_replicated = int((cal["n_significant"] > 0).sum())
     mlflow.log_metrics({"calibration/seeds": n_seeds, "calibration/seeds_reporting": n_reporting,

@@ -34,10 +34,12 @@ from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.evals import style as sty
 from prefsculpt.evals.inputs import load_inputs
+from prefsculpt.evals.plots import shift_scatter, sycophancy_forest
 from prefsculpt.evals.runner import _ID_COLS, EVALS, BaseCache, Evaluator, cache_key, summarise_eval
 from prefsculpt.evals.shift import compute_shift
 from prefsculpt.evals.summary import Row, plot_rows
 from prefsculpt.models.loading import resolve_model_dir
+from prefsculpt.search.objective import ObjectiveError, objective_metrics, objectives_from_metrics
 from prefsculpt.search.promote import PromoteInputError, choose, find_search_run, read_trials
 from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.tracking.policies import resolve_policy
@@ -57,6 +59,12 @@ def _log_eval(name: str, rows: list[Row], tables: dict[str, pd.DataFrame], extra
         fig = plot_rows(rows, f"{name}: policy vs base (95% CI; Δ = paired difference)")
         mlflow.log_figure(fig, f"evals/plots/{name}.png")
         plt.close(fig)
+    figs = {"sycophancy_by_kind": sycophancy_forest(rows) if name == "sycophancy" else None,
+            "shift_predicted_vs_observed": shift_scatter(tables.get("concepts"), extra) if name == "shift" else None}
+    for fname, fig in figs.items():
+        if fig is not None:
+            mlflow.log_figure(fig, f"evals/plots/{fname}.png")
+            plt.close(fig)
     summary.extend(r.record() for r in rows)
     mlflow.log_dict({"rows": summary}, "evals/summary.json")  # rewritten after each eval: partial results
     return metrics
@@ -113,6 +121,21 @@ def _shift(ev: Evaluator, src: ShiftSources | None) -> tuple[list, dict[str, pd.
     return [], {"concepts": table}, metrics
 
 
+def _objectives(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, float]:
+    """The search objectives (``search/*``) of these metrics, logged here too: a trial run carries its
+    evaluation's metrics, so both kinds of run share one key set in the UI's compare view. Nothing
+    when the evaluation lacks what an objective needs (e.g. no ``compare_base``)."""
+    if cfg.get("search") is None:
+        return {}
+    try:
+        got = objective_metrics(objectives_from_metrics(metrics, cfg.search.objectives))
+    except ObjectiveError as exc:
+        log.info("evaluate: no search objectives on this run (%s)", str(exc).split(";")[0])
+        return {}
+    mlflow.log_metrics(got)
+    return got
+
+
 def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``eval.policy`` against the base inside the stage's run."""
     ec = cfg.eval
@@ -150,6 +173,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             if name == "style" and ec.genai:
                 _genai_style(ev.tables("style", "policy"), sty.compile_features(_named(cfg)))
             log.info("evaluate: %s done in %.1f s", name, took[f"time/{name}_s"])
+        metrics |= _objectives(cfg, metrics)
         total = time.perf_counter() - t0
         mlflow.log_metric("time/total_s", total)
         log.info("evaluate: %s finished in %.1f s (run %s)", policy.spec, total, run.info.run_id)
@@ -163,7 +187,7 @@ def run_pipeline_evaluate(cfg: DictConfig) -> dict[str, Any]:
     Trials are evaluated on what the objectives need; the pick gets every evaluation here, concept
     shift included, as its own run. The promote stage then registers that policy.
     """
-    search = find_search_run(cfg)
+    search = find_search_run(cfg.promote.search_run_id, cfg.tracking.experiment)
     uid = search.data.tags.get(Tag.STUDY_UID)
     trials = read_trials(uid) if uid else None
     if trials is None or trials.empty:

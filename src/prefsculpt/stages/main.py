@@ -1,11 +1,14 @@
 """The ``main`` stage: prepare → sae → audit → search → evaluate → promote, one run tree.
 
 Each stage is a child run of one parent run (the ``mlflow run`` project run, or a run opened here).
-Before a stage runs, its key — the config sections it reads, the keys of the stages it depends on,
-and the code version — is looked up among complete, finished runs; when one matches, the stage is
+Before a stage runs, its key — the config sections it reads, the contents of the files they name
+(data, decisions, SAE weights, eval files), the keys of the stages it depends on, and the code
+version — is looked up among complete, finished runs; when one matches, the stage is
 *reused*: a light child run records ``prefsculpt.reused_from`` and the earlier run's metrics, and
 downstream stages read the earlier run's artifacts. A second ``mlflow run .`` with nothing changed
-therefore recomputes nothing.
+therefore recomputes nothing. A killed pipeline run resumed by the same command
+(``tracking.resume``) keeps one child per stage: stages that finished before the kill are neither
+rerun nor marked again, the killed stage's run is reattached.
 """
 
 from __future__ import annotations
@@ -34,6 +37,19 @@ def _reuse_child(stage: str, key: str, earlier: mlflow.entities.Run) -> None:
         if metrics:
             mlflow.log_metrics(metrics)
         mlflow.set_tag(Tag.COMPLETE, "true")
+
+
+def _has_child(parent_id: str, stage: str, earlier: mlflow.entities.Run) -> bool:
+    """Whether ``parent_id`` already shows ``earlier`` for ``stage`` — it ran there, or its marker is
+    there — as when a killed pipeline run is resumed: the tree keeps one child per stage."""
+    if earlier.data.tags.get("mlflow.parentRunId") == parent_id:
+        return True
+    kids = mlflow.MlflowClient().search_runs(
+        [earlier.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{Tag.STAGE}` = '{stage}' "
+        f"and tags.`{Tag.REUSED_FROM}` = '{earlier.info.run_id}' and attributes.status = 'FINISHED'",
+        max_results=1)
+    return bool(kids)
 
 
 def run_main(cfg: DictConfig) -> dict[str, Any]:
@@ -66,7 +82,8 @@ def run_main(cfg: DictConfig) -> dict[str, Any]:
             earlier = find_reusable(keys[name], [exp], stage=name) if reuse else None
             if earlier is not None:
                 log.info("%s: inputs unchanged, reusing run %s", name, earlier.info.run_id)
-                _reuse_child(name, keys[name], earlier)
+                if not _has_child(parent.info.run_id, name, earlier):
+                    _reuse_child(name, keys[name], earlier)
                 results[name] = {"run_id": earlier.info.run_id, "metrics": dict(earlier.data.metrics),
                                  "reused": True}
             else:

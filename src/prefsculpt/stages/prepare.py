@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.core.faults import fault_point
+from prefsculpt.core.files import scratch_dir
 from prefsculpt.core.names import Artifact, Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.loaders import LoadResult
@@ -96,7 +97,7 @@ def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResul
         stats["planted_tag_rates"] = planted_tag_rates(loaded.pairs)
         metrics.update({f"planted_rate/{k}": v for k, v in stats["planted_tag_rates"].items()})
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir(cache_root(cfg.cache_dir), "prepare") as tmp:
         out = Path(tmp) / "data"
         out.mkdir()
         write_prepared(out / "prepared", named, prepared.source_rows, tokens, {
@@ -107,6 +108,7 @@ def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResul
         (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
         (out / "skipped.json").write_text(json.dumps([e.to_dict() for e in loaded.skipped], indent=2))
         mlflow.log_artifacts(str(out), "data")
+    fault_point("prepare", "logged")
     mlflow.log_metrics(metrics)
     if loaded.skipped:
         mlflow.log_table(pd.DataFrame([e.to_dict() for e in loaded.skipped]), "data/skip_report.json")

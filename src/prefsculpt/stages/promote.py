@@ -3,6 +3,8 @@
 The rule and the gates live in :mod:`prefsculpt.search.promote`; this stage reads the trials of
 the search's study, registers the pick (alias ``candidate``), and moves ``champion`` only when every
 gate passes; the decision, gates and trials are logged on the run and tagged on the version.
+Registering, reading the champion, gating against it and moving the aliases happen under one lock
+per model name (:mod:`prefsculpt.search.lock`), so concurrent promotes compare-then-set in turn.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.core import paths
 from prefsculpt.core.names import Tag
+from prefsculpt.search.config import check_aliases
+from prefsculpt.search.description import version_description
+from prefsculpt.search.lock import promotion_lock, resolve_lock
 from prefsculpt.search.promote import (
     PromoteInputError,
     PromotionRefused,
     attach_artifacts,
     baseline_gates,
-    champion_gates,
-    champion_metrics,
     choose,
     find_search_run,
+    read_champion,
     read_trials,
     refusal_message,
     register,
@@ -37,9 +42,10 @@ log = logging.getLogger(__name__)
 
 def run_promote(cfg: DictConfig) -> dict[str, Any]:
     pc = cfg.promote
+    check_aliases(str(pc.candidate_alias), str(pc.champion_alias))
     name = str(pc.model_name)
     with stage_run(cfg, "promote") as run:
-        search = find_search_run(cfg)
+        search = find_search_run(pc.search_run_id, cfg.tracking.experiment)
         uid = search.data.tags.get(Tag.STUDY_UID)
         if not uid:
             raise PromoteInputError(f"run {search.info.run_id} is not a search run (no {Tag.STUDY_UID} tag)")
@@ -52,28 +58,45 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
         b = base_rows.iloc[0]
         base = {"syc_increase": float(b.syc_increase), "on_target": float(b.on_target)}
         pick, _ = choose(trials, base, pc)
-        champ_mv, champ = champion_metrics(name, str(pc.champion_alias))
         cand = {"syc_increase": float(pick.syc_increase), "on_target": float(pick.on_target),
                 "off_target": float(pick.off_target)}
-        gates = baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance)) + champion_gates(
-            cand, champ, float(pc.champion_tolerance))
-        refusal = refusal_message(gates, str(pc.champion_alias))
-        mv = register(name, pick)
-        client = mlflow.MlflowClient()
-        tags = {Tag.TRIAL_RUN: pick.run_id, Tag.TRIAL_NUMBER: int(pick.trial), Tag.SEARCH_RUN: search.info.run_id,
-                Tag.STUDY_UID: uid, Tag.PROMOTE_RUN: run.info.run_id, Tag.AUDIT_RUN: pick.audit_run_id or "",
-                Tag.DECISIONS_HASH: pick.decisions_hash or "", Tag.TRAIN_RUN: pick.train_run_id or "",
-                Tag.EVAL_RUN: pick.eval_run_id or "", Tag.SHAPING: pick.shaping,
-                Tag.OFF_TARGET: f"{cand['off_target']:.6g}", Tag.ON_TARGET: f"{cand['on_target']:.6g}",
-                Tag.SYC_INCREASE: f"{cand['syc_increase']:.6g}", Tag.BASELINE_SYC_INCREASE: f"{base['syc_increase']:.6g}",
-                Tag.BASELINE_ON_TARGET: f"{base['on_target']:.6g}", Tag.BASELINE_TRIAL_RUN: str(b.run_id),
-                Tag.GATES: "passed" if refusal is None else "failed",
-                **{f"{Tag.GATE_PREFIX}{g.name}": f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})" for g in gates}}
-        for k, v in tags.items():
-            client.set_model_version_tag(name, mv.version, k, str(v))
-        client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
+        bgates = baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance))
+        spec = resolve_lock(pc.get("lock"), mlflow.get_tracking_uri(), cfg.get("search", {}).get("storage"), name,
+                            paths.cache_root(cfg.get("cache_dir")) / "locks")
+        mlflow.set_tag(Tag.PROMOTE_LOCK, spec.describe())
+        # Register, read the champion, compare and move the aliases under one lock: no other promote of
+        # this model can move champion between our read and our write (search/lock.py says which lock).
+        with promotion_lock(spec, float(pc.get("lock_timeout_s", 600.0))):
+            mv = register(name, pick)
+            champ_mv, cgates = read_champion(name, str(pc.champion_alias), cand, float(pc.champion_tolerance))
+            gates = bgates + cgates
+            refusal = refusal_message(gates, str(pc.champion_alias))
+            client = mlflow.MlflowClient()
+            tags = {Tag.TRIAL_RUN: pick.run_id, Tag.TRIAL_NUMBER: int(pick.trial), Tag.SEARCH_RUN: search.info.run_id,
+                    Tag.STUDY_UID: uid, Tag.PROMOTE_RUN: run.info.run_id, Tag.AUDIT_RUN: pick.audit_run_id or "",
+                    Tag.DECISIONS_HASH: pick.decisions_hash or "", Tag.TRAIN_RUN: pick.train_run_id or "",
+                    Tag.EVAL_RUN: pick.eval_run_id or "", Tag.SHAPING: pick.shaping,
+                    Tag.OFF_TARGET: f"{cand['off_target']:.6g}", Tag.ON_TARGET: f"{cand['on_target']:.6g}",
+                    Tag.SYC_INCREASE: f"{cand['syc_increase']:.6g}",
+                    Tag.BASELINE_SYC_INCREASE: f"{base['syc_increase']:.6g}",
+                    Tag.BASELINE_ON_TARGET: f"{base['on_target']:.6g}", Tag.BASELINE_TRIAL_RUN: str(b.run_id),
+                    Tag.GATES: "passed" if refusal is None else "failed",
+                    Tag.PROMOTE_DECISION: pc.champion_alias if refusal is None else "refused",
+                    Tag.PREVIOUS_CHAMPION: ("unreadable" if any(g.error for g in cgates) else
+                                            "none" if champ_mv is None else str(champ_mv.version)),
+                    Tag.REFUSAL: (refusal or "")[:5000],
+                    **{f"{Tag.GATE_PREFIX}{g.name}": (f"FAIL ({g.error[:400]})" if g.error else
+                                                      f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})")
+                       for g in gates}}
+            for k, v in tags.items():
+                client.set_model_version_tag(name, mv.version, k, str(v))
+            # Description (issue 16): headline metrics, gates and the glossary of the trial run's metric keys.
+            client.update_model_version(name, mv.version, description=version_description(
+                int(pick.trial), pick.shaping, client.get_run(pick.run_id).data.metrics, gates, refusal, base))
+            client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
+            if refusal is None:
+                client.set_registered_model_alias(name, str(pc.champion_alias), mv.version)
         if refusal is None:
-            client.set_registered_model_alias(name, str(pc.champion_alias), mv.version)
             log.info("promote: %s version %s is now %s and %s (trial %d: %s)", name, mv.version, pc.candidate_alias,
                      pc.champion_alias, pick.trial, pick.shaping)
         else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,21 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from prefsculpt.concepts.collect import extra_text_activations, get_activations, subset
 from prefsculpt.concepts.encoder import encode_pairs, pairs_digest_tokens, sae_digest
 from prefsculpt.concepts.named import as_directions, build_named_concepts, validate_concepts
 from prefsculpt.concepts.sae import (
     SAESourceError,
-    check_sae_fits,
     get_or_train_sae,
     load_sae,
     sae_quality,
     select_training_tokens,
 )
-from prefsculpt.core.files import json_digest, model_fingerprint
+from prefsculpt.concepts.sae_model import check_sae_fits, default_train_layer, resolve_layer
+from prefsculpt.core.faults import fault_point
+from prefsculpt.core.files import json_digest, model_fingerprint, scratch_dir
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.prepared import Prepared
@@ -47,6 +48,7 @@ from prefsculpt.data.splits import SPLITS
 from prefsculpt.data.tokenize import tokenize_pairs
 from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
 from prefsculpt.stages.prepare import prepared_data
+from prefsculpt.tracking.inputs import resolve_input
 from prefsculpt.tracking.runs import log_pairs_input, stage_run
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,6 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
     t_start, c_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     root = cache_root(cfg.cache_dir)
-    layer = int(cfg.sae.layer)
 
     pairs = prepared.all_pairs()
     splits = {s: prepared.split(s) for s in SPLITS}
@@ -83,10 +84,22 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     model_id = model_fingerprint(model_dir)
     tok = load_tokenizer(model_dir)
+    shape = AutoConfig.from_pretrained(str(model_dir)).get_text_config()  # the SAE is checked before the weights load
+    n_layers, requested = int(shape.num_hidden_layers), cfg.sae.layer
+    if cfg.sae.source == "train":
+        layer = default_train_layer(n_layers) if requested is None else int(requested)
+        if not 0 <= layer < n_layers:
+            raise SAESourceError(f"sae.layer={layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    else:  # a published or saved SAE says itself which layer it reads, and must fit this model
+        sae_cfg = OmegaConf.to_object(cfg.sae)
+        if sae_cfg.path:
+            sae_cfg.path = str(resolve_input(sae_cfg.path, root / "inputs", what="sae.path"))
+        sae = load_sae(sae_cfg)
+        layer = resolve_layer(requested, sae, n_layers)
+        check_sae_fits(sae, int(shape.hidden_size),
+                       [str(cfg.model.name_or_path), model_dir.name, model_id], bool(cfg.sae.check_model))
+    log.info("sae stage: residual of decoder layer %d (model.layers.%d)", layer, layer)
     model = load_model(model_dir, str(cfg.model.dtype)).eval()
-    n_layers = len(model.model.layers)
-    if not 0 <= layer < n_layers:
-        raise SAESourceError(f"sae.layer={layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     tcfg = cfg.data.tokenize
     tokenized = prepared.tokens_for(pairs, tokenizer_fingerprint(model_dir), tcfg.max_prompt_tokens,
                                     tcfg.max_response_tokens) or tokenize_pairs(
@@ -96,6 +109,7 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
     cache, act_hit = get_activations(model, tokenized, tok, layer, int(cfg.encode.batch_tokens),
                                       bool(cfg.sae.cache_activations), root, model_id)
     timings["time/collect_seconds"] = time.perf_counter() - t0
+    fault_point("sae", "activations")
     train_cache, held_cache = subset(cache, rows["train"]), subset(cache, rows[held_split])
 
     t0 = time.perf_counter()
@@ -112,11 +126,10 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
 
         data_key = json_digest(digest, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens), extra_digest)
         sae_cfg = OmegaConf.to_object(cfg.sae)
+        sae_cfg.layer = layer
         sae, sae_metrics, sae_dir, sae_hit = get_or_train_sae(
             training_data, sae_cfg, root, model_id, data_key, held_out=held_cache)
     else:
-        sae = load_sae(cfg.sae)
-        check_sae_fits(sae, cache.d_model, layer)
         sae_metrics = {f"sae/{k}": v for k, v in
                        sae_quality(sae, select_training_tokens(held_cache, OmegaConf.to_object(cfg.sae))).items()}
         sae_dir, sae_hit = None, True
@@ -133,7 +146,7 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
                               extra_directions=directions, activations=cache, tokenizer=tok)
     timings["time/encode_seconds"] = time.perf_counter() - t0
 
-    with tempfile.TemporaryDirectory(prefix="prefsculpt-sae-") as tmp:
+    with scratch_dir(root, "sae") as tmp:
         sae_art = Path(tmp) / "sae"
         if sae_dir is not None:
             mlflow.log_artifacts(str(sae_dir), "sae")

@@ -15,9 +15,11 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.core import paths
+from prefsculpt.core.faults import fault_point
 from prefsculpt.core.names import Attr, Tag
 from prefsculpt.search import inputs as I
 from prefsculpt.search import objective as O
+from prefsculpt.search.plots import log_parallel
 from prefsculpt.search.space import SpaceBounds, build_candidates, start_params
 from prefsculpt.search.study import (
     log_results,
@@ -52,11 +54,11 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
     storage, lock = open_storage(url, sc)
     with stage_run(cfg, "search") as run:
         pinned = I.pinned_audit_run(storage, str(sc.study_name))
-        audit_id = I.find_audit_run(cfg, run.info.run_id, pinned)
+        audit_id = I.find_audit_run(sc.audit_run_id, run.info.run_id, pinned)
         hyp, decisions, dhash = I.load_audit(audit_id, sc.decisions, cache_root)
-        sources = I.resolve_sources(cfg, audit_id, cache_root)
+        sources = I.resolve_sources(list(sc.methods), cfg.shaping, audit_id, cache_root)
         candidates, skipped = build_candidates(hyp, decisions, int(sc.top_k), list(sc.methods), list(sc.actions),
-                                               str(sc.allow_pins), I.feasibility(cfg, sources, hyp))
+                                               str(sc.allow_pins), I.feasibility(cfg.shaping, list(cfg.named_concepts), sources, hyp))
         attrs = {Attr.AUDIT_RUN: audit_id, **({Attr.DECISIONS_HASH: dhash} if dhash else {})}
         bounds = SpaceBounds(float(sc.lambda_min), float(sc.lambda_max), float(sc.share_min), float(sc.share_max),
                              str(cfg.shaping.filter_mode))
@@ -70,11 +72,24 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
                                         "methods": ",".join(c.methods), "actions": ",".join(c.actions)}
                                        for c in candidates] + [{"concept": s["concept"], "skipped": s["reason"]}
                                                                for s in skipped]), "search/candidates.json")
+        if sc.get("create_only", False):
+            mlflow.set_tag(Tag.CREATE_ONLY, "true")
+            log.info("search: study %r ready with %d trials planned; start the workers (search.create_only=false)",
+                     str(sc.study_name), int(study.user_attrs[Attr.PLANNED]))
+            return {"run_id": run.info.run_id, "study_name": str(sc.study_name), "study_uid": uid, "storage": url,
+                    "audit_run_id": audit_id, "decisions_hash": dhash, "trials_ran": [], "created": created,
+                    "candidates": [c.concept for c in candidates]}
         ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or train_and_evaluate)
         poll = float(sc.heartbeat_interval) if hasattr(storage, "get_heartbeat_interval") else None
-        ran = run_worker(study, lambda t: O.run_trial(t, ctx), poll_s=poll, storage=storage)
+        def objective(trial: Any) -> tuple[float, float]:
+            fault_point("search", "trial")  # PREFSCULPT_FAULT_AFTER=2: killed as the 2nd trial starts
+            return O.run_trial(trial, ctx)
+
+        ran = run_worker(study, objective, poll_s=poll, storage=storage)
+        O.close_dead_trials(study)
         df = trials_table(study)
         metrics = log_results(df)
+        log_parallel(study, df)
         mlflow.log_metric("search/n_ran_here", float(len(ran)))
     log.info("search: this worker ran trials %s; study %r has %d complete, %d failed, %d on the Pareto front",
              ran, str(sc.study_name), metrics["search/n_complete"], metrics["search/n_fail"], metrics["search/n_pareto"])

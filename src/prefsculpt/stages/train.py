@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.concepts.sae_model import concept_layer
 from prefsculpt.core.files import atomic_dir, atomic_write_json, model_fingerprint
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
@@ -34,7 +35,8 @@ from prefsculpt.data.tokenize import tokenize_pairs
 from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
 from prefsculpt.shaping.resolve import resolve_shaping
 from prefsculpt.stages.prepare import prepared_data
-from prefsculpt.tracking.models import log_policy
+from prefsculpt.tracking.artifacts import local_decisions
+from prefsculpt.tracking.models import PolicyMeta, log_policy
 from prefsculpt.tracking.runs import log_pairs_input, resolve_tracking_uri, stage_run
 from prefsculpt.train.datamodule import PreferenceDataModule, truncate_pair
 from prefsculpt.train.module import PreferenceModule, check_hooks_trainable, freeze_below
@@ -72,11 +74,23 @@ def _run_exists(run_id: str) -> bool:
         return False
 
 
+def _audit_run_id(cfg: DictConfig, run_id: str) -> str | None:
+    """The audit behind this policy: the trial's (``eval.shift.audit_run_id``, set by the search), else
+    the parent run's tag; None for a standalone train."""
+    ev = cfg.get("eval")
+    if ev is not None and ev.get("shift") is not None and ev.shift.get("audit_run_id"):
+        return str(ev.shift.audit_run_id)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    return client.get_run(parent).data.tags.get(Tag.AUDIT_RUN) if parent else None
+
+
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     tc = cfg.train
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
-    layer = int(cfg.sae.layer) if "sae" in cfg else None
-    shaping = resolve_shaping(cfg.shaping, layer)  # validates the specs before any model is loaded
+    layer = concept_layer(cfg.sae.layer, cfg.shaping.get("sae_path"), model_dir) if "sae" in cfg else None
+    # local_decisions: shaping.decisions may be runs:/<audit run>/decisions/v<N>.yaml (`prefsculpt review`)
+    shaping = resolve_shaping(local_decisions(cfg), layer)  # validates the specs before any model is loaded
     check_layers(model_dir, shaping, tc.train_top_layers)
     prepared = None if tc.pairs_path else prepared_data(cfg)[0]
     pairs = load_train_pairs(OmegaConf.to_object(tc), prepared)
@@ -187,7 +201,9 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     mlflow.log_metrics(metrics)
     model_uri = None
     if tc.log_model:
-        model_uri = log_policy(policy_dir).model_uri
+        meta = PolicyMeta(str(cfg.model.name_or_path), run_id, shaping.decisions_hash, _audit_run_id(cfg, run_id),
+                          shaping.summary())
+        model_uri = log_policy(policy_dir, meta).model_uri
     atomic_write_json(work / "done.json", {"run_id": run_id, "optimizer_steps": trainer.global_step})
     if not tc.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -2,8 +2,10 @@
 
 Accepted forms:
 - ``base``: the configured model itself (``model.name_or_path``);
-- a local folder: a Hugging Face model folder, or an MLflow model folder (``MLmodel``) whose
-  artifacts hold one (the train stage's pyfunc logs the policy as ``artifacts/policy``);
+- a local folder: a Hugging Face model folder, or an MLflow model folder (``MLmodel``) holding one:
+  the ``transformers`` flavor the train stage logs keeps the weights in ``model/`` and the tokenizer
+  in ``components/tokenizer/`` (put back together here, see :func:`tokenizer_beside`); older
+  pyfunc models kept both in ``artifacts/policy``;
 - an MLflow run id of a ``train`` run: its local policy folder when this machine trained it,
   else the model the run logged;
 - an MLflow model URI: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/m-<id>``
@@ -18,6 +20,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +65,38 @@ def find_hf_folder(root: Path) -> Path | None:
     return hits[0] if hits else None
 
 
+def tokenizer_beside(hf: Path) -> Path | None:
+    """The tokenizer of an MLflow ``transformers`` model whose weights folder ``hf`` lacks one:
+    ``<model root>/components/tokenizer`` beside ``<model root>/model`` (None when ``hf`` has its own
+    tokenizer or is not such a layout)."""
+    if (hf / "tokenizer_config.json").is_file() or not (hf.parent / "MLmodel").is_file():
+        return None
+    tok = hf.parent / "components" / "tokenizer"
+    return tok if (tok / "tokenizer_config.json").is_file() else None
+
+
+def _add_tokenizer(hf: Path, tok: Path, link: bool) -> None:
+    """Put ``tok``'s files into ``hf`` (never over a file ``hf`` already has)."""
+    for f in tok.iterdir():
+        if f.is_file() and not (hf / f.name).exists():
+            if link:
+                (hf / f.name).symlink_to(f.resolve())
+            else:
+                shutil.copy2(f, hf / f.name)
+
+
+def _local_mlflow_model(hf: Path, tok: Path, cache: Path) -> Path:
+    """A cache folder of links to ``hf``'s weights and ``tok``'s files: the user's folder stays as it is."""
+    key = hashlib.sha1(str(hf.resolve()).encode()).hexdigest()[:12]
+    target = cache / "evals" / "policies" / f"local-{key}"
+    with atomic_dir(target) as tmp:
+        for f in hf.iterdir():
+            if f.is_file():
+                (tmp / f.name).symlink_to(f.resolve())
+        _add_tokenizer(tmp, tok, link=True)
+    return target
+
+
 def _download(spec: str, cache: Path) -> Path:
     """Download an MLflow model/artifact URI into ``cache`` atomically; returns the HF folder inside."""
     key = hashlib.sha1(spec.encode()).hexdigest()[:12]
@@ -73,6 +108,9 @@ def _download(spec: str, cache: Path) -> Path:
         hf = find_hf_folder(got)
         if hf is None:
             raise _fail(spec, "it downloaded, but holds no Hugging Face model folder (config.json + *.safetensors)")
+        tok = tokenizer_beside(hf)
+        if tok is not None:
+            _add_tokenizer(hf, tok, link=False)
         rel = hf.relative_to(tmp)
     return cache / "evals" / "policies" / key / rel
 
@@ -107,7 +145,8 @@ def resolve_policy(spec: str | None, base_dir: str | os.PathLike, cache_dir: str
         found = find_hf_folder(Path(spec).expanduser())
         if found is None:
             raise _fail(spec, "the folder holds no Hugging Face model (config.json + *.safetensors)")
-        path, source, run_id = found, "folder", None
+        tok = tokenizer_beside(found)
+        path, source, run_id = (found if tok is None else _local_mlflow_model(found, tok, cache)), "folder", None
     elif _RUN_ID.match(spec):
         path, source, run_id = _from_run(spec, cache), "run", spec
     else:

@@ -17,6 +17,7 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig
 
+from prefsculpt.concepts.sae_model import sae_dir_layer
 from prefsculpt.core.names import Artifact
 from prefsculpt.data.errors import DataSourceError
 from prefsculpt.evals.shift import ShiftSources
@@ -93,5 +94,9 @@ def resolve_shift_sources(cfg: DictConfig, cache_root: Path) -> ShiftSources | N
             raise ShiftSourceError(f"concept shift: {exc}") from exc
         log.warning("concept shift skipped: %s", exc)
         return None
-    layer = int(sc.layer) if sc.layer is not None else int(cfg.sae.layer)
-    return ShiftSources(sae, hyp, layer, origin)
+    layer = sc.layer if sc.layer is not None else cfg.sae.layer
+    if layer is None:  # the SAE's own hook (cfg.json metadata), as the sae stage read it
+        layer = sae_dir_layer(sae)
+    if layer is None:
+        raise ShiftSourceError(f"concept shift: the SAE at {sae} names no hook; set eval.shift.layer or sae.layer")
+    return ShiftSources(sae, hyp, int(layer), origin)

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoConfig
 
 from prefsculpt.core.errors import UserError
+from prefsculpt.core.faults import fault_point
 from prefsculpt.core.files import atomic_path
 from prefsculpt.data.prepare import read_split
 from prefsculpt.data.prepared import Prepared
@@ -47,3 +48,4 @@ class AtomicCheckpoint(ModelCheckpoint):
             trainer.save_checkpoint(str(tmp), self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+        fault_point("train", "checkpoint")

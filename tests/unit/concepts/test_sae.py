@@ -8,6 +8,7 @@ import torch
 from prefsculpt.concepts import sae as S
 from prefsculpt.concepts.activations import collect_activations
 from prefsculpt.concepts.config import SAEConfig
+from prefsculpt.concepts.sae_model import check_sae_fits
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.data.tokenize import tokenize_pairs
 from prefsculpt.models.loading import load_model
@@ -22,7 +23,7 @@ TEXTS = [
 
 def tiny_cfg(**kw):
     base = dict(expansion=2, k=4, training_tokens=8_192, batch_size_tokens=256, lr=3e-3, dead_feature_window=10,
-                autocast=False, seed=0)
+                autocast=False, seed=0, layer=LAYER)
     return SAEConfig(**{**base, **kw})
 
 
@@ -148,9 +149,9 @@ def test_path_source_roundtrip(tiny_cache, tmp_path):
     loaded = S.load_sae(SAEConfig(source="path", path=str(folder)))
     x = tiny_cache.acts[:50]
     assert torch.allclose(loaded.encode(x), sae.encode(x), atol=1e-5)
-    S.check_sae_fits(loaded, 32, LAYER)
+    check_sae_fits(loaded, 32)
     with pytest.raises(S.SAESourceError, match="d_in=32 but the model's residual width is 576"):
-        S.check_sae_fits(loaded, 576, LAYER)
+        check_sae_fits(loaded, 576)
 
 
 def test_path_source_errors_name_the_folder(tmp_path):
@@ -168,5 +169,6 @@ def test_pretrained_offline_error_says_what_to_do(monkeypatch):
         S.load_sae(SAEConfig(source="pretrained", release="gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre"))
     msg = str(err.value)
     assert "HF_HUB_OFFLINE=1" in msg and "sae.source=path" in msg and "save_model" in msg
+    assert "SAE.load_from_disk" in msg
     with pytest.raises(S.SAESourceError, match="needs sae.release"):
         S.load_sae(SAEConfig(source="pretrained"))

@@ -61,6 +61,15 @@ def test_evaluate_policy_against_cached_base(tiny_model_dir, other_policy, tmp_p
     assert len(table) == 8 and "text" in table.columns and "response_ids" not in table.columns
     assert table["subset"].tolist().count("in_domain") == 2
     assert "style/in_domain/stock_flattery/rate_diff" in pm and "style/in_domain/n_tokens/mean" in pm
+    # The search objectives ride along (the same keys a trial run logs), computed by hand here:
+    # off = syc/planted/p_agree_diff + 0.5 x mean |style/<f>/rate_diff| (not the in-domain ones).
+    drift = [abs(v) for k, v in pm.items() if k.startswith("style/") and k.endswith("/rate_diff")
+             and "/in_domain/" not in k]
+    assert pm["search/off_target"] == pytest.approx(pm["syc/planted/p_agree_diff"] + 0.5 * sum(drift) / len(drift))
+    assert pm["search/on_target"] == pm["cap/pref/implicit_acc"]
+    assert mlflow.get_run(pol["run_id"]).data.metrics["search/off_target"] == pytest.approx(pm["search/off_target"])
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(pol["run_id"], "evals/plots")}
+    assert "evals/plots/sycophancy_by_kind.png" in plots
 
 
 def test_bad_inputs_fail_before_any_compute_and_keep_earlier_runs(tiny_model_dir, tmp_path, mlflow_uri, monkeypatch):

@@ -126,3 +126,15 @@ def test_plots_render(hyp_table):
     fig2 = top_effects(hyp_table.sort_values("q"), k=5)
     assert len(fig2.axes[0].patches) == 5
     assert png_bytes(top_effects(hyp_table.head(0)))[:4] == b"\x89PNG"
+
+
+def test_report_has_the_metric_glossary():
+    from prefsculpt.core import glossary as G
+
+    html = render_report(synthetic_views())
+    section = html.split('<section id="glossary">')[1].split("</section>")[0]
+    rows = re.findall(r"<tr><td><code>(.*?)</code></td><td>(.*?)</td>", section)
+    assert len(rows) == len(G.ENTRIES)
+    got = dict(rows)
+    assert got["search/off_target"] == "↓ lower" and got["cap/pref/implicit_acc"] == "↑ higher"
+    assert got["{split}/n_pairs"] == "–"

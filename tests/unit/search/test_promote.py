@@ -96,6 +96,10 @@ def test_alias_moves_only_when_gates_pass(mlflow_uri, tmp_path):
     assert v1.tags["prefsculpt.audit_run_id"] == "a" * 32 and v1.tags["prefsculpt.decisions_hash"] == "d" * 64
     assert float(v1.tags["prefsculpt.syc_increase"]) == pytest.approx(0.06)
     assert float(v1.tags["prefsculpt.baseline_syc_increase"]) == pytest.approx(0.20)
+    # the version explains itself: headline metrics with their direction, and the glossary
+    assert "trial 1 (latent:1 score suppress λ=1). All promotion gates passed." in v1.description
+    assert "| `search/off_target` | 0.08 | ↓ lower |" in v1.description
+    assert "- `search/on_target` (↑ higher): objective: on-target" in v1.description
 
     # 2. fails the baseline gates: becomes candidate, champion stays; the refusal names gates and margins
     fake_search("s2", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.15, 0.75, 0.13)], uri)
@@ -121,3 +125,106 @@ def test_alias_moves_only_when_gates_pass(mlflow_uri, tmp_path):
     assert str(client.get_model_version_by_alias(name, "champion").version) == r4["version"]
     m = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # the registered policy loads
     assert m.predict(pd.DataFrame({"q": ["x"]}))["q"].tolist() == ["x"]
+
+
+def test_candidate_and_champion_aliases_must_differ(mlflow_uri, tmp_path):
+    from prefsculpt.search.config import PromoteConfigError
+
+    with pytest.raises(PromoteConfigError, match="candidate_alias and promote.champion_alias are both 'champion'"):
+        PromoteConfig(candidate_alias="champion")
+    cfg = compose_cfg(tmp_path)
+    cfg.promote.candidate_alias = "Champion"  # aliases compare without case
+    with pytest.raises(PromoteConfigError, match="give them different names"):
+        run_promote(cfg)
+    assert mlflow.search_runs(search_all_experiments=True).empty  # refused before any run was opened
+
+
+def _logged_model() -> str:
+    mlflow.set_experiment("search-test")
+    with mlflow.start_run(run_name="train"):
+        return mlflow.pyfunc.log_model(name="policy", python_model=Echo(), pip_requirements=[]).model_uri
+
+
+def test_gates_fail_closed_when_the_champion_cannot_be_read(mlflow_uri, tmp_path, monkeypatch):
+    cfg = compose_cfg(tmp_path)
+    uri = _logged_model()
+    client = mlflow.MlflowClient()
+    fake_search("s1", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.08, 0.79, 0.06)], uri)
+    assert run_promote(cfg)["promoted"]
+    champion = str(client.get_model_version_by_alias(cfg.promote.model_name, "champion").version)
+
+    # the registry call behind the champion gates fails: the gates fail, naming the error; champion stays
+    def broken(self, name, alias):
+        raise mlflow.exceptions.MlflowException("registry unavailable (simulated)")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", broken)
+    fake_search("s2", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.01, 0.90, 0.01)], uri)  # better on both
+    r = run_promote(cfg)
+    assert not r["promoted"]
+    assert "off_target_vs_champion failed closed" in r["refusal"] and "registry unavailable (simulated)" in r["refusal"]
+    monkeypatch.undo()
+    assert str(client.get_model_version_by_alias(cfg.promote.model_name, "champion").version) == champion
+    tags = client.get_model_version(cfg.promote.model_name, r["version"]).tags
+    assert tags["prefsculpt.promote_decision"] == "refused" and tags["prefsculpt.gates"] == "failed"
+    assert tags["prefsculpt.previous_champion"] == "unreadable"
+    assert tags["prefsculpt.gate.on_target_vs_champion"].startswith("FAIL (MlflowException: registry unavailable")
+
+
+def test_a_gate_on_a_missing_metric_fails_closed():
+    gates = baseline_gates({"syc_increase": float("nan"), "on_target": 0.9}, BASE, 0.5, 0.03)
+    assert [g.passed for g in gates] == [False, True] and "not a finite number" in gates[0].error
+    broken = baseline_gates({"on_target": 0.9}, BASE, 0.5, 0.03)  # no syc_increase at all
+    assert [g.passed for g in broken] == [False, False] and all("KeyError" in g.error for g in broken)
+    assert "sycophancy_vs_baseline failed closed" in refusal_message(broken)
+
+
+def test_two_racing_promotes_leave_champion_on_the_better_version(mlflow_uri, tmp_path, monkeypatch):
+    """Both read 'no champion' before either writes unless promotion is serialised: the read of the
+    champion is slowed, the worse pick's most, so without the lock it would write last and win."""
+    import threading
+    import time
+
+    import prefsculpt.stages.promote as stage
+
+    uri = _logged_model()
+    good = fake_search("good", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.05, 0.81, 0.04)], uri)
+    bad = fake_search("bad", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.08, 0.79, 0.06)], uri)
+    real = stage.read_champion
+
+    def slow_read(name, alias, cand, tol):
+        out = real(name, alias, cand, tol)
+        time.sleep(0.5 if cand["off_target"] < 0.06 else 2.0)
+        return out
+
+    monkeypatch.setattr(stage, "read_champion", slow_read)
+    results, errors = {}, []
+
+    def promote(label, search_run):
+        try:
+            cfg = compose_cfg(tmp_path)
+            cfg.promote.search_run_id = search_run
+            results[label] = run_promote(cfg)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=a) for a in (("bad", bad), ("good", good))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    client = mlflow.MlflowClient()
+    name = str(compose_cfg(tmp_path).promote.model_name)
+    vg, vb = results["good"]["version"], results["bad"]["version"]
+    assert vg != vb and str(client.get_model_version_by_alias(name, "champion").version) == vg
+    tg, tb = client.get_model_version(name, vg).tags, client.get_model_version(name, vb).tags
+    assert tg["prefsculpt.promote_decision"] == "champion"
+    # each decided after seeing the other's outcome: serialised, whichever went first
+    if tb["prefsculpt.promote_decision"] == "champion":  # bad first, then good beat it
+        assert tb["prefsculpt.previous_champion"] == "none" and tg["prefsculpt.previous_champion"] == vb
+    else:  # good first, bad refused against it
+        assert tb["prefsculpt.promote_decision"] == "refused" and tb["prefsculpt.previous_champion"] == vg
+        assert "off_target_vs_champion failed by 0.0300" in tb["prefsculpt.refusal"]
+        assert tg["prefsculpt.previous_champion"] == "none"
+    lock = client.get_run(results["good"]["run_id"]).data.tags["prefsculpt.promote_lock"]
+    assert lock.startswith("file lock on ") and lock.split(" on ")[1].startswith(str(tmp_path / "mlflow.db"))

@@ -115,13 +115,21 @@ def test_run_search_records_failure_goes_on_and_logs_pareto(mlflow_uri, tmp_path
     assert by_num[0].data.tags["prefsculpt.baseline"] == "true"
     assert by_num[0].data.params["shape/length"] == "False"  # params readable in the UI
     assert all("search/off_target" in by_num[i].data.metrics for i in (0, 2, 3))
+    # A trial run carries its evaluate run's metrics (same keys, same values) beside the objectives,
+    # so the UI's compare view lines trials and evaluations up.
+    for i in (0, 2, 3):
+        ev = client.get_run(by_num[i].data.tags["prefsculpt.eval_run_id"]).data.metrics
+        assert ev and all(by_num[i].data.metrics[k] == pytest.approx(v) for k, v in ev.items())
+        assert set(by_num[i].data.metrics) == set(ev) | {"search/off_target", "search/on_target",
+                                                         "search/syc_increase", "search/style_drift"}
 
     table = mlflow.load_table("search/pareto.json", run_ids=[out["run_id"]])
     trials = mlflow.load_table("search/trials.json", run_ids=[out["run_id"]])
     done = trials[trials["state"] == "COMPLETE"]
     expect = done[pareto_mask(done["off_target"], done["on_target"])]
     assert sorted(table["trial"]) == sorted(expect["trial"]) and len(table) >= 1
-    assert "search/pareto.png" in {a.path for a in client.list_artifacts(out["run_id"], "search")}
+    assert {"search/pareto.png", "search/parallel_coordinates.png"} <= {
+        a.path for a in client.list_artifacts(out["run_id"], "search")}
 
     # A second worker on the finished study runs nothing; raising n_trials tops up without a 2nd baseline.
     again = run_search(cfg, runner=FakeRunner())

@@ -126,8 +126,11 @@ def test_ablate_trains_with_hook_and_saved_policy_runs_without(tiny_model_dir, t
     saved = load_model(out["policy_dir"])
     assert not any(m._forward_hooks for m in saved.modules())
     pyf = mlflow.pyfunc.load_model(out["model_uri"])
-    gen = pyf.predict(["What is 7 times 8?"], params={"max_new_tokens": 4})
-    assert len(gen) == 1 and isinstance(gen[0], str)
+    gen = pyf.predict({"messages": [{"role": "user", "content": "What is 7 times 8?"}], "max_tokens": 4})
+    assert len(gen) == 1 and gen[0]["usage"]["completion_tokens"] <= 4
+    assert isinstance(gen[0]["choices"][0]["message"]["content"], str)
+    lm = mlflow.get_logged_model(out["model_uri"].removeprefix("models:/"))
+    assert lm.tags["prefsculpt.train_run_id"] == out["run_id"] and "named:marker" in lm.tags["prefsculpt.shaping"]
 
 
 def make_pairs_marker_rejected(n: int, offset: int = 0):
