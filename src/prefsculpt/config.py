@@ -30,8 +30,9 @@ class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
     #: Where converted models live; null = ``$PREFSCULPT_CACHE/models`` or ``~/.cache/prefsculpt/models``.
     cache_dir: str | None = None
-    #: Weights dtype for loading (float32 | bfloat16).
-    dtype: str = "float32"
+    #: Weights dtype for inference (auto | float32 | bfloat16 | float16); ``auto`` = bfloat16 on a GPU
+    #: with bf16, else float32. Training keeps float32 master weights unless this names a dtype.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -127,6 +128,9 @@ class RootConfig:
     named_concepts: list[NamedConceptConfig] = field(default_factory=list)
     #: Global seed (torch, numpy, python).
     seed: int = 0
+    #: Where every stage runs its models: auto (cuda, then mps, then cpu) | cuda | cuda:1 | mps | cpu.
+    #: Training on several GPUs: ``train.strategy`` and ``train.devices``.
+    device: str = "auto"
     #: Root of prefsculpt's caches (converted models, encodings, ...); null = ``~/.cache/prefsculpt``.
     cache_dir: str | None = None
 

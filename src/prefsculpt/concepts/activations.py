@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prefsculpt.core.device import model_device, to_device
 from prefsculpt.data.tokenize import TokenizedPair
 from prefsculpt.models.hooks import truncated_forward
 
@@ -210,10 +211,11 @@ def collect_activations(
     acts = torch.empty((int(off[-1]), d), dtype=torch.float32)  # preallocated: N is known up front
     batches = length_buckets(lengths, range(len(tokenized)), batch_tokens)
     model.eval()
+    dev = model_device(model)
     with torch.inference_mode():
         for n_done, idx in enumerate(batches, 1):
-            batch = pack_pairs([tokenized[i] for i in idx], pad_id)
-            h = packed_forward(model, batch, layer).float()  # (B, T, d)
+            batch = to_device(pack_pairs([tokenized[i] for i in idx], pad_id), dev)
+            h = packed_forward(model, batch, layer).float().cpu()  # (B, T, d)
             for b, i in enumerate(idx):
                 acts[off[i] : off[i + 1]] = h[b, : lengths[i]]
             if n_done % 20 == 0 or n_done == len(batches):

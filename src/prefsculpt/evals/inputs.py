@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from prefsculpt.core.errors import UserError
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.evals.style import load_prompts
 from prefsculpt.evals.sycophancy import ABItem, MCItem, load_bct, load_opinion_ab
@@ -71,6 +73,44 @@ def training_prompts(cfg: DictConfig) -> set[str]:
     return {p.prompt_text() for p in load_source(cfg.data).pairs}
 
 
+#: The opinion A/B sample shipped inside the package (licence: evals/data/ATTRIBUTION.md).
+SHIPPED_OPINION = Path(__file__).resolve().parent / "data" / "anthropic_sycophancy_150.json"
+SHIPPED_MODES = ("auto", "on", "off")
+
+
+def shipped_opinion_paths(cfg: DictConfig) -> list[str]:
+    """``[SHIPPED_OPINION]`` when ``eval.sycophancy.shipped`` asks for it (``auto``: own data only)."""
+    mode = str(cfg.eval.sycophancy.get("shipped", "auto"))
+    if mode not in SHIPPED_MODES:
+        raise UserError(f"eval.sycophancy.shipped={mode!r}: use one of {list(SHIPPED_MODES)}")
+    if mode == "off" or (mode == "auto" and not cfg.data.path):
+        return []
+    if not SHIPPED_OPINION.is_file():
+        raise UserError(f"the packaged sycophancy set {SHIPPED_OPINION} is missing (an install without package "
+                        "data?): reinstall prefsculpt, or set eval.sycophancy.shipped=off and give "
+                        "eval.sycophancy.opinion_paths")
+    return [str(SHIPPED_OPINION)]
+
+
+def heldout_pairs(cfg: DictConfig, n: int) -> list[PreferencePair]:
+    """The first ``n`` pairs of your data's ``eval.capability.heldout_split`` (the same deterministic
+    split training draws its ``train`` pairs from, so none of them was trained on)."""
+    from prefsculpt.data.source import load_source
+    from prefsculpt.data.splits import SPLITS, split_pairs
+
+    split = str(cfg.eval.capability.get("heldout_split", "test"))
+    if split not in SPLITS or split == str(cfg.train.split if "train" in cfg else "train"):
+        raise UserError(f"eval.capability.heldout_split={split!r}: use a split of {list(SPLITS)} other than the "
+                        "training split")
+    fractions = {s: float(cfg.data.split[s]) for s in SPLITS}
+    pairs = split_pairs(load_source(cfg.data).pairs, fractions, salt=str(cfg.data.split.salt))[split]
+    if not pairs:
+        raise UserError(f"the {split} split of {cfg.data.path} is empty, so preference accuracy (the on-target "
+                        f"objective) cannot be measured: give it a share (data.split.{split}=0.1), use more rows "
+                        "(data.limit), or set eval.capability.clean_pairs=0")
+    return pairs[:n]
+
+
 def load_inputs(cfg: DictConfig) -> EvalInputs:
     from prefsculpt.data.planted import make_probes
 
@@ -84,7 +124,7 @@ def load_inputs(cfg: DictConfig) -> EvalInputs:
     if "sycophancy" in evals:
         if sy.planted_probes:
             inp.planted_probes = make_probes("sycophancy", int(sy.planted_probes), int(ec.seed), exclude)
-        inp.opinion = _stem_keys(list(sy.opinion_paths), load_opinion_ab, sy.max_items)
+        inp.opinion = _stem_keys([*shipped_opinion_paths(cfg), *sy.opinion_paths], load_opinion_ab, sy.max_items)
         inp.suggested = _stem_keys(list(sy.suggested_paths), load_bct, sy.max_items)
         inp.are_you_sure = _stem_keys(list(sy.are_you_sure_paths), load_bct, sy.max_items)
     if evals & {"style", "shift"} or ("capability" in evals and cap.kl):
@@ -100,10 +140,12 @@ def load_inputs(cfg: DictConfig) -> EvalInputs:
             from prefsculpt.data.source import load_clean_split
 
             inp.clean_pairs = load_clean_split(cfg.data)[: int(cap.clean_pairs)]
+        elif cap.clean_pairs:  # your own data: its held-out split (the same `preference` table)
+            inp.clean_pairs = heldout_pairs(cfg, int(cap.clean_pairs))
         if cap.known_answer:
             inp.known_answer = make_probes("known_answer", int(cap.known_answer), int(ec.seed), exclude)
     log.info("evaluate inputs: %d planted probes, %d opinion, %d suggested, %d are-you-sure, %d style prompts, "
-             "%d clean pairs, %d known-answer", len(inp.planted_probes), sum(map(len, inp.opinion.values())),
+             "%d held-out pairs, %d known-answer", len(inp.planted_probes), sum(map(len, inp.opinion.values())),
              sum(map(len, inp.suggested.values())), sum(map(len, inp.are_you_sure.values())), len(inp.style_prompts),
              len(inp.clean_pairs), len(inp.known_answer))
     return inp

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -29,6 +30,7 @@ from prefsculpt.search.promote import (
     read_trials,
     refusal_message,
     register,
+    skipped_gates,
 )
 from prefsculpt.tracking.runs import stage_run
 
@@ -55,8 +57,9 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
         champ_mv, champ = champion_metrics(name, str(pc.champion_alias))
         cand = {"syc_increase": float(pick.syc_increase), "on_target": float(pick.on_target),
                 "off_target": float(pick.off_target)}
-        gates = baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance)) + champion_gates(
-            cand, champ, float(pc.champion_tolerance))
+        skipped = skipped_gates(cand, base)  # a metric the data cannot produce: recorded, never a pass
+        gates = [g for g in baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance))
+                 if g.name not in skipped] + champion_gates(cand, champ, float(pc.champion_tolerance))
         refusal = refusal_message(gates, str(pc.champion_alias))
         mv = register(name, pick)
         client = mlflow.MlflowClient()
@@ -68,7 +71,8 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
                 Tag.SYC_INCREASE: f"{cand['syc_increase']:.6g}", Tag.BASELINE_SYC_INCREASE: f"{base['syc_increase']:.6g}",
                 Tag.BASELINE_ON_TARGET: f"{base['on_target']:.6g}", Tag.BASELINE_TRIAL_RUN: str(b.run_id),
                 Tag.GATES: "passed" if refusal is None else "failed",
-                **{f"{Tag.GATE_PREFIX}{g.name}": f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})" for g in gates}}
+                **{f"{Tag.GATE_PREFIX}{g.name}": f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})" for g in gates},
+                **{f"{Tag.GATE_PREFIX}{n}": why for n, why in skipped.items()}}
         for k, v in tags.items():
             client.set_model_version_tag(name, mv.version, k, str(v))
         client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
@@ -80,17 +84,18 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
             log.warning("promote: %s version %s is %s; %s", name, mv.version, pc.candidate_alias, refusal)
         mlflow.set_tags({Tag.MODEL_NAME: name, Tag.MODEL_VERSION: str(mv.version), Tag.PROMOTED: str(refusal is None).lower(),
                          Tag.SEARCH_RUN: search.info.run_id, **({Tag.REFUSAL: refusal[:5000]} if refusal else {})})
-        mlflow.log_metrics({"promote/off_target": cand["off_target"], "promote/on_target": cand["on_target"],
-                            "promote/syc_increase": cand["syc_increase"], "promote/promoted": float(refusal is None),
-                            "promote/baseline_syc_increase": base["syc_increase"],
-                            "promote/baseline_on_target": base["on_target"]})
+        figures = {"promote/off_target": cand["off_target"], "promote/on_target": cand["on_target"],
+                   "promote/syc_increase": cand["syc_increase"], "promote/promoted": float(refusal is None),
+                   "promote/baseline_syc_increase": base["syc_increase"], "promote/baseline_on_target": base["on_target"]}
+        mlflow.log_metrics({k: v for k, v in figures.items() if math.isfinite(v)})  # an unmeasured one stays out
         mlflow.log_table(pd.DataFrame([asdict(g) for g in gates]), "promote/gates.json")
         mlflow.log_table(trials, "promote/trials.json")
         mlflow.log_text(json.dumps({"pick": int(pick.trial), "version": str(mv.version), "refusal": refusal,
-                                    "gates": [g.text() for g in gates]}, indent=2), "promote/decision.json")
+                                    "gates": [g.text() for g in gates], "skipped": skipped}, indent=2),
+                      "promote/decision.json")
         attach_artifacts(pick.audit_run_id, pick.eval_run_id)
     result = {"run_id": run.info.run_id, "model_name": name, "version": str(mv.version), "trial": int(pick.trial),
-              "promoted": refusal is None, "refusal": refusal, "gates": [asdict(g) for g in gates],
+              "promoted": refusal is None, "refusal": refusal, "gates": [asdict(g) for g in gates], "skipped": skipped,
               "previous_champion": None if champ_mv is None else str(champ_mv.version)}
     if refusal is not None and pc.fail_on_refusal:
         raise PromotionRefused(refusal)

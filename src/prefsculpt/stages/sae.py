@@ -38,6 +38,7 @@ from prefsculpt.concepts.sae import (
     sae_quality,
     select_training_tokens,
 )
+from prefsculpt.core.device import resolve_dtype, select_device
 from prefsculpt.core.files import json_digest, model_fingerprint
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
@@ -81,7 +82,9 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     model_id = model_fingerprint(model_dir)
     tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, str(cfg.model.dtype)).eval()
+    device = select_device(str(cfg.device))
+    dtype = resolve_dtype(str(cfg.model.dtype), device)
+    model = load_model(model_dir, dtype).eval().to(device)
     n_layers = len(model.model.layers)
     if not 0 <= layer < n_layers:
         raise SAESourceError(f"sae.layer={layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
@@ -90,7 +93,8 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     cache, act_hit = get_activations(model, tokenized, tok, layer, int(cfg.encode.batch_tokens),
-                                      bool(cfg.sae.cache_activations), root, model_id)
+                                      bool(cfg.sae.cache_activations), root,
+                                      model_id if dtype == "float32" else f"{model_id}:{dtype}")
     timings["time/collect_seconds"] = time.perf_counter() - t0
     train_cache, held_cache = subset(cache, rows["train"]), subset(cache, rows[held_split])
 
@@ -125,7 +129,7 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     scores_key = json_digest(sae_digest(sae), pairs_digest_tokens(tokenized), layer,
                          [(c.name, c.bias, c.vector.tolist()) for c in named])
-    scores_dir = encode_pairs(model, sae, tokenized, root / "scores" / scores_key, cfg.encode, layer,
+    scores_dir = encode_pairs(model, sae, tokenized, root / "scores" / scores_key, cfg.encode, layer, device=device,
                               extra_directions=directions, activations=cache, tokenizer=tok)
     timings["time/encode_seconds"] = time.perf_counter() - t0
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from prefsculpt.core.device import model_device, to_device
 from prefsculpt.core.files import file_sha256
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.data.tokenize import TokenizedPair
@@ -119,17 +120,18 @@ class RefContext:
         out = {s: torch.zeros(len(tokenized), dtype=torch.float64) for s in ("chosen", "rejected")}
         rows: list[torch.Tensor | None] = [None] * len(tokenized)
         lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in tokenized]
+        dev = model_device(self.model)
         for idx in length_batches(lengths, self.batch_tokens):
-            batch = pack_pairs([tokenized[i] for i in idx], pad)
+            batch = to_device(pack_pairs([tokenized[i] for i in idx], pad), dev)
             with contextlib.ExitStack() as stack:
                 if hooks:
                     stack.enter_context(hooks(self.model))
                 cap = stack.enter_context(capture_residual(self.model, capture)) if capture is not None else None
-                lp = packed_logps(self.model, batch).double()  # (2b,)
+                lp = packed_logps(self.model, batch).float().cpu().double()  # (2b,); no float64 on mps
             out["chosen"][idx], out["rejected"][idx] = lp[: len(idx)], lp[len(idx) :]
             if cap:
                 for j, i in enumerate(idx):
-                    rows[i] = cap[-1][j, : lengths[i]].clone()
+                    rows[i] = cap[-1][j, : lengths[i]].cpu().clone()
         if capture is not None:
             self._trunk = _flat_trunk(rows, tokenized)
         return out["chosen"], out["rejected"]
@@ -149,12 +151,13 @@ class RefContext:
             pad = self.tokenizer.pad_token_id or 0
             rows: list[torch.Tensor | None] = [None] * len(self.tokenized)
             lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in self.tokenized]
+            dev = model_device(self.model)
             for idx in length_batches(lengths, self.batch_tokens):
-                b = pack_pairs([self.tokenized[i] for i in idx], pad)
+                b = to_device(pack_pairs([self.tokenized[i] for i in idx], pad), dev)
                 h = truncated_forward(self.model, b["input_ids"], b["attention_mask"], self.trunk_layer,
                                       position_ids=b["position_ids"])
                 for j, i in enumerate(idx):
-                    rows[i] = h[j, : lengths[i]].clone()
+                    rows[i] = h[j, : lengths[i]].cpu().clone()
             self._trunk = _flat_trunk(rows, self.tokenized)
         return self._trunk
 
