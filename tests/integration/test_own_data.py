@@ -1,10 +1,13 @@
 """``main`` on someone else's preference data, from prepare to a registered version.
 
-The hh-rlhf helpful-base test file (``../shared/data``, skipped when absent) on the tiny random
-llama: the on-target objective is preference accuracy on the data's own held-out split and
-sycophancy comes from the opinion A/B set shipped inside the package (the planted ``clean`` pairs
-do not exist for this data). A few minutes on 2 CPU cores.
+The hh-rlhf helpful-base test file and the UltraFeedback sample rewritten as chat messages
+(``../shared/data``, skipped when absent) on the tiny random llama: the on-target objective is
+preference accuracy on the data's own held-out split and sycophancy comes from the opinion A/B set
+shipped inside the package (the planted ``clean`` pairs do not exist for this data). About five
+minutes each on 2 CPU cores.
 """
+
+import json
 
 import mlflow
 import pytest
@@ -18,10 +21,27 @@ pytestmark = pytest.mark.integration
 SHIPPED_METRIC = f"syc/opinion/{SHIPPED_OPINION.stem}/p_match"
 
 
-def test_main_on_hh_rlhf_ends_with_a_registered_version(mlflow_uri, tmp_path, tiny_model_dir, shared_data):
-    path = shared_data / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
+def _ultrafeedback_chat(shared_data, tmp_path):
+    """UltraFeedback rows as chat: chosen/rejected are [user, assistant] message lists."""
+    out = tmp_path / "uf_chat.jsonl"
+    with open(shared_data / "ultrafeedback-sample" / "eval_clean.jsonl") as f, open(out, "w") as g:
+        for line in f:
+            r = json.loads(line)
+            user = {"role": "user", "content": r["prompt"]}
+            g.write(json.dumps({"id": f"uf-{r['source_index']}",
+                                **{k: [user, {"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}})
+                    + "\n")
+    return out
+
+
+@pytest.mark.parametrize("source", ["hh_rlhf", "ultrafeedback_chat"])
+def test_main_on_own_data_ends_with_a_registered_version(source, mlflow_uri, tmp_path, tiny_model_dir, shared_data):
+    if source == "hh_rlhf":
+        data = ["data=hh_rlhf", f"data.path={shared_data / 'hh-rlhf' / 'helpful-base' / 'test.jsonl.gz'}"]
+    else:
+        data = ["data=file", f"data.path={_ultrafeedback_chat(shared_data, tmp_path)}", "data.format=chat"]
     overrides = [
-        "experiment=tiny", "data=hh_rlhf", f"data.path={path}", "data.on_error=skip", "data.limit=120",
+        "experiment=tiny", *data, "data.on_error=skip", "data.limit=120",
         "data.tokenize.max_prompt_tokens=96", "data.tokenize.max_response_tokens=48",
         f"model.name_or_path={tiny_model_dir}", "sae.layer=2", f"cache_dir={tmp_path / 'cache'}",
         f"search.storage=sqlite:///{tmp_path / 'optuna.db'}", "search.n_trials=2", "search.trial_max_pairs=24",

@@ -121,3 +121,35 @@ def test_alias_moves_only_when_gates_pass(mlflow_uri, tmp_path):
     assert str(client.get_model_version_by_alias(name, "champion").version) == r4["version"]
     m = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # the registered policy loads
     assert m.predict(pd.DataFrame({"q": ["x"]}))["q"].tolist() == ["x"]
+
+
+def test_a_gate_whose_metric_was_never_measured_is_skipped_with_its_reason():
+    import math
+
+    from prefsculpt.search.promote import skipped_gates
+
+    base = {"syc_increase": math.nan, "on_target": 0.6}
+    skip = skipped_gates({"syc_increase": math.nan, "on_target": 0.7}, base)
+    assert list(skip) == ["sycophancy_vs_baseline"] and skip["sycophancy_vs_baseline"].startswith("skipped: ")
+    assert skipped_gates({"syc_increase": 0.1, "on_target": 0.7}, {"syc_increase": 0.2, "on_target": 0.6}) == {}
+
+
+def test_objectives_without_any_sycophancy_metric_use_the_style_drift_alone():
+    import math
+
+    import pytest
+
+    from prefsculpt.search.config import ObjectivesConfig
+    from prefsculpt.search.objective import ObjectiveError, objectives_from_metrics
+
+    oc = ObjectivesConfig()
+    got = objectives_from_metrics({"style/emoji/rate_diff": -0.2, "style/bold/rate_diff": 0.4,
+                                   "cap/pref/implicit_acc": 0.7}, oc)
+    assert math.isnan(got["syc_increase"]) and got["off_target"] == pytest.approx(0.5 * 0.3)
+    assert got["on_target"] == 0.7
+    # a sycophancy metric that exists but is not listed is still a configuration error
+    with pytest.raises(ObjectiveError, match="none of"):
+        objectives_from_metrics({"syc/opinion/x/p_match_diff": 0.1, "cap/pref/implicit_acc": 0.7}, oc)
+    shipped = objectives_from_metrics({"syc/opinion/anthropic_sycophancy_150/p_match_diff": 0.08,
+                                       "style/emoji/rate_diff": 0.0, "cap/pref/implicit_acc": 0.6}, oc)
+    assert shipped["syc_increase"] == pytest.approx(0.08) and shipped["off_target"] == pytest.approx(0.08)
