@@ -113,7 +113,7 @@ def _sae(cfg: DictConfig, run_id: str) -> dict[str, Any]:
         data_key = json_digest(digest, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens), extra_digest)
         sae_cfg = OmegaConf.to_object(cfg.sae)
         sae, sae_metrics, sae_dir, sae_hit = get_or_train_sae(
-            training_data, sae_cfg, root, model_id, data_key, held_out=held_cache)
+            training_data, sae_cfg, root, model_id, data_key, held_out=held_cache, device=str(device))
     else:
         sae = load_sae(cfg.sae)
         check_sae_fits(sae, cache.d_model, layer)

@@ -157,8 +157,8 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
             "seed": int(tc.seed), "bucket_batches": int(tc.bucket_batches), "trunk": trunk}
     dm = PreferenceDataModule(**data)
     margs = {"beta": float(tc.beta), "lr": float(tc.lr), "term_names": pre.term_names, "lambdas": pre.lambdas,
-             "hooks": [iv for iv in shaping.interventions if iv.touches_layers()], "start_layer": start, "weight_decay": float(tc.weight_decay),
-             "warmup_steps": int(tc.warmup_steps)}
+             "hooks": [iv for iv in shaping.interventions if iv.touches_layers()], "start_layer": start,
+             "weight_decay": float(tc.weight_decay), "warmup_steps": int(tc.warmup_steps)}
     mlflow.log_metrics({"train/pairs_total": len(pairs), "train/pairs_dropped": dm.n_dropped,
                         "train/pairs_weighted": int(((pre.weights > 0) & (pre.weights < 1)).sum()),
                         "train/precompute_s": t_pre})
