@@ -56,7 +56,7 @@ def main() -> int:
     if not args.skip_pipeline:
         out, wall = stage("main", ["experiment=tiny", *common, f"search.storage=sqlite:///{work / 'optuna.db'}"])
         res["tiny_pipeline_s"] = wall
-        res["tiny_pipeline_promoted_version"] = out.get("stages", {}).get("promote")
+        res["tiny_pipeline_promote_run"] = out.get("stages", {}).get("promote")
         print(f"tiny pipeline ({device}): {wall:.1f} s", flush=True)
     for name, extra in (("plain", ["shaping.concepts=[]"]), ("shaped", ["shaping=tiny"])):
         out, wall = stage("train", [*common, *DPO, f"train.max_pairs={PAIRS[device]}", *extra])
