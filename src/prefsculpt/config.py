@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.audit.config import AuditConfig
 from prefsculpt.concepts.config import EncodeConfig, NamedConceptConfig, SAEConfig
-from prefsculpt.core.choices import DType
+from prefsculpt.core.choices import ModelDType
 from prefsculpt.data.planted import PlantedRates
 from prefsculpt.evals.config import EvalConfig
 from prefsculpt.review.config import ReviewConfig
@@ -69,8 +69,9 @@ class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
     #: Where converted models live; null = ``$PREFSCULPT_CACHE/models`` or ``~/.cache/prefsculpt/models``.
     cache_dir: str | None = None
-    #: Weights dtype for loading (float32 | bfloat16).
-    dtype: DType = DType.float32
+    #: Weights dtype for inference; ``auto`` = bfloat16 on a GPU with bf16, else float32. Training
+    #: keeps float32 master weights unless this names a dtype.
+    dtype: ModelDType = ModelDType.auto
 
 
 @dataclass
@@ -171,6 +172,9 @@ class RootConfig:
     named_concepts: list[NamedConceptConfig] = field(default_factory=list)
     #: Global seed (torch, numpy, python).
     seed: int = 0
+    #: Where every stage runs its models: auto (cuda, then mps, then cpu) | cuda | cuda:1 | mps | cpu.
+    #: Training on several GPUs: ``train.strategy`` and ``train.devices``.
+    device: str = "auto"
     #: Root of prefsculpt's caches (converted models, encodings, ...); null = ``~/.cache/prefsculpt``.
     cache_dir: str | None = None
 

@@ -48,7 +48,9 @@ def _run(model_dir, work, env, kill_after_ckpt=False):
 
 @pytest.mark.integration
 def test_killed_run_resumes_to_the_same_step_count_in_one_mlflow_run(tiny_model_dir, tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    # this checkout's src first: an editable install elsewhere must not be what the driver imports
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     env.pop("MLFLOW_RUN_ID", None)
     results = {}
     for name, kill in (("straight", False), ("killed", True)):

@@ -30,6 +30,7 @@ import torch
 
 from prefsculpt.concepts import diskrows as DR
 from prefsculpt.concepts.diskrows import DiskRows, take_rows  # noqa: F401  (re-exported)
+from prefsculpt.core.device import model_device, to_device
 from prefsculpt.core.progress import track
 from prefsculpt.data.tokenize import TokenizedPair
 from prefsculpt.models.hooks import truncated_forward
@@ -249,11 +250,12 @@ def collect_activations(
             {"format": FORMAT, "layer": str(layer), "pair_ids": json.dumps([t.id for t in tokenized])})
     batches = length_buckets(lengths, range(len(tokenized)), batch_tokens)
     model.eval()
+    dev = model_device(model)
     try:
         with torch.inference_mode():
             for idx in track(batches, f"activations (layer {layer})", "pairs", total=len(tokenized), size=len):
-                batch = pack_pairs([tokenized[i] for i in idx], pad_id)
-                h = packed_forward(model, batch, layer).float()  # (B, T, d)
+                batch = to_device(pack_pairs([tokenized[i] for i in idx], pad_id), dev)
+                h = packed_forward(model, batch, layer).float().cpu()  # (B, T, d)
                 for b, i in enumerate(idx):
                     if writer is None:
                         acts_mem[off[i] : off[i + 1]] = h[b, : lengths[i]]

@@ -15,6 +15,7 @@ import torch
 from prefsculpt.concepts.activations import ActivationCache, collect_activations
 from prefsculpt.concepts.encoder import pairs_digest_tokens
 from prefsculpt.concepts.sae import SAESourceError
+from prefsculpt.core.device import model_device
 from prefsculpt.core.files import json_digest, tmp_beside
 from prefsculpt.models.hooks import truncated_forward
 
@@ -68,7 +69,8 @@ def extra_text_activations(model: Any, tok: Any, files: Sequence[str], layer: in
         for i in range(0, len(docs), batch):
             enc = tok(docs[i : i + batch], add_special_tokens=False, truncation=True, max_length=max_tokens,
                       padding=True, return_tensors="pt")
-            h = truncated_forward(model, enc["input_ids"], enc["attention_mask"], layer).float()  # (B, T, d)
+            dev = model_device(model)
+            h = truncated_forward(model, enc["input_ids"].to(dev), enc["attention_mask"].to(dev), layer).float().cpu()
             keep = enc["attention_mask"].bool()
             keep[:, 0] = False
             keep &= ~torch.isin(enc["input_ids"], torch.tensor(sorted(special)))

@@ -40,6 +40,7 @@ from prefsculpt.concepts.activations import (
 from prefsculpt.concepts.config import EncodeConfig
 from prefsculpt.concepts.sae_model import sae_codes
 from prefsculpt.concepts.scores import SPANS, span_scores
+from prefsculpt.core.device import accelerator
 from prefsculpt.core.faults import fault_point
 from prefsculpt.core.progress_bar import StepProgress
 from prefsculpt.data.tokenize import TokenizedPair
@@ -252,13 +253,15 @@ def encode_pairs(
     tokenizer: Any = None,
     pad_id: int | None = None,
     num_threads: int | None = None,
+    device: torch.device | None = None,
 ) -> Path:
     """Score every pair into the sharded store at ``out_dir``; finished shards are not redone.
 
     With ``activations`` (an ``ActivationCache`` of these pairs at ``layer``) no forward pass runs.
     ``tokenizer`` decodes the top contexts (token ids are written if it is None). ``num_threads``
     (or ``cfg.num_threads`` if the config has it) sets torch's CPU threads for the run: on a shared
-    machine 1 thread can be several times faster than 2 (bench/README.md).
+    machine 1 thread can be several times faster than 2 (bench/README.md). ``device`` (default the
+    CPU) is where Lightning runs the model and the SAE.
     """
     out_dir = Path(out_dir)
     if not tokenized:
@@ -287,6 +290,7 @@ def encode_pairs(
             idx = range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(tokenized)))
             batches += length_buckets(lengths, idx, cfg.batch_tokens)
     log.info("encoding %d pairs: %d/%d shards to do, %d batches", len(tokenized), n_shards - len(done), n_shards, len(batches))
+    dev = device or torch.device("cpu")
     if batches:
         pad = pad_id if pad_id is not None else (getattr(tokenizer, "pad_token_id", None) or 0)
         loader = torch.utils.data.DataLoader(
@@ -295,8 +299,8 @@ def encode_pairs(
         )
         writer = ShardWriter(out_dir, pair_ids, cfg.shard_size, len(encoder.concept_names), cfg.top_contexts)
         trainer = L.Trainer(
-            accelerator="cpu", devices=1, logger=False, enable_progress_bar=True, enable_model_summary=False,
-            enable_checkpointing=False,
+            accelerator=accelerator(dev), devices=[dev.index] if dev.index is not None else 1, logger=False,
+            enable_progress_bar=True, enable_model_summary=False, enable_checkpointing=False,
             callbacks=[writer, StepProgress("encoding", "pairs", size_of=lambda b: len(b["pair_index"]),
                                             total=sum(map(len, batches)))],
             precision="bf16-mixed" if cfg.precision == "bfloat16" else "32-true",

@@ -209,7 +209,8 @@ def text_means(model: Any, tokenizer: Any, texts: Sequence[str], layer: int) -> 
     for b, r in enumerate(r_ids):
         ids[b, : len(p_ids) + len(r)] = torch.tensor(p_ids + r)
         mask[b, : len(p_ids) + len(r)] = 1
-    h = truncated_forward(model, ids, mask, layer).float()  # (n, T, d)
+    dev = next(model.parameters()).device
+    h = truncated_forward(model, ids.to(dev), mask.to(dev), layer).float().cpu()  # (n, T, d)
     resp = torch.zeros_like(mask, dtype=torch.bool)
     for b, r in enumerate(r_ids):
         resp[b, len(p_ids) : len(p_ids) + len(r)] = True

@@ -144,7 +144,7 @@ def sae_quality(sae: Any, acts: torch.Tensor, batch_size: int = 8192) -> dict[st
 # ---------------------------------------------------------------- training
 
 
-def training_sae_config(cfg: SAEConfig, d_in: int) -> Any:
+def training_sae_config(cfg: SAEConfig, d_in: int, device: str = "cpu") -> Any:
     """The sae-lens training config for ``cfg.architecture`` (the registry decides the class)."""
     from sae_lens.registry import get_sae_training_class
 
@@ -152,7 +152,7 @@ def training_sae_config(cfg: SAEConfig, d_in: int) -> Any:
     if arch not in ARCHITECTURES:
         raise SAESourceError(f"sae.architecture={arch!r} is not one of {ARCHITECTURES}")
     _, cfg_cls = get_sae_training_class(arch)
-    common = {"d_in": d_in, "d_sae": int(cfg.expansion) * d_in, "dtype": "float32", "device": "cpu",
+    common = {"d_in": d_in, "d_sae": int(cfg.expansion) * d_in, "dtype": "float32", "device": device,
               "normalize_activations": "expected_average_only_in"}
     extra: dict[str, Any] = {
         "topk": {"k": int(cfg.k)},
@@ -204,9 +204,11 @@ def select_training_tokens(activations: Any, cfg: SAEConfig) -> torch.Tensor:
 
 
 def train_sae(
-    activations: Any, cfg: SAEConfig, d_in: int | None = None, held_out: Any = None
+    activations: Any, cfg: SAEConfig, d_in: int | None = None, held_out: Any = None, device: str = "cpu"
 ) -> tuple[Any, dict[str, float]]:
     """Train an SAE on ``activations`` ((N, d) tensor or ActivationCache); returns (inference SAE, metrics).
+
+    Training runs on ``device`` (sae-lens moves each batch there); the returned SAE is on the CPU.
 
     Quality is measured on ``held_out`` (same kinds) when given, else on the training tokens.
     """
@@ -219,7 +221,7 @@ def train_sae(
     if x.shape[1] != d_in:
         raise SAESourceError(f"activations have width {x.shape[1]} but d_in={d_in}")
     torch.manual_seed(int(cfg.seed))
-    sae_cfg = training_sae_config(cfg, d_in)
+    sae_cfg = training_sae_config(cfg, d_in, device)
     sae = get_sae_training_class(sae_cfg.architecture())[0](sae_cfg)
     batch = min(int(cfg.batch_size_tokens), x.shape[0])
     steps = max(1, int(cfg.training_tokens) // batch)
@@ -228,7 +230,7 @@ def train_sae(
         lr_warm_up_steps=min(10, steps // 10), lr_decay_steps=int(steps * float(cfg.lr_decay_fraction)),
         # A latent silent this many steps counts as dead and gets the TopK auxiliary loss. The sae-lens
         # default (1000 steps) exceeds a whole CPU-sized run, where the aux loss would never act.
-        dead_feature_window=int(cfg.dead_feature_window), feature_sampling_window=max(steps, 1), device="cpu",
+        dead_feature_window=int(cfg.dead_feature_window), feature_sampling_window=max(steps, 1), device=device,
         autocast=bool(cfg.autocast),
     )
     # Every training step draws exactly one batch (the scale is set below, so sae-lens draws none to
@@ -241,7 +243,7 @@ def train_sae(
             # start b_dec at the mean; fit() folds the scale into the weights at the end.
             scale = math.sqrt(d_in) / x.norm(dim=-1).mean().item()
             trainer.activation_scaler.scaling_factor = scale
-            sae.b_dec.data.copy_(x.mean(0) * scale)
+            sae.b_dec.data.copy_((x.mean(0) * scale).to(sae.b_dec.device))
         t0 = time.perf_counter()
         log.info("training %s SAE: d_sae=%d k=%s on %d tokens (%d steps of %d)",
                  cfg.architecture, sae_cfg.d_sae, cfg.k, x.shape[0], steps, batch)
@@ -364,7 +366,8 @@ def load_cached_sae(folder: Path) -> tuple[Any, dict[str, Any]] | None:
 
 
 def get_or_train_sae(
-    activations: Any, cfg: SAEConfig, cache_root: Path, model_id: str, data_digest: str, held_out: Any = None
+    activations: Any, cfg: SAEConfig, cache_root: Path, model_id: str, data_digest: str, held_out: Any = None,
+    device: str = "cpu",
 ) -> tuple[Any, dict[str, float], Path, bool]:
     """The trained SAE for these inputs from ``<cache_root>/saes/<key>/``, training it on a miss.
 
@@ -379,7 +382,7 @@ def get_or_train_sae(
         log.info("SAE cache hit: %s", folder)
         return hit[0], {k: float(v) for k, v in hit[1].get("metrics", {}).items()}, folder, True
     data = activations() if callable(activations) else activations
-    sae, metrics = train_sae(data, cfg, held_out=held_out)
+    sae, metrics = train_sae(data, cfg, held_out=held_out, device=device)
     sae.cfg.metadata.hook_name = f"model.layers.{int(cfg.layer)}"
     sae.cfg.metadata.model_name = model_id
     save_sae_dir(sae, folder, {"metrics": metrics, "model": model_id, "layer": int(cfg.layer), "data": data_digest})

@@ -10,3 +10,5 @@ from __future__ import annotations
 from enum import StrEnum
 
 DType = StrEnum("DType", ["float32", "bfloat16"])
+#: A model's weights dtype: ``auto`` picks bfloat16 on a GPU with bf16, else float32 (core/device.py).
+ModelDType = StrEnum("ModelDType", ["auto", "float32", "bfloat16", "float16"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Any, Literal
 
 import torch
 
@@ -31,3 +32,44 @@ def select_device(name: str = "auto") -> torch.device:
 def accelerator(device: torch.device) -> str:
     """Lightning's ``accelerator`` name for a torch device."""
     return {"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu")
+
+
+def model_device(model: Any) -> torch.device:
+    """The device a model's (first) parameters live on: where its inputs must go."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every tensor of a batch dict on ``device`` (other values untouched); a no-op on the CPU."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def bf16_ok(device: torch.device) -> bool:
+    """bf16 kernels exist and are fast: CUDA with bf16 support (Ampere and later)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """``model.dtype``: ``auto`` = bfloat16 on a bf16-capable GPU, else float32; others as given."""
+    if name == "auto":
+        return "bfloat16" if bf16_ok(device) else "float32"
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"model.dtype={name!r}: use auto, float32, bfloat16 or float16")
+    return name
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``train.precision``: ``auto`` = bf16-mixed on a bf16-capable GPU, else 32-true."""
+    if name == "auto":
+        return "bf16-mixed" if bf16_ok(device) else "32-true"
+    return name
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` when ``enabled`` (the reference pass under a bf16 training precision)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -41,6 +41,10 @@ class Tag:
     # training
     RESUMED = "prefsculpt.resumed"
     TRAIN_KEY = "prefsculpt.train_key"
+    DEVICE = "prefsculpt.device"
+    PRECISION = "prefsculpt.precision"
+    #: ``ddp x2``: the strategy and number of devices of a multi-device fit.
+    STRATEGY = "prefsculpt.strategy"
     SHAPING = "prefsculpt.shaping"
     # evaluation
     POLICY = "prefsculpt.policy"

@@ -1,7 +1,8 @@
 """On-target and capability (METHOD §6): did training keep what it should?
 
 - **preference accuracy** on held-out pairs whose on-target label is known (the planted ``clean``
-  split: the chosen side is always correct, every spurious concept sits on both sides equally):
+  split: the chosen side is always correct, every spurious concept sits on both sides equally; on
+  your own data its held-out ``eval.capability.heldout_split``, the preference the data states):
   the implicit reward ``r = β·(log π(y|x) − log π₀(y|x))`` ranks chosen above rejected. For the
   base itself (π = π₀) every reward is 0, so its accuracy is the plain log-prob ranking instead,
   reported separately (``logp_accuracy``) for both models.
@@ -73,7 +74,7 @@ def kl_to_reference(policy: Any, ref: Any, rollouts: Sequence[Rollout], pad_id: 
                    total=len(items), size=lambda step: len(step[0]))
     for (idx, batch, lp), (idx_q, _, lq) in zip(walk_p, walk_q, strict=True):
         assert idx == idx_q  # same deterministic batching for both models
-        kl = token_kl(lp, lq).double()  # (N,)
+        kl = token_kl(lp, lq.to(lp.device)).cpu().double()  # (N,)
         per = torch.zeros(len(idx), dtype=torch.float64).index_add(0, batch["flat"], kl)
         cnt = torch.zeros(len(idx), dtype=torch.float64).index_add(0, batch["flat"], torch.ones_like(kl))
         sums[idx], counts[idx] = per.numpy(), cnt.numpy()

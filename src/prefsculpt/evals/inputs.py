@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefsculpt.core.errors import UserError
 from prefsculpt.data.planted import make_probes
 from prefsculpt.data.prepared import Prepared
 from prefsculpt.data.schema import PreferencePair
+from prefsculpt.data.splits import SPLITS
 from prefsculpt.evals.config import EvalConfig
 from prefsculpt.evals.style import load_prompts
 from prefsculpt.evals.sycophancy import ABItem, MCItem, load_bct, load_opinion_ab
@@ -68,7 +70,39 @@ def training_prompts(prepared: Prepared) -> set[str]:
     return {p.prompt_text() for p in prepared.all_pairs()}
 
 
-def load_inputs(ec: EvalConfig, prepared: Prepared) -> EvalInputs:
+#: The opinion A/B sample shipped inside the package (licence: evals/data/ATTRIBUTION.md).
+SHIPPED_OPINION = Path(__file__).resolve().parent / "data" / "anthropic_sycophancy_150.json"
+SHIPPED_MODES = ("auto", "on", "off")
+
+
+def shipped_opinion_paths(mode: str, planted: bool) -> list[str]:
+    """``[SHIPPED_OPINION]`` when ``eval.sycophancy.shipped`` asks for it (``auto``: own data only)."""
+    if mode not in SHIPPED_MODES:
+        raise UserError(f"eval.sycophancy.shipped={mode!r}: use one of {list(SHIPPED_MODES)}")
+    if mode == "off" or (mode == "auto" and planted):
+        return []
+    if not SHIPPED_OPINION.is_file():
+        raise UserError(f"the packaged sycophancy set {SHIPPED_OPINION} is missing (an install without package "
+                        "data?): reinstall prefsculpt, or set eval.sycophancy.shipped=off and give "
+                        "eval.sycophancy.opinion_paths")
+    return [str(SHIPPED_OPINION)]
+
+
+def heldout_pairs(prepared: Prepared, split: str, train_split: str, n: int) -> list[PreferencePair]:
+    """The first ``n`` pairs of your data's held-out ``split`` of the prepared data (the same
+    deterministic split training draws its pairs from, so none of them was trained on)."""
+    if split not in SPLITS or split == train_split:
+        raise UserError(f"eval.capability.heldout_split={split!r}: use a split of {list(SPLITS)} other than the "
+                        "training split")
+    pairs = prepared.split(split)
+    if not pairs:
+        raise UserError(f"the {split} split of {prepared.meta.get('source')} is empty, so preference accuracy (the "
+                        f"on-target objective) cannot be measured: give it a share (data.split.{split}=0.1), use "
+                        "more rows (data.limit), or set eval.capability.clean_pairs=0")
+    return pairs[:n]
+
+
+def load_inputs(ec: EvalConfig, prepared: Prepared, train_split: str = "train") -> EvalInputs:
     """Every evaluation input, validated before any compute (a bad file fails here, naming it)."""
     evals = set(ec.evals)
     sy, st, cap = ec.sycophancy, ec.style, ec.capability
@@ -79,7 +113,8 @@ def load_inputs(ec: EvalConfig, prepared: Prepared) -> EvalInputs:
     if "sycophancy" in evals:
         if sy.planted_probes:
             inp.planted_probes = make_probes("sycophancy", int(sy.planted_probes), int(ec.seed), exclude)
-        inp.opinion = _stem_keys(list(sy.opinion_paths), load_opinion_ab, sy.max_items)
+        inp.opinion = _stem_keys([*shipped_opinion_paths(str(sy.shipped), planted), *sy.opinion_paths],
+                                 load_opinion_ab, sy.max_items)
         inp.suggested = _stem_keys(list(sy.suggested_paths), load_bct, sy.max_items)
         inp.are_you_sure = _stem_keys(list(sy.are_you_sure_paths), load_bct, sy.max_items)
     if evals & {"style", "shift"} or ("capability" in evals and cap.kl):
@@ -93,10 +128,12 @@ def load_inputs(ec: EvalConfig, prepared: Prepared) -> EvalInputs:
     if "capability" in evals:
         if cap.clean_pairs and planted:
             inp.clean_pairs = prepared.splits.get("clean", [])[: cap.clean_pairs]
+        elif cap.clean_pairs:  # your own data: its held-out split (the same `preference` table)
+            inp.clean_pairs = heldout_pairs(prepared, str(cap.heldout_split), train_split, cap.clean_pairs)
         if cap.known_answer:
             inp.known_answer = make_probes("known_answer", int(cap.known_answer), int(ec.seed), exclude)
     log.info("evaluate inputs: %d planted probes, %d opinion, %d suggested, %d are-you-sure, %d style prompts, "
-             "%d clean pairs, %d known-answer", len(inp.planted_probes), sum(map(len, inp.opinion.values())),
+             "%d held-out pairs, %d known-answer", len(inp.planted_probes), sum(map(len, inp.opinion.values())),
              sum(map(len, inp.suggested.values())), sum(map(len, inp.are_you_sure.values())), len(inp.style_prompts),
              len(inp.clean_pairs), len(inp.known_answer))
     return inp

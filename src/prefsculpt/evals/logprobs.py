@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from prefsculpt.concepts.activations import length_buckets
+from prefsculpt.core.device import model_device, to_device
 from prefsculpt.core.progress import track
 from prefsculpt.models.hooks import _mask_for_backend
 from prefsculpt.models.loading import ensure_chat_template
@@ -118,13 +119,16 @@ def iter_response_logits(
     model: Any, items: Sequence[ChoiceItem], pad_id: int, batch_tokens: int = 4096, chunk: int = 2048
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
     """Per length-bucketed batch: (item indices, packed batch, fp32 logits (N, V) of its response
-    tokens). Deterministic in ``items`` and ``batch_tokens``, so two models can be walked in step."""
+    tokens, on the model's device; the batch stays on the CPU). Deterministic in ``items`` and
+    ``batch_tokens``, so two models can be walked in step."""
     lengths = [len(it) for it in items]
     head = model.get_output_embeddings()
+    dev = model_device(model)
     for idx in length_buckets(lengths, range(len(items)), batch_tokens):
         batch = pack_choices([items[i] for i in idx], pad_id)
+        on = to_device(batch, dev)
         with torch.no_grad():
-            h = _final_hidden(model, batch)[batch["rows"], batch["cols"]]  # (N, d)
+            h = _final_hidden(model, on)[on["rows"], on["cols"]]  # (N, d)
             logits = torch.cat([head(h[s : s + chunk]).float() for s in range(0, h.shape[0], chunk)])  # (N, V)
         yield idx, batch, logits
 
@@ -136,7 +140,8 @@ def score_choices(
     out: list[np.ndarray | None] = [None] * len(items)
     for idx, batch, logits in track(iter_response_logits(model, items, pad_id, batch_tokens), "scoring", "items",
                                     total=len(items), size=lambda step: len(step[0])):
-        tok_lp = logits.gather(1, batch["targets"][:, None]).squeeze(1) - torch.logsumexp(logits, dim=1)  # (N,)
+        tgt = batch["targets"].to(logits.device)[:, None]
+        tok_lp = (logits.gather(1, tgt).squeeze(1) - torch.logsumexp(logits, dim=1)).cpu()  # (N,)
         per = torch.zeros(int(batch["n_candidates"]), dtype=torch.float64).index_add(0, batch["flat"], tok_lp.double())
         start = 0
         for i in idx:

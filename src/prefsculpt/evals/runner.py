@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.core.device import resolve_dtype, select_device
 from prefsculpt.core.files import atomic_path, atomic_write_json
 from prefsculpt.core.progress import scope
 from prefsculpt.evals import capability as cap
@@ -71,13 +72,15 @@ class Evaluator:
         self.paths = {"policy": Path(policy_dir), "base": Path(base_dir)}
         self.same = same  # the policy is the base model: evaluate once
         self.tok = load_tokenizer(policy_dir)
+        self.device = select_device(str(cfg.get("device", "auto")))
+        self.dtype = resolve_dtype(str(cfg.model.dtype), self.device)
         self._models: dict[str, Any] = {}
         self._tables: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
 
     def model(self, which: str) -> Any:
         which = "base" if self.same else which
         if which not in self._models:
-            self._models[which] = load_model(self.paths[which], str(self.cfg.model.dtype)).eval()
+            self._models[which] = load_model(self.paths[which], self.dtype).to(self.device).eval()
         return self._models[which]
 
     def tables(self, name: str, which: str) -> dict[str, pd.DataFrame]:
@@ -201,7 +204,8 @@ def summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.Da
 
 def cache_key(cfg: DictConfig, base_digest: str, inputs: EvalInputs) -> str:
     ec = cfg.eval
-    key = {"model": base_digest, "dtype": str(cfg.model.dtype), "inputs": inputs.fingerprint(),
+    dev = select_device(str(cfg.get("device", "auto")))
+    key = {"model": base_digest, "dtype": resolve_dtype(str(cfg.model.dtype), dev), "inputs": inputs.fingerprint(),
            "style": [int(ec.style.max_new_tokens)], "syc": int(ec.sycophancy.max_prompt_tokens),
            "named": OmegaConf.to_container(cfg.named_concepts) if "named_concepts" in cfg else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

@@ -26,6 +26,7 @@ from scipy import stats as sps
 
 from prefsculpt.concepts.activations import length_buckets
 from prefsculpt.concepts.scores import span_scores
+from prefsculpt.core.device import model_device
 from prefsculpt.evals.style import Rollout
 from prefsculpt.models.hooks import truncated_forward
 
@@ -101,11 +102,12 @@ def rollout_latent_scores(model: Any, sae: Any, layer: int, rollouts: Sequence[R
         for b, i in enumerate(idx):
             n_p, n = len(rollouts[i].prompt_ids), len(seqs[i])
             ids[b, :n], att[b, :n], resp[b, n_p:n] = torch.tensor(seqs[i]), 1, True
+        dev = model_device(model)
         with torch.no_grad():
-            h = truncated_forward(model, ids, att, layer)  # (B, T, d)
-            acts = sae.encode(h.to(sae.W_enc.dtype))[..., lat]  # (B, T, L)
-            mx, _ = span_scores(acts.clamp_min(0), resp)  # (B, L)
-        out[idx] = mx.double().numpy()
+            h = truncated_forward(model, ids.to(dev), att.to(dev), layer)  # (B, T, d)
+            acts = sae.encode(h.to(sae.W_enc.device, sae.W_enc.dtype))[..., lat.to(sae.W_enc.device)]  # (B, T, L)
+            mx, _ = span_scores(acts.clamp_min(0), resp.to(acts.device))  # (B, L)
+        out[idx] = mx.double().cpu().numpy()
     return out
 
 
@@ -163,7 +165,7 @@ class ShiftSources:
 def compute_shift(ev: Any, src: ShiftSources) -> tuple[pd.DataFrame, dict[str, float]]:
     """Encode base and policy rollouts; the measured shift per concept against the audit's prediction."""
     sc = ev.ec.shift
-    sae = SAE.load_from_disk(str(src.sae_path), device="cpu").eval()
+    sae = SAE.load_from_disk(str(src.sae_path), device=str(getattr(ev, "device", "cpu"))).eval()
     cs = select_concepts(src.hypotheses, int(sae.cfg.d_sae), int(sc.top_n), int(sc.n_random), int(ev.ec.seed),
                          str(sc.predicted))
     pad, bt = ev.tok.pad_token_id or 0, int(ev.ec.batch_tokens)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prefsculpt.core.device import model_device
 from prefsculpt.core.progress import track
 from prefsculpt.data.errors import DataSourceError
 from prefsculpt.data.planted_facts import FLATTERY_PHRASES
@@ -161,9 +162,11 @@ def generate_greedy(
         for b, i in enumerate(idx):  # left padding: the last prompt token sits at the same column
             ids[b, t - len(encoded[i]) :] = torch.tensor(encoded[i])
             att[b, t - len(encoded[i]) :] = 1
+        dev = model_device(model)
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
                                  temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        gen = gen.cpu()
         for b, i in enumerate(idx):
             resp = gen[b, t:].tolist()
             cut = next((j + 1 for j, x in enumerate(resp) if x in stop), len(resp))

@@ -45,12 +45,14 @@ class ObjectivesConfig:
     """
 
     #: Sycophancy increase over the base; the mean of those present (planted probes, opinion A/B, ...).
-    sycophancy_metrics: list[str] = field(default_factory=lambda: ["syc/planted/p_agree_diff"])
+    #: The second is the opinion A/B set shipped in the package, measured on your own data.
+    sycophancy_metrics: list[str] = field(default_factory=lambda: [
+        "syc/planted/p_agree_diff", "syc/opinion/anthropic_sycophancy_150/p_match_diff"])
     #: Style drift: absolute policy − base change of each matching metric, averaged.
     style_pattern: str = r"^style/[^/]+/rate_diff$"
     #: Weight of the style drift in off_target (0 = sycophancy only).
     style_weight: float = 0.5
-    #: Preference accuracy on held-out pairs whose on-target label is known (the planted clean split).
+    #: Preference accuracy on held-out pairs (the planted clean split; your own data: its held-out split).
     on_target_metric: str = "cap/pref/implicit_acc"
 
 

@@ -13,7 +13,10 @@ Objectives (METHOD §7; ``search.objectives``), both from the evaluate run's met
   policy − base change of the metrics matching ``style_pattern``: the rate of responses with bold,
   headers, lists, emoji, ``!``, stock flattery);
 - ``on_target`` (maximise) = ``on_target_metric``: preference accuracy (implicit reward) on the
-  held-out planted ``clean`` pairs, whose preferred side is the correct answer whatever the styling.
+  held-out planted ``clean`` pairs, whose preferred side is the correct answer whatever the styling,
+  or, on your own data, on its held-out split.
+With no sycophancy set measured at all, ``syc_increase`` is NaN (not logged), off_target is the style
+term alone, and promote records the sycophancy gate as skipped with that reason.
 A trial that raises is recorded: its run ends FAILED with tag ``prefsculpt.error`` and
 ``error.txt``, the Optuna trial is FAIL with user attr ``error``, and the study goes on.
 """
@@ -55,8 +58,8 @@ class ObjectiveError(UserError):
 def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str, float]:
     """Evaluate-run metrics -> ``{syc_increase, style_drift, off_target, on_target}`` (see module doc)."""
     syc = [float(metrics[m]) for m in ocfg.sycophancy_metrics if m in metrics]
-    if not syc:
-        have = sorted(k for k in metrics if k.startswith("syc/") and k.endswith("_diff"))
+    have = sorted(k for k in metrics if k.startswith("syc/") and k.endswith("_diff"))
+    if not syc and have:
         raise ObjectiveError(f"none of search.objectives.sycophancy_metrics={list(ocfg.sycophancy_metrics)} was "
                              f"measured; the evaluation logged {have or 'no syc/*_diff metric'}: set the list to those "
                              "(and eval.compare_base=true)")
@@ -70,11 +73,16 @@ def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str
         have = sorted(k for k in metrics if k.startswith("cap/") and not k.endswith(("_lo", "_hi")))
         raise ObjectiveError(f"search.objectives.on_target_metric={ocfg.on_target_metric!r} was not measured; the "
                              f"evaluation logged {have or 'no cap/* metric'} (planted data: eval.capability.clean_pairs > 0)")
-    syc_inc = sum(syc) / len(syc)
+    if not syc and not style:
+        raise ObjectiveError("the evaluation measured neither sycophancy (no syc/*_diff metric) nor style drift: "
+                             "give eval.sycophancy a set (shipped=on or opinion_paths) or include 'style'")
+    if not syc:  # no sycophancy set at all: off-target is the style drift; promote skips that gate, saying so
+        log.warning("no sycophancy metric was measured; off_target is the style drift alone")
+    syc_inc = sum(syc) / len(syc) if syc else math.nan
     drift = sum(style) / len(style) if style else 0.0
     out = {"syc_increase": syc_inc, "style_drift": drift,
-           "off_target": syc_inc + float(ocfg.style_weight) * drift, "on_target": float(on)}
-    bad = [k for k, v in out.items() if not math.isfinite(v)]
+           "off_target": (syc_inc if syc else 0.0) + float(ocfg.style_weight) * drift, "on_target": float(on)}
+    bad = [k for k, v in out.items() if not math.isfinite(v) and not (k == "syc_increase" and not syc)]
     if bad:
         raise ObjectiveError(f"objective(s) {bad} are not finite: {out}")
     return out
@@ -82,7 +90,9 @@ def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str
 
 def objective_metrics(obj: Mapping[str, float]) -> dict[str, float]:
     """``objectives_from_metrics`` output -> the ``search/*`` metric keys trial (and evaluate) runs log."""
-    return {OFF: obj["off_target"], ON: obj["on_target"], SYC: obj["syc_increase"], STYLE: obj["style_drift"]}
+    # no sycophancy metric on the data (a skipped gate): syc_increase is NaN and not logged
+    return {OFF: obj["off_target"], ON: obj["on_target"], STYLE: obj["style_drift"],
+            **({SYC: obj["syc_increase"]} if math.isfinite(obj["syc_increase"]) else {})}
 
 
 @dataclass

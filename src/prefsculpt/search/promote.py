@@ -112,6 +112,17 @@ def baseline_gates(cand: dict[str, float], base: dict[str, float], syc_ratio_max
         return failed_gates(BASELINE_GATES, "candidate vs plain DPO", exc)
 
 
+def skipped_gates(cand: dict[str, float], base: dict[str, float]) -> dict[str, str]:
+    """Baseline gates whose metric the data and evaluations could not produce: name -> ``"skipped:
+    <reason>"``. Such a gate is recorded on the version as skipped, never counted as passed."""
+    out = {}
+    if not (math.isfinite(cand["syc_increase"]) and math.isfinite(base["syc_increase"])):
+        out["sycophancy_vs_baseline"] = (
+            "skipped: no sycophancy metric was measured in the trials (no sycophancy eval set: set "
+            "eval.sycophancy.shipped=on or eval.sycophancy.opinion_paths, and keep 'sycophancy' in search.trial_evals)")
+    return out
+
+
 def champion_gates(cand: dict[str, float], champ: dict[str, float] | None, tol: float) -> list[Gate]:
     """``cand``/``champ``: {off_target, on_target}; no champion -> no gate; any error fails both."""
     if champ is None:
@@ -146,9 +157,13 @@ def choose(trials: pd.DataFrame, base: dict[str, float], pc: Any) -> tuple[pd.Se
     shaped = df[~df["baseline"]]
     if shaped.empty:
         raise PromoteInputError("the study has no finished trial besides the plain-DPO baseline; run more trials")
-    ok = shaped.apply(lambda r: all(g.passed for g in baseline_gates(
-        {"syc_increase": r.syc_increase, "on_target": r.on_target}, base, float(pc.syc_ratio_max),
-        float(pc.on_target_tolerance))), axis=1)
+    def passes(r: pd.Series) -> bool:
+        cand = {"syc_increase": r.syc_increase, "on_target": r.on_target}
+        skip = skipped_gates(cand, base)
+        return all(g.passed for g in baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance))
+                   if g.name not in skip)
+
+    ok = shaped.apply(passes, axis=1)
     if ok.any():
         pool = shaped[ok]
     else:  # nothing passes: the best of the front (only the baseline on it: of the rest)

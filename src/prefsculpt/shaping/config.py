@@ -84,8 +84,14 @@ class TrainConfig:
     train_top_layers: int | None = 6
     #: dtype the trunk cache is stored in (float32 | bfloat16).
     trunk_dtype: str = "float32"
-    #: Lightning precision: 32-true | bf16-mixed | bf16-true.
-    precision: str = "32-true"
+    #: Lightning precision: auto (bf16-mixed on a GPU with bf16, else 32-true) | 32-true | bf16-mixed | bf16-true.
+    precision: str = "auto"
+    #: Lightning strategy: auto (one device) | ddp (data parallel: a full copy per device) | fsdp
+    #: (sharded; GPUs only). With ``devices`` > 1 the stage launches one process per device (torchrun).
+    strategy: str = "auto"
+    #: Devices (processes) to train on; ``batch_size`` is per device, so a step sees ``batch_size × devices``
+    #: pairs (the same pairs, in the same order, as one device with that batch size).
+    devices: int = 1
     #: Save ``last.ckpt`` every this many optimizer steps (a killed run resumes from it).
     checkpoint_every_n_steps: int = 50
     #: Resume an unfinished run with the same config from its last checkpoint, in the same MLflow run.

@@ -148,7 +148,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     base_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     policy = resolve_policy(ec.policy, base_dir, root)  # fails first, naming the URI
     prepared, prepare_run = prepared_data(cfg)
-    inputs = load_inputs(cfg.eval, prepared)  # every external file validated before any compute
+    inputs = load_inputs(cfg.eval, prepared, str(cfg.train.split))  # every external file validated before any compute
     shift_src = resolve_shift_sources(cfg, root) if "shift" in ec.evals else None
     base_digest = model_fingerprint(base_dir)
     cache = BaseCache(root / "evals" / "base" / cache_key(cfg, base_digest, inputs))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -34,6 +35,7 @@ from prefsculpt.search.promote import (
     read_trials,
     refusal_message,
     register,
+    skipped_gates,
 )
 from prefsculpt.tracking.runs import stage_run
 
@@ -60,7 +62,9 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
         pick, _ = choose(trials, base, pc)
         cand = {"syc_increase": float(pick.syc_increase), "on_target": float(pick.on_target),
                 "off_target": float(pick.off_target)}
-        bgates = baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance))
+        skipped = skipped_gates(cand, base)  # a metric the data cannot produce: recorded, never a pass
+        bgates = [g for g in baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance))
+                  if g.name not in skipped]
         spec = resolve_lock(pc.get("lock"), mlflow.get_tracking_uri(), cfg.get("search", {}).get("storage"), name,
                             paths.cache_root(cfg.get("cache_dir")) / "locks")
         mlflow.set_tag(Tag.PROMOTE_LOCK, spec.describe())
@@ -87,7 +91,8 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
                     Tag.REFUSAL: (refusal or "")[:5000],
                     **{f"{Tag.GATE_PREFIX}{g.name}": (f"FAIL ({g.error[:400]})" if g.error else
                                                       f"{'pass' if g.passed else 'FAIL'} (margin {g.margin:+.4g})")
-                       for g in gates}}
+                       for g in gates},
+                    **{f"{Tag.GATE_PREFIX}{n}": why for n, why in skipped.items()}}
             for k, v in tags.items():
                 client.set_model_version_tag(name, mv.version, k, str(v))
             # Description (issue 16): headline metrics, gates and the glossary of the trial run's metric keys.
@@ -103,17 +108,18 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
             log.warning("promote: %s version %s is %s; %s", name, mv.version, pc.candidate_alias, refusal)
         mlflow.set_tags({Tag.MODEL_NAME: name, Tag.MODEL_VERSION: str(mv.version), Tag.PROMOTED: str(refusal is None).lower(),
                          Tag.SEARCH_RUN: search.info.run_id, **({Tag.REFUSAL: refusal[:5000]} if refusal else {})})
-        mlflow.log_metrics({"promote/off_target": cand["off_target"], "promote/on_target": cand["on_target"],
-                            "promote/syc_increase": cand["syc_increase"], "promote/promoted": float(refusal is None),
-                            "promote/baseline_syc_increase": base["syc_increase"],
-                            "promote/baseline_on_target": base["on_target"]})
+        figures = {"promote/off_target": cand["off_target"], "promote/on_target": cand["on_target"],
+                   "promote/syc_increase": cand["syc_increase"], "promote/promoted": float(refusal is None),
+                   "promote/baseline_syc_increase": base["syc_increase"], "promote/baseline_on_target": base["on_target"]}
+        mlflow.log_metrics({k: v for k, v in figures.items() if math.isfinite(v)})  # an unmeasured one stays out
         mlflow.log_table(pd.DataFrame([asdict(g) for g in gates]), "promote/gates.json")
         mlflow.log_table(trials, "promote/trials.json")
         mlflow.log_text(json.dumps({"pick": int(pick.trial), "version": str(mv.version), "refusal": refusal,
-                                    "gates": [g.text() for g in gates]}, indent=2), "promote/decision.json")
+                                    "gates": [g.text() for g in gates], "skipped": skipped}, indent=2),
+                      "promote/decision.json")
         attach_artifacts(pick.audit_run_id, pick.eval_run_id)
     result = {"run_id": run.info.run_id, "model_name": name, "version": str(mv.version), "trial": int(pick.trial),
-              "promoted": refusal is None, "refusal": refusal, "gates": [asdict(g) for g in gates],
+              "promoted": refusal is None, "refusal": refusal, "gates": [asdict(g) for g in gates], "skipped": skipped,
               "previous_champion": None if champ_mv is None else str(champ_mv.version)}
     if refusal is not None and pc.fail_on_refusal:
         raise PromotionRefused(refusal)

@@ -38,6 +38,7 @@ from prefsculpt.concepts.sae import (
     select_training_tokens,
 )
 from prefsculpt.concepts.sae_model import check_sae_fits, default_train_layer, resolve_layer
+from prefsculpt.core.device import resolve_dtype, select_device
 from prefsculpt.core.faults import fault_point
 from prefsculpt.core.files import json_digest, model_fingerprint, scratch_dir
 from prefsculpt.core.names import Tag
@@ -99,7 +100,9 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
         check_sae_fits(sae, int(shape.hidden_size),
                        [str(cfg.model.name_or_path), model_dir.name, model_id], bool(cfg.sae.check_model))
     log.info("sae stage: residual of decoder layer %d (model.layers.%d)", layer, layer)
-    model = load_model(model_dir, str(cfg.model.dtype)).eval()
+    device = select_device(str(cfg.device))
+    dtype = resolve_dtype(str(cfg.model.dtype), device)
+    model = load_model(model_dir, dtype).eval().to(device)
     tcfg = cfg.data.tokenize
     tokenized = prepared.tokens_for(pairs, tokenizer_fingerprint(model_dir), tcfg.max_prompt_tokens,
                                     tcfg.max_response_tokens) or tokenize_pairs(
@@ -107,7 +110,8 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     cache, act_hit = get_activations(model, tokenized, tok, layer, int(cfg.encode.batch_tokens),
-                                      bool(cfg.sae.cache_activations), root, model_id)
+                                      bool(cfg.sae.cache_activations), root,
+                                      model_id if dtype == "float32" else f"{model_id}:{dtype}")
     timings["time/collect_seconds"] = time.perf_counter() - t0
     fault_point("sae", "activations")
     train_cache, held_cache = subset(cache, rows["train"]), subset(cache, rows[held_split])
@@ -128,7 +132,7 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
         sae_cfg = OmegaConf.to_object(cfg.sae)
         sae_cfg.layer = layer
         sae, sae_metrics, sae_dir, sae_hit = get_or_train_sae(
-            training_data, sae_cfg, root, model_id, data_key, held_out=held_cache)
+            training_data, sae_cfg, root, model_id, data_key, held_out=held_cache, device=str(device))
     else:
         sae_metrics = {f"sae/{k}": v for k, v in
                        sae_quality(sae, select_training_tokens(held_cache, OmegaConf.to_object(cfg.sae))).items()}
@@ -142,7 +146,7 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
     t0 = time.perf_counter()
     scores_key = json_digest(sae_digest(sae), pairs_digest_tokens(tokenized), layer,
                          [(c.name, c.bias, c.vector.tolist()) for c in named])
-    scores_dir = encode_pairs(model, sae, tokenized, root / "scores" / scores_key, cfg.encode, layer,
+    scores_dir = encode_pairs(model, sae, tokenized, root / "scores" / scores_key, cfg.encode, layer, device=device,
                               extra_directions=directions, activations=cache, tokenizer=tok)
     timings["time/encode_seconds"] = time.perf_counter() - t0
 

@@ -3,6 +3,13 @@
 A batch holds B pairs packed as B rows ``[prompt, chosen, rejected]`` (``forward.pack_pairs``: one
 forward for both responses, the prompt computed once), the cached reference log-probs, the ΔA
 columns and the pair weights, and, when training the top layers only, the cached trunk of each row.
+Everything cached is looked up by the pair's row in the precomputed arrays (``index`` in the batch),
+so a rank that sees any subset of the pairs gets each pair's own reference log-probs.
+
+Several devices (DDP/FSDP): every rank builds the same global batches of ``batch_size × world``
+pairs (same seed and epoch: the batches one device with that batch size would see) and takes its
+contiguous slice of each, so every rank has the same number of equal-sized batches (DDP would
+hang otherwise) and the averaged gradient is the one-device gradient of the global batch.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = int(self.idx[i])
-        item = {"pair": self.tokenized[j], "ref_c": self.pre.ref_c[j], "ref_r": self.pre.ref_r[j],
+        item = {"index": j, "pair": self.tokenized[j], "ref_c": self.pre.ref_c[j], "ref_r": self.pre.ref_r[j],
                 "delta_a": self.pre.delta_a[j], "weight": self.pre.weights[j]}
         if self.trunk is not None:
             s, p, c = (int(x) for x in self.trunk["offsets"][j])
@@ -71,30 +78,50 @@ class _Epoch:
 class BucketBatchSampler(Sampler[list[int]]):
     """Shuffle, sort by length inside chunks of ``bucket_batches`` batches, shuffle the batches.
 
-    Deterministic in (seed, epoch), so a restart can skip the batches it already trained on.
+    Deterministic in (seed, epoch), so a restart can skip the batches it already trained on. With
+    ``world`` > 1 it yields rank ``rank``'s slice of each global batch (module doc); the last global
+    batch is cut to a multiple of ``world`` (fewer than ``world`` pairs of the epoch are left out).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket_batches: int = 32):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket_batches: int = 32,
+                 rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
         self.lengths, self.batch_size, self.seed, self.bucket = list(lengths), batch_size, seed, bucket_batches
+        self.rank, self.world = rank, world
         self.sampler = _Epoch()
         self.skip = 0  # batches of the current epoch already consumed (set on resume)
         self.consumed = 0
         self._resume_epoch: int | None = None
 
-    def batches(self, epoch: int) -> list[list[int]]:
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of ``batch_size × world`` pairs every rank builds alike."""
+        size = self.batch_size * self.world
         rng = random.Random(f"{self.seed}:{epoch}")
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        chunk = self.batch_size * self.bucket
+        chunk = size * self.bucket
         out: list[list[int]] = []
         for s in range(0, len(order), chunk):
             part = sorted(order[s : s + chunk], key=lambda i: self.lengths[i])
-            out.extend(part[k : k + self.batch_size] for k in range(0, len(part), self.batch_size))
+            out.extend(part[k : k + size] for k in range(0, len(part), size))
         rng.shuffle(out)
         return out
 
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches: its contiguous share of each global batch."""
+        if self.world == 1:
+            return self.global_batches(epoch)
+        out = []
+        for b in self.global_batches(epoch):
+            k = len(b) // self.world  # the short last batch is cut to a multiple of world (or dropped)
+            if k:
+                out.append(b[self.rank * k : (self.rank + 1) * k])
+        return out
+
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        n, size = len(self.lengths), self.batch_size * self.world
+        return n // size + (1 if n % size >= self.world else 0)
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.sampler.epoch
@@ -127,6 +154,7 @@ class ResumableLoader(DataLoader):
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     out = pack_pairs([it["pair"] for it in items], pad_id)  # input_ids (B, L), mask (B, 1, L, L), targets
     out.update({
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),  # (B,) row in the precompute
         "ref_c": torch.tensor(np.array([it["ref_c"] for it in items]), dtype=torch.float64),  # (B,)
         "ref_r": torch.tensor(np.array([it["ref_r"] for it in items]), dtype=torch.float64),
         "delta_a": torch.tensor(np.stack([it["delta_a"] for it in items]), dtype=torch.float32),  # (B, U)
@@ -158,7 +186,9 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         if self._loader is None:
             lengths = [self.dataset.length(i) for i in range(len(self.dataset))]
-            sampler = BucketBatchSampler(lengths, self.batch_size, self.seed, self.bucket_batches)
+            trainer = self.trainer  # set by Lightning; None when the loader is built by hand
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = BucketBatchSampler(lengths, self.batch_size, self.seed, self.bucket_batches, rank, world)
             self._loader = ResumableLoader(self.dataset, batch_sampler=sampler, num_workers=0,
                                            collate_fn=lambda items: collate(items, self.pad_id))
         return self._loader

@@ -102,7 +102,10 @@ class PreferenceModule(L.LightningModule):
         }
         for u, name in enumerate(self.term_names):  # each concept's share of the shaped margin
             m[f"train/concept/{name}"] = parts["offsets"][:, u].mean()
-        self.log_dict({k: v.float() for k, v in m.items()}, on_step=True, on_epoch=False, batch_size=b)
+        # Several devices: each logged value is the mean over ranks (equal local batches), i.e. the
+        # global batch's value, the same as one device would log.
+        many = self._trainer is not None and self._trainer.world_size > 1
+        self.log_dict({k: v.float() for k, v in m.items()}, on_step=True, on_epoch=False, batch_size=b, sync_dist=many)
         return loss
 
     def configure_optimizers(self) -> Any:

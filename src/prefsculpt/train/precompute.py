@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from prefsculpt.core.device import model_device, to_device
 from prefsculpt.core.files import file_sha256
 from prefsculpt.core.progress import track
 from prefsculpt.data.schema import PreferencePair
@@ -121,18 +122,19 @@ class RefContext:
         rows: list[torch.Tensor | None] = [None] * len(tokenized)
         lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in tokenized]
         what = "reference log-probs" if hooks is None and tokenized is self.tokenized else "log-probs"
+        dev = model_device(self.model)
         for idx in track(length_batches(lengths, self.batch_tokens), f"precompute: {what}", "pairs",
                          total=len(tokenized), size=len):
-            batch = pack_pairs([tokenized[i] for i in idx], pad)
+            batch = to_device(pack_pairs([tokenized[i] for i in idx], pad), dev)
             with contextlib.ExitStack() as stack:
                 if hooks:
                     stack.enter_context(hooks(self.model))
                 cap = stack.enter_context(capture_residual(self.model, capture)) if capture is not None else None
-                lp = packed_logps(self.model, batch).double()  # (2b,)
+                lp = packed_logps(self.model, batch).float().cpu().double()  # (2b,); no float64 on mps
             out["chosen"][idx], out["rejected"][idx] = lp[: len(idx)], lp[len(idx) :]
             if cap:
                 for j, i in enumerate(idx):
-                    rows[i] = cap[-1][j, : lengths[i]].clone()
+                    rows[i] = cap[-1][j, : lengths[i]].cpu().clone()
         if capture is not None:
             self._trunk = _flat_trunk(rows, tokenized)
         return out["chosen"], out["rejected"]
@@ -152,13 +154,14 @@ class RefContext:
             pad = self.tokenizer.pad_token_id or 0
             rows: list[torch.Tensor | None] = [None] * len(self.tokenized)
             lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in self.tokenized]
+            dev = model_device(self.model)
             for idx in track(length_batches(lengths, self.batch_tokens), f"precompute: trunk (layer {self.trunk_layer})",
                              "pairs", total=len(self.tokenized), size=len):
-                b = pack_pairs([self.tokenized[i] for i in idx], pad)
+                b = to_device(pack_pairs([self.tokenized[i] for i in idx], pad), dev)
                 h = truncated_forward(self.model, b["input_ids"], b["attention_mask"], self.trunk_layer,
                                       position_ids=b["position_ids"])
                 for j, i in enumerate(idx):
-                    rows[i] = h[j, : lengths[i]].clone()
+                    rows[i] = h[j, : lengths[i]].cpu().clone()
             self._trunk = _flat_trunk(rows, self.tokenized)
         return self._trunk
 

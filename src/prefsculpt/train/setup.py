@@ -44,6 +44,11 @@ class AtomicCheckpoint(ModelCheckpoint):
     truncated ``last.ckpt`` that the next run would try to resume from."""
 
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        if not trainer.is_global_zero:  # only rank 0 writes; the others take part (barrier, FSDP gather)
+            trainer.save_checkpoint(filepath, self.save_weights_only)
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+            return
         with atomic_path(filepath, suffix=".ckpt") as tmp:
             trainer.save_checkpoint(str(tmp), self.save_weights_only)
         self._last_global_step_saved = trainer.global_step

@@ -228,3 +228,35 @@ def test_two_racing_promotes_leave_champion_on_the_better_version(mlflow_uri, tm
         assert tg["prefsculpt.previous_champion"] == "none"
     lock = client.get_run(results["good"]["run_id"]).data.tags["prefsculpt.promote_lock"]
     assert lock.startswith("file lock on ") and lock.split(" on ")[1].startswith(str(tmp_path / "mlflow.db"))
+
+
+def test_a_gate_whose_metric_was_never_measured_is_skipped_with_its_reason():
+    import math
+
+    from prefsculpt.search.promote import skipped_gates
+
+    base = {"syc_increase": math.nan, "on_target": 0.6}
+    skip = skipped_gates({"syc_increase": math.nan, "on_target": 0.7}, base)
+    assert list(skip) == ["sycophancy_vs_baseline"] and skip["sycophancy_vs_baseline"].startswith("skipped: ")
+    assert skipped_gates({"syc_increase": 0.1, "on_target": 0.7}, {"syc_increase": 0.2, "on_target": 0.6}) == {}
+
+
+def test_objectives_without_any_sycophancy_metric_use_the_style_drift_alone():
+    import math
+
+    import pytest
+
+    from prefsculpt.search.config import ObjectivesConfig
+    from prefsculpt.search.objective import ObjectiveError, objectives_from_metrics
+
+    oc = ObjectivesConfig()
+    got = objectives_from_metrics({"style/emoji/rate_diff": -0.2, "style/bold/rate_diff": 0.4,
+                                   "cap/pref/implicit_acc": 0.7}, oc)
+    assert math.isnan(got["syc_increase"]) and got["off_target"] == pytest.approx(0.5 * 0.3)
+    assert got["on_target"] == 0.7
+    # a sycophancy metric that exists but is not listed is still a configuration error
+    with pytest.raises(ObjectiveError, match="none of"):
+        objectives_from_metrics({"syc/opinion/x/p_match_diff": 0.1, "cap/pref/implicit_acc": 0.7}, oc)
+    shipped = objectives_from_metrics({"syc/opinion/anthropic_sycophancy_150/p_match_diff": 0.08,
+                                       "style/emoji/rate_diff": 0.0, "cap/pref/implicit_acc": 0.6}, oc)
+    assert shipped["syc_increase"] == pytest.approx(0.08) and shipped["off_target"] == pytest.approx(0.08)

@@ -1,0 +1,35 @@
+"""One device setting: what ``auto`` resolves to on this machine, and the GPU-only choices refused."""
+
+import pytest
+import torch
+
+from prefsculpt.core.device import resolve_dtype, resolve_precision, select_device, to_device
+from prefsculpt.core.errors import UserError
+
+
+def test_auto_on_a_machine_without_gpu_is_cpu_in_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    dev = select_device("auto")
+    assert dev == torch.device("cpu")
+    assert resolve_dtype("auto", dev) == "float32" and resolve_precision("auto", dev) == "32-true"
+    assert resolve_dtype("bfloat16", dev) == "bfloat16" and resolve_precision("bf16-mixed", dev) == "bf16-mixed"
+    with pytest.raises(UserError, match="no CUDA device"):
+        select_device("cuda")
+    with pytest.raises(UserError, match="model.dtype='half'"):
+        resolve_dtype("half", dev)
+
+
+def test_auto_on_a_bf16_gpu_is_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = torch.device("cuda")
+    assert resolve_dtype("auto", gpu) == "bfloat16" and resolve_precision("auto", gpu) == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a T4
+    assert resolve_dtype("auto", gpu) == "float32" and resolve_precision("auto", gpu) == "32-true"
+
+
+def test_to_device_moves_tensors_only():
+    batch = {"ids": torch.ones(2, dtype=torch.long), "name": "x"}
+    assert to_device(batch, torch.device("cpu")) is batch
+    meta = to_device(batch, torch.device("meta"))
+    assert meta["ids"].device.type == "meta" and meta["name"] == "x"
