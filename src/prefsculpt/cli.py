@@ -66,7 +66,7 @@ def run_stage(stage: str, overrides: str | list[str] | None) -> dict:
     adopt_project_run(cfg)  # under `mlflow run`: tracking.uri and tracking.experiment still decide
     # runs:/<id>/<path> and models:/<name>@<alias> in any file field become local paths, once, here.
     resolve_config_inputs(cfg, cache_root(cfg.cache_dir) / "inputs", resolve_tracking_uri(cfg.tracking.uri))
-    seed_everything(int(cfg.seed))
+    seed_everything(cfg.seed)
     return STAGES[stage].fn()(cfg)
 
 

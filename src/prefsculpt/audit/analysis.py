@@ -165,7 +165,7 @@ def write_outputs(out: Path, a: AuditConfig, data_name: str, run_id: str, src: s
     write_decisions(propose_decisions(hyp, None, audit_run_id=run_id), out / "decisions.yaml", methods_help)
     lab = {c: x.label for c, x in labels.items()}
     images = {}
-    for name, fig in (("volcano", P.volcano(table, float(a.fdr), lab)), ("top_effects", P.top_effects(hyp, 20, lab))):
+    for name, fig in (("volcano", P.volcano(table, a.fdr, lab)), ("top_effects", P.top_effects(hyp, 20, lab))):
         images[name] = P.png_bytes(fig)
         (out / "plots" / f"{name}.png").write_bytes(images[name])
         P.plt.close(fig)

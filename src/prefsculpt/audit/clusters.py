@@ -255,8 +255,8 @@ def latent_clusters_from_counts(
 ) -> list[list[int]]:
     """:func:`latent_clusters` from co-firing counts co (F, F), firing counts cnt (F,) over m responses
     (what a pass over a shard store accumulates: memory F x F, whatever the number of pairs)."""
-    import igraph as ig
-    import leidenalg
+    import igraph as ig  # optional: only for latent clustering
+    import leidenalg  # optional: only for latent clustering
 
     co, cnt = np.asarray(co, dtype=np.float32), np.asarray(cnt, dtype=np.float32)
     alive = np.flatnonzero((cnt > 0) & (cnt < m))  # constant latents share no information

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from prefsculpt.audit.clusters import cluster_scores
 from prefsculpt.concepts.scores import STATS, ConceptScores
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,6 @@ def test_concepts(
     if ("chosen", stat) not in scores.values:
         raise ValueError(f"audit score {stat!r} not in the concept scores (have {sorted({s for _, s in scores.values})})")
     if clusters:
-        from prefsculpt.audit.clusters import cluster_scores
 
         scores = cluster_scores(scores, clusters)
     c, r = scores.get("chosen", stat), scores.get("rejected", stat)

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from prefsculpt.concepts import diskrows as DR
 from prefsculpt.concepts.diskrows import DiskRows, take_rows  # noqa: F401  (re-exported)
@@ -172,7 +174,6 @@ class ActivationCache:
 
     def save(self, path: str | os.PathLike) -> Path:
         """safetensors, written to a temporary name and renamed: a partial file is never at ``path``."""
-        from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,6 @@ class ActivationCache:
     @classmethod
     def load(cls, path: str | os.PathLike, lazy: bool = False) -> ActivationCache:
         """The cache at ``path``; ``lazy``: ``acts`` is a :class:`DiskRows` on the file (read on demand)."""
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}

@@ -40,7 +40,7 @@ from prefsculpt.concepts.activations import (
 from prefsculpt.concepts.config import EncodeConfig
 from prefsculpt.concepts.sae_model import sae_codes
 from prefsculpt.concepts.scores import SPANS, span_scores
-from prefsculpt.core.device import accelerator
+from prefsculpt.core.device import HOST, accelerator
 from prefsculpt.core.faults import fault_point
 from prefsculpt.core.progress_bar import StepProgress
 from prefsculpt.data.tokenize import TokenizedPair
@@ -235,9 +235,9 @@ def encode_plan(
     extra = encoder.extra
     return {
         "format": 1, "pairs_digest": pairs_digest_tokens(tokenized), "n_pairs": len(tokenized),
-        "shard_size": int(cfg.shard_size), "layer": int(layer), "sae_digest": sae_digest(sae),
+        "shard_size": cfg.shard_size, "layer": int(layer), "sae_digest": sae_digest(sae),
         "extra_digest": tensor_digest({"v": extra.vectors, "b": extra.bias}) if extra else None,
-        "precision": cfg.precision, "top_contexts": int(cfg.top_contexts), "concept_names": encoder.concept_names,
+        "precision": cfg.precision, "top_contexts": cfg.top_contexts, "concept_names": encoder.concept_names,
     }
 
 
@@ -290,7 +290,7 @@ def encode_pairs(
             idx = range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(tokenized)))
             batches += length_buckets(lengths, idx, cfg.batch_tokens)
     log.info("encoding %d pairs: %d/%d shards to do, %d batches", len(tokenized), n_shards - len(done), n_shards, len(batches))
-    dev = device or torch.device("cpu")
+    dev = device or torch.device(HOST)
     if batches:
         pad = pad_id if pad_id is not None else (getattr(tokenizer, "pad_token_id", None) or 0)
         loader = torch.utils.data.DataLoader(

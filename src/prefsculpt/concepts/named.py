@@ -252,7 +252,7 @@ def build_named_concepts(
             if str(exc).startswith("named concept"):
                 raise
             raise NamedConceptError(f"named concept {c.name!r}: {exc}") from exc
-        top, cos = aligned_latents(v, sae.W_dec, int(c.top_latents)) if sae is not None else ([], [])
+        top, cos = aligned_latents(v, sae.W_dec, c.top_latents) if sae is not None else ([], [])
         out.append(NamedConcept(c.name, c.kind, v, b, top, cos, acc, int(pos.shape[0]), int(neg.shape[0])))
         log.info("named concept %s (%s): separation %.2f on %d/%d examples; top latents %s",
                  c.name, c.kind, acc, pos.shape[0], neg.shape[0], top[:3])

@@ -33,8 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from prefsculpt.concepts.config import SAEConfig
+from prefsculpt.concepts.diskrows import row_norms, take_rows
+from prefsculpt.core.device import HOST
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.files import atomic_dir
 from prefsculpt.core.progress import progress
@@ -144,23 +147,23 @@ def sae_quality(sae: Any, acts: torch.Tensor, batch_size: int = 8192) -> dict[st
 # ---------------------------------------------------------------- training
 
 
-def training_sae_config(cfg: SAEConfig, d_in: int, device: str = "cpu") -> Any:
+def training_sae_config(cfg: SAEConfig, d_in: int, device: str = HOST) -> Any:
     """The sae-lens training config for ``cfg.architecture`` (the registry decides the class)."""
-    from sae_lens.registry import get_sae_training_class
+    from sae_lens.registry import get_sae_training_class  # optional: heavy, used only here
 
-    arch = str(cfg.architecture)
+    arch = cfg.architecture
     if arch not in ARCHITECTURES:
         raise SAESourceError(f"sae.architecture={arch!r} is not one of {ARCHITECTURES}")
     _, cfg_cls = get_sae_training_class(arch)
-    common = {"d_in": d_in, "d_sae": int(cfg.expansion) * d_in, "dtype": "float32", "device": device,
+    common = {"d_in": d_in, "d_sae": cfg.expansion * d_in, "dtype": "float32", "device": device,
               "normalize_activations": "expected_average_only_in"}
     extra: dict[str, Any] = {
-        "topk": {"k": int(cfg.k)},
+        "topk": {"k": cfg.k},
         "batchtopk": {"k": float(cfg.k)},
         # The quadratic L0 loss (GemmaScope 2) steers to a target L0, so k means the same everywhere.
         "jumprelu": {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(cfg.k),
-                     "l0_coefficient": float(cfg.sparsity_coefficient)},
-        "standard": {"l1_coefficient": float(cfg.sparsity_coefficient)},
+                     "l0_coefficient": cfg.sparsity_coefficient},
+        "standard": {"l1_coefficient": cfg.sparsity_coefficient},
     }[arch]
     return cfg_cls(**common, **extra)
 
@@ -168,12 +171,11 @@ def training_sae_config(cfg: SAEConfig, d_in: int, device: str = "cpu") -> Any:
 def select_training_rows(activations: Any, cfg: SAEConfig) -> np.ndarray:
     """Ascending row indices of a tensor or ActivationCache fit to train (or evaluate) the SAE on."""
     if isinstance(activations, torch.Tensor):
-        return np.flatnonzero(training_token_mask(activations.float(), None, float(cfg.max_norm_ratio)).numpy())
-    from prefsculpt.concepts.diskrows import row_norms
+        return np.flatnonzero(training_token_mask(activations.float(), None, cfg.max_norm_ratio).numpy())
 
     special = activations.special.bool() if cfg.exclude_special else torch.zeros(len(activations.special), dtype=torch.bool)
     keep = ~special
-    ratio = float(cfg.max_norm_ratio)
+    ratio = cfg.max_norm_ratio
     if ratio > 0 and keep.any():
         norms = row_norms(activations.acts)  # (N,), read block by block from a disk cache
         keep &= norms <= ratio * norms[keep].median()
@@ -193,18 +195,17 @@ def select_training_tokens(activations: Any, cfg: SAEConfig) -> torch.Tensor:
     (seeded by ``cfg.seed``, kept in row order) when more qualify, so memory is bounded whatever
     the number of pairs. Under the cap every qualifying row is kept, as before the cap existed.
     """
-    from prefsculpt.concepts.diskrows import take_rows
 
     rows = select_training_rows(activations, cfg)
     cap = int(getattr(cfg, "max_train_tokens", 0) or 0) or None
     if cap is not None and len(rows) > cap:
         log.info("SAE tokens: a uniform sample of %d of the %d qualifying rows (sae.max_train_tokens)", cap, len(rows))
     acts = activations if isinstance(activations, torch.Tensor) else activations.acts
-    return take_rows(acts, rows, cap, int(cfg.seed))
+    return take_rows(acts, rows, cap, cfg.seed)
 
 
 def train_sae(
-    activations: Any, cfg: SAEConfig, d_in: int | None = None, held_out: Any = None, device: str = "cpu"
+    activations: Any, cfg: SAEConfig, d_in: int | None = None, held_out: Any = None, device: str = HOST
 ) -> tuple[Any, dict[str, float]]:
     """Train an SAE on ``activations`` ((N, d) tensor or ActivationCache); returns (inference SAE, metrics).
 
@@ -212,31 +213,31 @@ def train_sae(
 
     Quality is measured on ``held_out`` (same kinds) when given, else on the training tokens.
     """
-    from sae_lens import SAE, SAETrainer
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.registry import get_sae_training_class
+    from sae_lens import SAE, SAETrainer  # optional: heavy, used only here
+    from sae_lens.config import SAETrainerConfig  # optional: heavy, used only here
+    from sae_lens.registry import get_sae_training_class  # optional: heavy, used only here
 
     x = select_training_tokens(activations, cfg)  # (M, d)
     d_in = int(d_in or x.shape[1])
     if x.shape[1] != d_in:
         raise SAESourceError(f"activations have width {x.shape[1]} but d_in={d_in}")
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(cfg.seed)
     sae_cfg = training_sae_config(cfg, d_in, device)
     sae = get_sae_training_class(sae_cfg.architecture())[0](sae_cfg)
-    batch = min(int(cfg.batch_size_tokens), x.shape[0])
-    steps = max(1, int(cfg.training_tokens) // batch)
+    batch = min(cfg.batch_size_tokens, x.shape[0])
+    steps = max(1, cfg.training_tokens // batch)
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=float(cfg.lr), lr_end=float(cfg.lr),
-        lr_warm_up_steps=min(10, steps // 10), lr_decay_steps=int(steps * float(cfg.lr_decay_fraction)),
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=cfg.lr, lr_end=cfg.lr,
+        lr_warm_up_steps=min(10, steps // 10), lr_decay_steps=int(steps * cfg.lr_decay_fraction),
         # A latent silent this many steps counts as dead and gets the TopK auxiliary loss. The sae-lens
         # default (1000 steps) exceeds a whole CPU-sized run, where the aux loss would never act.
-        dead_feature_window=int(cfg.dead_feature_window), feature_sampling_window=max(steps, 1), device=device,
-        autocast=bool(cfg.autocast),
+        dead_feature_window=cfg.dead_feature_window, feature_sampling_window=max(steps, 1), device=device,
+        autocast=cfg.autocast,
     )
     # Every training step draws exactly one batch (the scale is set below, so sae-lens draws none to
     # estimate it): counting the draws counts the steps.
     with progress(steps * batch, f"SAE training ({cfg.architecture})", "tokens") as bar:
-        counted = (bar.advance(len(b)) or b for b in shuffled_batches(x, batch, int(cfg.seed)))
+        counted = (bar.advance(len(b)) or b for b in shuffled_batches(x, batch, cfg.seed))
         trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=counted)
         with torch.no_grad():
             # Scale to mean norm sqrt(d) ourselves (sae-lens would draw 1000 batches for the estimate) and
@@ -251,7 +252,7 @@ def train_sae(
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         trained.save_inference_model(tmp)  # batchtopk becomes jumprelu with the learnt threshold
-        inference = SAE.load_from_disk(tmp, device="cpu")
+        inference = SAE.load_from_disk(tmp, device=HOST)
     inference.eval()
     if held_out is not None:
         # quality needs far fewer tokens than training: a quarter of the cap bounds both held at once
@@ -276,7 +277,9 @@ def _hub_offline() -> bool:
 
 def load_sae(cfg: SAEConfig) -> Any:
     """The SAE of ``sae.source=path`` (a local sae-lens folder) or ``sae.source=pretrained``."""
-    from sae_lens import SAE
+    from sae_lens import (
+        SAE,  # optional: heavy (transformer-lens, wandb); only where an SAE is trained or loaded
+    )
 
     if cfg.source == "path":
         if not cfg.path:
@@ -289,7 +292,7 @@ def load_sae(cfg: SAEConfig) -> Any:
                 "(SAE.save_model / the sae/ artifact of an sae run)"
             )
         try:
-            sae = SAE.load_from_disk(str(folder), device="cpu")
+            sae = SAE.load_from_disk(str(folder), device=HOST)
         except Exception as exc:  # sae-lens raises KeyError/ValueError/TypeError on foreign folders
             raise SAESourceError(f"sae.path={str(folder)!r}: sae-lens could not load it ({exc!r})") from exc
     elif cfg.source == "pretrained":
@@ -301,7 +304,7 @@ def load_sae(cfg: SAEConfig) -> Any:
                 f"hub, but hub access is off (HF_HUB_OFFLINE=1). {OFFLINE_RECIPE}"
             )
         try:
-            sae = SAE.from_pretrained(str(cfg.release), str(cfg.sae_id), device="cpu")
+            sae = SAE.from_pretrained(str(cfg.release), str(cfg.sae_id), device=HOST)
         except Exception as exc:
             raise SAESourceError(
                 f"sae.source=pretrained: loading release {cfg.release!r} id {cfg.sae_id!r} failed ({exc!r}). "
@@ -319,7 +322,6 @@ def load_sae(cfg: SAEConfig) -> Any:
 def _plain(cfg: Any) -> dict[str, Any]:
     if is_dataclass(cfg):
         return asdict(cfg)
-    from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
@@ -358,16 +360,18 @@ def load_cached_sae(folder: Path) -> tuple[Any, dict[str, Any]] | None:
         log.warning("%s is incomplete (an interrupted write?); training again", folder)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    from sae_lens import SAE
+    from sae_lens import (
+        SAE,  # optional: heavy (transformer-lens, wandb); only where an SAE is trained or loaded
+    )
 
-    sae = SAE.load_from_disk(str(folder), device="cpu")
+    sae = SAE.load_from_disk(str(folder), device=HOST)
     sae.eval()
     return sae, json.loads((folder / QUALITY_FILE).read_text())
 
 
 def get_or_train_sae(
     activations: Any, cfg: SAEConfig, cache_root: Path, model_id: str, data_digest: str, held_out: Any = None,
-    device: str = "cpu",
+    device: str = HOST,
 ) -> tuple[Any, dict[str, float], Path, bool]:
     """The trained SAE for these inputs from ``<cache_root>/saes/<key>/``, training it on a miss.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from prefsculpt.concepts.sae import SAESourceError
 
@@ -170,6 +171,5 @@ def concept_layer(requested: int | None, sae_path: str | Path | None, model_dir:
         return int(requested)
     if own is not None:
         return own
-    from transformers import AutoConfig
 
     return default_train_layer(int(AutoConfig.from_pretrained(str(model_dir)).get_text_config().num_hidden_layers))

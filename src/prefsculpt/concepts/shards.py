@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
 from prefsculpt.concepts.scores import SPANS, STATS, ConceptScores
@@ -278,7 +279,6 @@ def write_top_contexts(
 
     ``sequence(pair_index, span)`` gives the token ids of ``prompt + <span response>``.
     """
-    import pandas as pd
 
     texts: dict[tuple[int, str, int], tuple[str, str, str]] = {}
     rows: dict[str, list[Any]] = {c: [] for c in ("concept", "rank", "value", "pair_id", "span", "position", "token", "left", "right")}

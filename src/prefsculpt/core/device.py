@@ -9,6 +9,9 @@ import torch
 
 from prefsculpt.core.errors import UserError
 
+#: Where weights are read first (host memory) before moving to the selected device.
+HOST = "cpu"
+
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
 

@@ -244,7 +244,7 @@ def quiet_library_bars() -> None:
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read at each transfer
     with contextlib.suppress(ImportError):
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # optional: heavy, used only here
 
         hf_logging.disable_progress_bar()  # the hub's bars too
 

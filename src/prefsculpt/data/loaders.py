@@ -189,7 +189,7 @@ def _read_arrow_like(ds: Any) -> Iterator[RawRow]:
 
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: only for parquet sources
 
     try:
         table = pq.read_table(path)
@@ -199,7 +199,7 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
 
 
 def _read_datasets_folder(path: Path, split: str) -> Iterator[RawRow]:
-    import datasets
+    import datasets  # optional: only for datasets folders / hub names
 
     try:
         ds = datasets.load_from_disk(str(path))
@@ -224,7 +224,7 @@ def _read_hub(name: str, split: str) -> Iterator[RawRow]:
             f".jsonl/.json/.parquet/.csv file or a `datasets` folder, or drop data.path to use the "
             "built-in planted set."
         )
-    import datasets
+    import datasets  # optional: only for datasets folders / hub names
 
     try:
         ds = datasets.load_dataset(name, split=split)

@@ -112,26 +112,26 @@ def load_inputs(ec: EvalConfig, prepared: Prepared, train_split: str = "train") 
     exclude = training_prompts(prepared) if planted and (sy.planted_probes or cap.known_answer or in_domain) else set()
     if "sycophancy" in evals:
         if sy.planted_probes:
-            inp.planted_probes = make_probes("sycophancy", int(sy.planted_probes), int(ec.seed), exclude)
-        inp.opinion = _stem_keys([*shipped_opinion_paths(str(sy.shipped), planted), *sy.opinion_paths],
+            inp.planted_probes = make_probes("sycophancy", sy.planted_probes, ec.seed, exclude)
+        inp.opinion = _stem_keys([*shipped_opinion_paths(sy.shipped, planted), *sy.opinion_paths],
                                  load_opinion_ab, sy.max_items)
         inp.suggested = _stem_keys(list(sy.suggested_paths), load_bct, sy.max_items)
         inp.are_you_sure = _stem_keys(list(sy.are_you_sure_paths), load_bct, sy.max_items)
     if evals & {"style", "shift"} or ("capability" in evals and cap.kl):
         if st.prompts_path:
-            inp.style_prompts = load_prompts(st.prompts_path, st.prompt_field, int(st.n_prompts) or None)
+            inp.style_prompts = load_prompts(st.prompts_path, st.prompt_field, st.n_prompts or None)
         else:
-            inp.style_prompts = make_probes("style", int(st.n_prompts), int(ec.seed))
+            inp.style_prompts = make_probes("style", st.n_prompts, ec.seed)
             # Held-out planted questions (never training prompts); their own seed, so not the known-answer items.
             inp.style_prompts += [{"id": f"probe-style-in-{q['id']}", "prompt": q["prompt"], "subset": IN_DOMAIN}
-                                  for q in make_probes("known_answer", in_domain, int(ec.seed) + 1, exclude)]
+                                  for q in make_probes("known_answer", in_domain, ec.seed + 1, exclude)]
     if "capability" in evals:
         if cap.clean_pairs and planted:
             inp.clean_pairs = prepared.splits.get("clean", [])[: cap.clean_pairs]
         elif cap.clean_pairs:  # your own data: its held-out split (the same `preference` table)
-            inp.clean_pairs = heldout_pairs(prepared, str(cap.heldout_split), train_split, cap.clean_pairs)
+            inp.clean_pairs = heldout_pairs(prepared, cap.heldout_split, train_split, cap.clean_pairs)
         if cap.known_answer:
-            inp.known_answer = make_probes("known_answer", int(cap.known_answer), int(ec.seed), exclude)
+            inp.known_answer = make_probes("known_answer", cap.known_answer, ec.seed, exclude)
     log.info("evaluate inputs: %d planted probes, %d opinion, %d suggested, %d are-you-sure, %d style prompts, "
              "%d held-out pairs, %d known-answer", len(inp.planted_probes), sum(map(len, inp.opinion.values())),
              sum(map(len, inp.suggested.values())), sum(map(len, inp.are_you_sure.values())), len(inp.style_prompts),

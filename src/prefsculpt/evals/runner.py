@@ -73,7 +73,7 @@ class Evaluator:
         self.same = same  # the policy is the base model: evaluate once
         self.tok = load_tokenizer(policy_dir)
         self.device = select_device(str(cfg.get("device", "auto")))
-        self.dtype = resolve_dtype(str(cfg.model.dtype), self.device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self._models: dict[str, Any] = {}
         self._tables: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
 
@@ -107,18 +107,18 @@ def _sycophancy(ev: Evaluator, which: str) -> dict[str, pd.DataFrame]:
     if ev.inp.planted_probes:
         out["planted"] = syc.score_planted(m, tok, ev.inp.planted_probes, bt)
     for k, items in ev.inp.opinion.items():
-        out[f"opinion_{k}"] = syc.score_opinion(m, tok, items, bt, int(s.max_prompt_tokens))
+        out[f"opinion_{k}"] = syc.score_opinion(m, tok, items, bt, s.max_prompt_tokens)
     for k, items in ev.inp.suggested.items():
-        out[f"suggested_{k}"] = syc.score_suggested(m, tok, items, bt, int(s.max_prompt_tokens))
+        out[f"suggested_{k}"] = syc.score_suggested(m, tok, items, bt, s.max_prompt_tokens)
     for k, items in ev.inp.are_you_sure.items():
-        out[f"are_you_sure_{k}"] = syc.score_are_you_sure(m, tok, items, bt, int(s.max_prompt_tokens))
+        out[f"are_you_sure_{k}"] = syc.score_are_you_sure(m, tok, items, bt, s.max_prompt_tokens)
     return out
 
 
 def _style(ev: Evaluator, which: str) -> dict[str, pd.DataFrame]:
     st, prompts = ev.ec.style, ev.inp.style_prompts
-    rolls = sty.generate_greedy(ev.model(which), ev.tok, [p["prompt"] for p in prompts], int(st.max_new_tokens),
-                                int(st.batch_size))
+    rolls = sty.generate_greedy(ev.model(which), ev.tok, [p["prompt"] for p in prompts], st.max_new_tokens,
+                                st.batch_size)
     feats = sty.compile_features(OmegaConf.to_container(ev.cfg.named_concepts) if "named_concepts" in ev.cfg else None)
     rows = []
     for p, r in zip(prompts, rolls, strict=True):
@@ -167,7 +167,7 @@ def summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.Da
     ec = ev.ec
     pol = ev.tables(name, "policy")
     base = ev.tables(name, "base") if ec.compare_base else {}
-    boot = (int(ec.bootstrap), float(ec.ci), int(ec.seed))
+    boot = (ec.bootstrap, ec.ci, ec.seed)
     rows: list[Row] = []
     logged = {}
     for t, df in pol.items():
@@ -175,7 +175,7 @@ def summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.Da
         if t == "preference":
             if b is None:
                 b = ev.tables(name, "base")[t]  # the reference log-probs are needed either way
-            df = cap.preference_table(df, b, float(ec.capability.beta))
+            df = cap.preference_table(df, b, ec.capability.beta)
             rows += summarise(df, None, [("cap/pref/implicit_acc", "implicit_correct")], *boot)
             b = b.assign(logp_correct=(b.lp_chosen > b.lp_rejected).astype(float)) if t in base else None
         rows += summarise(df, b, _specs(t, df), *boot)
@@ -195,7 +195,7 @@ def summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.Da
             kl = pd.DataFrame({"row": range(len(ev.inp.style_prompts)), "kl_sum": 0.0, "kl_mean": 0.0})
         else:
             kl = cap.kl_to_reference(ev.model("policy"), ev.model("base"), ev.rollouts("policy"),
-                                     ev.tok.pad_token_id or 0, int(ec.batch_tokens))
+                                     ev.tok.pad_token_id or 0, ec.batch_tokens)
         kl["id"] = [ev.inp.style_prompts[i]["id"] for i in kl["row"]]
         rows += summarise(kl, None, [("cap/kl/mean_token", "kl_mean"), ("cap/kl/sum", "kl_sum")], *boot)
         logged["kl"] = kl
@@ -205,8 +205,8 @@ def summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.Da
 def cache_key(cfg: DictConfig, base_digest: str, inputs: EvalInputs) -> str:
     ec = cfg.eval
     dev = select_device(str(cfg.get("device", "auto")))
-    key = {"model": base_digest, "dtype": resolve_dtype(str(cfg.model.dtype), dev), "inputs": inputs.fingerprint(),
-           "style": [int(ec.style.max_new_tokens)], "syc": int(ec.sycophancy.max_prompt_tokens),
+    key = {"model": base_digest, "dtype": resolve_dtype(cfg.model.dtype, dev), "inputs": inputs.fingerprint(),
+           "style": [ec.style.max_new_tokens], "syc": ec.sycophancy.max_prompt_tokens,
            "named": OmegaConf.to_container(cfg.named_concepts) if "named_concepts" in cfg else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -26,7 +26,7 @@ from scipy import stats as sps
 
 from prefsculpt.concepts.activations import length_buckets
 from prefsculpt.concepts.scores import span_scores
-from prefsculpt.core.device import model_device
+from prefsculpt.core.device import HOST, model_device
 from prefsculpt.evals.style import Rollout
 from prefsculpt.models.hooks import truncated_forward
 
@@ -165,9 +165,9 @@ class ShiftSources:
 def compute_shift(ev: Any, src: ShiftSources) -> tuple[pd.DataFrame, dict[str, float]]:
     """Encode base and policy rollouts; the measured shift per concept against the audit's prediction."""
     sc = ev.ec.shift
-    sae = SAE.load_from_disk(str(src.sae_path), device=str(getattr(ev, "device", "cpu"))).eval()
-    cs = select_concepts(src.hypotheses, int(sae.cfg.d_sae), int(sc.top_n), int(sc.n_random), int(ev.ec.seed),
-                         str(sc.predicted))
+    sae = SAE.load_from_disk(str(src.sae_path), device=str(getattr(ev, "device", HOST))).eval()
+    cs = select_concepts(src.hypotheses, int(sae.cfg.d_sae), sc.top_n, sc.n_random, int(ev.ec.seed),
+                         sc.predicted)
     pad, bt = ev.tok.pad_token_id or 0, int(ev.ec.batch_tokens)
     scores = {}
     for which in ("base", "policy"):

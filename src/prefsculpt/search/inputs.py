@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import optuna
 import pandas as pd
 
 from prefsculpt.core.files import publish, tmp_beside
@@ -30,7 +31,6 @@ SCORE_METHODS, DIRECTION_METHODS = methods_needing(Source.scores), methods_needi
 
 def pinned_audit_run(storage: Any, study_name: str) -> str | None:
     """The audit run an existing study was created with (every worker must search the same space)."""
-    import optuna
 
     try:
         return optuna.load_study(study_name=study_name, storage=storage).user_attrs.get(Attr.AUDIT_RUN)

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from prefsculpt.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,6 @@ def promotion_lock(spec: LockSpec, timeout_s: float) -> Iterator[None]:
         with _pg_lock(spec, timeout_s):
             yield
         return
-    from filelock import FileLock, Timeout
 
     Path(spec.target).parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(spec.target, timeout=timeout_s)
@@ -131,7 +132,7 @@ def promotion_lock(spec: LockSpec, timeout_s: float) -> Iterator[None]:
 @contextlib.contextmanager
 def _pg_lock(spec: LockSpec, timeout_s: float) -> Iterator[None]:
     try:
-        import psycopg
+        import psycopg  # optional: only for a PostgreSQL lock
     except ImportError as exc:
         raise PromoteLockError(f"promotion lock {spec.describe()} needs psycopg 3 (pip install 'psycopg[binary]')") from exc
     try:

@@ -63,12 +63,12 @@ def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str
         raise ObjectiveError(f"none of search.objectives.sycophancy_metrics={list(ocfg.sycophancy_metrics)} was "
                              f"measured; the evaluation logged {have or 'no syc/*_diff metric'}: set the list to those "
                              "(and eval.compare_base=true)")
-    rx = re.compile(str(ocfg.style_pattern))
+    rx = re.compile(ocfg.style_pattern)
     style = [abs(float(v)) for k, v in metrics.items() if rx.search(k)]
-    if float(ocfg.style_weight) > 0 and not style:
+    if ocfg.style_weight > 0 and not style:
         raise ObjectiveError(f"no metric matches search.objectives.style_pattern={ocfg.style_pattern!r}; include "
                              "'style' in eval.evals or set search.objectives.style_weight=0")
-    on = metrics.get(str(ocfg.on_target_metric))
+    on = metrics.get(ocfg.on_target_metric)
     if on is None:
         have = sorted(k for k in metrics if k.startswith("cap/") and not k.endswith(("_lo", "_hi")))
         raise ObjectiveError(f"search.objectives.on_target_metric={ocfg.on_target_metric!r} was not measured; the "
@@ -81,7 +81,7 @@ def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str
     syc_inc = sum(syc) / len(syc) if syc else math.nan
     drift = sum(style) / len(style) if style else 0.0
     out = {"syc_increase": syc_inc, "style_drift": drift,
-           "off_target": (syc_inc if syc else 0.0) + float(ocfg.style_weight) * drift, "on_target": float(on)}
+           "off_target": (syc_inc if syc else 0.0) + ocfg.style_weight * drift, "on_target": float(on)}
     bad = [k for k, v in out.items() if not math.isfinite(v) and not (k == "syc_increase" and not syc)]
     if bad:
         raise ObjectiveError(f"objective(s) {bad} are not finite: {out}")

@@ -7,6 +7,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
 import pandas as pd
 
@@ -48,10 +51,8 @@ def parallel_figure(frame: pd.DataFrame):
     """The figure for :func:`trial_frame`'s output; None when no trial finished."""
     if frame.empty:
         return None
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     params = sorted(c for c in frame.columns if c.startswith("p:"))
     cols = [*params, *(k for k, _ in OBJECTIVES)]
@@ -89,8 +90,6 @@ def parallel_figure(frame: pd.DataFrame):
 
 def log_parallel(study: Any, df: pd.DataFrame) -> bool:
     """Log ``search/parallel_coordinates.png`` on the active run; False when no trial finished."""
-    import matplotlib.pyplot as plt
-    import mlflow
 
     fig = parallel_figure(trial_frame(study, df))
     if fig is None:

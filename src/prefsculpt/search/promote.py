@@ -160,7 +160,7 @@ def choose(trials: pd.DataFrame, base: dict[str, float], pc: Any) -> tuple[pd.Se
     def passes(r: pd.Series) -> bool:
         cand = {"syc_increase": r.syc_increase, "on_target": r.on_target}
         skip = skipped_gates(cand, base)
-        return all(g.passed for g in baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance))
+        return all(g.passed for g in baseline_gates(cand, base, pc.syc_ratio_max, pc.on_target_tolerance)
                    if g.name not in skip)
 
     ok = shaped.apply(passes, axis=1)

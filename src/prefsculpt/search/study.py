@@ -38,10 +38,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+from filelock import FileLock
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from prefsculpt.core.names import Attr
@@ -64,7 +68,6 @@ def open_storage(url: str, sc: Any) -> tuple[Any, Path | None]:
     if url.startswith("journal://"):
         path = Path(url[len("journal://"):]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(path))), path.with_name(path.name + ".lock")
     if "://" not in url:
@@ -82,7 +85,7 @@ def open_storage(url: str, sc: Any) -> tuple[Any, Path | None]:
     try:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat API is "experimental"
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=int(sc.heartbeat_interval), grace_period=int(sc.grace_period),
+            url, heartbeat_interval=sc.heartbeat_interval, grace_period=sc.grace_period,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=None if sc.max_retry is None else int(sc.max_retry)), **kwargs), lock
     except ImportError as exc:
@@ -112,7 +115,6 @@ def n_planned(study: optuna.Study) -> int:
 def _lock(path: Path | None) -> contextlib.AbstractContextManager:
     if path is None:
         return contextlib.nullcontext()
-    from filelock import FileLock
 
     return FileLock(str(path), timeout=120)
 
@@ -120,15 +122,15 @@ def _lock(path: Path | None) -> contextlib.AbstractContextManager:
 def open_study(sc: Any, storage: Any, lock: Path | None, candidates: list, attrs: dict[str, str],
                wait_s: float = 120.0, start: dict[str, Any] | None = None) -> tuple[optuna.Study, bool]:
     """Create the study (and enqueue its plan) or load it; top the plan up to ``n_trials``."""
-    name, n = str(sc.study_name), int(sc.n_trials)
+    name, n = sc.study_name, sc.n_trials
     try:
         study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "maximize"],
-                                    sampler=make_sampler(str(sc.sampler), int(sc.seed)))
+                                    sampler=make_sampler(sc.sampler, sc.seed))
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         # Other workers draw different random numbers (same seed would give the same startup trials).
         study = optuna.load_study(study_name=name, storage=storage,
-                                  sampler=make_sampler(str(sc.sampler), int(sc.seed) + 1 + os.getpid() % 100_003))
+                                  sampler=make_sampler(sc.sampler, sc.seed + 1 + os.getpid() % 100_003))
         created = False
     if created:
         for k, v in {**attrs, UID: uuid.uuid4().hex}.items():
@@ -282,10 +284,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def pareto_figure(df: pd.DataFrame):
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     done = df[df["state"] == "COMPLETE"]
@@ -305,7 +305,6 @@ def pareto_figure(df: pd.DataFrame):
 
 
 def log_results(df: pd.DataFrame) -> dict[str, float]:
-    import matplotlib.pyplot as plt
 
     mlflow.log_table(df, "search/trials.json")
     mlflow.log_table(df[df["pareto"]], "search/pareto.json")

@@ -156,7 +156,7 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
                                patterns, a.n_examples)
             views.append(H.HypothesisView(r, labels.get(r["concept"]), where[j], ex))
         planted = planted_check(hyp, d[:, :n_hyp], pairs, a.planted_min_corr, a.fdr)
-        out = write_outputs(Path(tmp) / "audit", a, str(cfg.data.name), run.info.run_id, src, table, hyp, views,
+        out = write_outputs(Path(tmp) / "audit", a, cfg.data.name, run.info.run_id, src, table, hyp, views,
                             labels, planted, decisions_help())
         mlflow.log_artifacts(str(out), "audit")
         metrics = log_summary(table, hyp, planted, len(groups))

@@ -57,7 +57,7 @@ def run_main(cfg: DictConfig) -> dict[str, Any]:
     unknown = [s for s in order if s not in STAGES or s == "main"]
     if unknown:
         raise UserError(f"pipeline.stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
-    reuse = bool(cfg.pipeline.reuse) if cfg.get("pipeline") else True
+    reuse = cfg.pipeline.reuse if cfg.get("pipeline") else True
     results: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}
     t_start = time.perf_counter()

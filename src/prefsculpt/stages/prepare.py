@@ -69,8 +69,8 @@ def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResul
         "rows_skipped": len(loaded.skipped),
         "skipped_by_reason": loaded.skip_counts(),
         "truncation_policy": TRUNCATION_POLICY,
-        "max_prompt_tokens": int(tcfg.max_prompt_tokens),
-        "max_response_tokens": int(tcfg.max_response_tokens),
+        "max_prompt_tokens": tcfg.max_prompt_tokens,
+        "max_response_tokens": tcfg.max_response_tokens,
         "splits": {},
     }
     metrics: dict[str, float] = {
@@ -112,7 +112,7 @@ def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResul
     mlflow.log_metrics(metrics)
     if loaded.skipped:
         mlflow.log_table(pd.DataFrame([e.to_dict() for e in loaded.skipped]), "data/skip_report.json")
-    sample = pairs_frame(splits["train"][: int(cfg.data.sample_rows)])
+    sample = pairs_frame(splits["train"][: cfg.data.sample_rows])
     mlflow.log_table(sample, "data/sample.json")
     source = loaded.source if cfg.data.path else None  # data.path with any URI password redacted
     digests = {}

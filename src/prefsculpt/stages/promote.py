@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 def run_promote(cfg: DictConfig) -> dict[str, Any]:
     pc = cfg.promote
-    check_aliases(str(pc.candidate_alias), str(pc.champion_alias))
-    name = str(pc.model_name)
+    check_aliases(pc.candidate_alias, pc.champion_alias)
+    name = pc.model_name
     with stage_run(cfg, "promote") as run:
         search = find_search_run(pc.search_run_id, cfg.tracking.experiment)
         uid = search.data.tags.get(Tag.STUDY_UID)
@@ -63,7 +63,7 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
         cand = {"syc_increase": float(pick.syc_increase), "on_target": float(pick.on_target),
                 "off_target": float(pick.off_target)}
         skipped = skipped_gates(cand, base)  # a metric the data cannot produce: recorded, never a pass
-        bgates = [g for g in baseline_gates(cand, base, float(pc.syc_ratio_max), float(pc.on_target_tolerance))
+        bgates = [g for g in baseline_gates(cand, base, pc.syc_ratio_max, pc.on_target_tolerance)
                   if g.name not in skipped]
         spec = resolve_lock(pc.get("lock"), mlflow.get_tracking_uri(), cfg.get("search", {}).get("storage"), name,
                             paths.cache_root(cfg.get("cache_dir")) / "locks")
@@ -72,9 +72,9 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
         # this model can move champion between our read and our write (search/lock.py says which lock).
         with promotion_lock(spec, float(pc.get("lock_timeout_s", 600.0))):
             mv = register(name, pick)
-            champ_mv, cgates = read_champion(name, str(pc.champion_alias), cand, float(pc.champion_tolerance))
+            champ_mv, cgates = read_champion(name, pc.champion_alias, cand, pc.champion_tolerance)
             gates = bgates + cgates
-            refusal = refusal_message(gates, str(pc.champion_alias))
+            refusal = refusal_message(gates, pc.champion_alias)
             client = mlflow.MlflowClient()
             tags = {Tag.TRIAL_RUN: pick.run_id, Tag.TRIAL_NUMBER: int(pick.trial), Tag.SEARCH_RUN: search.info.run_id,
                     Tag.STUDY_UID: uid, Tag.PROMOTE_RUN: run.info.run_id, Tag.AUDIT_RUN: pick.audit_run_id or "",
@@ -98,9 +98,9 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
             # Description (issue 16): headline metrics, gates and the glossary of the trial run's metric keys.
             client.update_model_version(name, mv.version, description=version_description(
                 int(pick.trial), pick.shaping, client.get_run(pick.run_id).data.metrics, gates, refusal, base))
-            client.set_registered_model_alias(name, str(pc.candidate_alias), mv.version)
+            client.set_registered_model_alias(name, pc.candidate_alias, mv.version)
             if refusal is None:
-                client.set_registered_model_alias(name, str(pc.champion_alias), mv.version)
+                client.set_registered_model_alias(name, pc.champion_alias, mv.version)
         if refusal is None:
             log.info("promote: %s version %s is now %s and %s (trial %d: %s)", name, mv.version, pc.candidate_alias,
                      pc.champion_alias, pick.trial, pick.shaping)

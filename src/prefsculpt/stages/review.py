@@ -61,7 +61,7 @@ def find_audit_run(cfg: DictConfig) -> str:
         return run.info.run_id
     exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if not exp_id:
-        exp = client.get_experiment_by_name(str(cfg.tracking.experiment))
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
         exp_id = exp.experiment_id if exp else None
     found = latest_stage_run("audit", [exp_id]) if exp_id else None
     if not found:
@@ -200,7 +200,7 @@ def open_review(cfg: DictConfig) -> ReviewSession:
         return result
 
     title = f"prefsculpt review · {run.info.run_name or run_id}"
-    server = ReviewServer(ReviewApp(data, detail, save, title=title), str(cfg.review.host), int(cfg.review.port))
+    server = ReviewServer(ReviewApp(data, detail, save, title=title), cfg.review.host, cfg.review.port)
     return ReviewSession(server, inputs, saved, tmp)
 
 

@@ -98,10 +98,10 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
         sae = load_sae(sae_cfg)
         layer = resolve_layer(requested, sae, n_layers)
         check_sae_fits(sae, int(shape.hidden_size),
-                       [str(cfg.model.name_or_path), model_dir.name, model_id], bool(cfg.sae.check_model))
+                       [cfg.model.name_or_path, model_dir.name, model_id], cfg.sae.check_model)
     log.info("sae stage: residual of decoder layer %d (model.layers.%d)", layer, layer)
-    device = select_device(str(cfg.device))
-    dtype = resolve_dtype(str(cfg.model.dtype), device)
+    device = select_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
     model = load_model(model_dir, dtype).eval().to(device)
     tcfg = cfg.data.tokenize
     tokenized = prepared.tokens_for(pairs, tokenizer_fingerprint(model_dir), tcfg.max_prompt_tokens,
@@ -109,8 +109,8 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
         pairs, tok, tcfg.max_prompt_tokens, tcfg.max_response_tokens)
 
     t0 = time.perf_counter()
-    cache, act_hit = get_activations(model, tokenized, tok, layer, int(cfg.encode.batch_tokens),
-                                      bool(cfg.sae.cache_activations), root,
+    cache, act_hit = get_activations(model, tokenized, tok, layer, cfg.encode.batch_tokens,
+                                      cfg.sae.cache_activations, root,
                                       model_id if dtype == "float32" else f"{model_id}:{dtype}")
     timings["time/collect_seconds"] = time.perf_counter() - t0
     fault_point("sae", "activations")
@@ -125,10 +125,10 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
         def training_data() -> Any:
             if not extra:
                 return train_cache
-            more = extra_text_activations(model, tok, extra, layer, int(tcfg.max_response_tokens))
+            more = extra_text_activations(model, tok, extra, layer, tcfg.max_response_tokens)
             return torch.cat([select_training_tokens(train_cache, cfg.sae), more])
 
-        data_key = json_digest(digest, int(tcfg.max_prompt_tokens), int(tcfg.max_response_tokens), extra_digest)
+        data_key = json_digest(digest, tcfg.max_prompt_tokens, tcfg.max_response_tokens, extra_digest)
         sae_cfg = OmegaConf.to_object(cfg.sae)
         sae_cfg.layer = layer
         sae, sae_metrics, sae_dir, sae_hit = get_or_train_sae(
@@ -178,7 +178,7 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
     }
     mlflow.log_metrics(metrics)
     mlflow.set_tags({Tag.DATASET: name, Tag.DATA_DIGEST: digest,
-                     Tag.SAE_SOURCE: str(cfg.sae.source), Tag.LAYER: str(layer)})
+                     Tag.SAE_SOURCE: cfg.sae.source, Tag.LAYER: str(layer)})
     log.info("sae stage: EV %.3f, L0 %.1f, dead %.1f%% (held-out %s); %d pairs scored in %.0f s total",
              metrics.get("sae/explained_variance", float("nan")), metrics.get("sae/l0_mean", float("nan")),
              100 * metrics.get("sae/dead_share", float("nan")), held_split, len(pairs), timings["time/total_seconds"])

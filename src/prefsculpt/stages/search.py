@@ -53,19 +53,19 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
     url = storage_url(sc.storage)
     storage, lock = open_storage(url, sc)
     with stage_run(cfg, "search") as run:
-        pinned = I.pinned_audit_run(storage, str(sc.study_name))
+        pinned = I.pinned_audit_run(storage, sc.study_name)
         audit_id = I.find_audit_run(sc.audit_run_id, run.info.run_id, pinned)
         hyp, decisions, dhash = I.load_audit(audit_id, sc.decisions, cache_root)
         sources = I.resolve_sources(list(sc.methods), cfg.shaping, audit_id, cache_root)
-        candidates, skipped = build_candidates(hyp, decisions, int(sc.top_k), list(sc.methods), list(sc.actions),
-                                               str(sc.allow_pins), I.feasibility(cfg.shaping, list(cfg.named_concepts), sources, hyp))
+        candidates, skipped = build_candidates(hyp, decisions, sc.top_k, list(sc.methods), list(sc.actions),
+                                               sc.allow_pins, I.feasibility(cfg.shaping, list(cfg.named_concepts), sources, hyp))
         attrs = {Attr.AUDIT_RUN: audit_id, **({Attr.DECISIONS_HASH: dhash} if dhash else {})}
-        bounds = SpaceBounds(float(sc.lambda_min), float(sc.lambda_max), float(sc.share_min), float(sc.share_max),
-                             str(cfg.shaping.filter_mode))
+        bounds = SpaceBounds(sc.lambda_min, sc.lambda_max, sc.share_min, sc.share_max,
+                             cfg.shaping.filter_mode)
         start = start_params(candidates, bounds) if sc.get("informed_start", True) and candidates else None
         study, created = open_study(sc, storage, lock, candidates, attrs, start=start)
         uid = str(study.user_attrs[Attr.UID])
-        mlflow.set_tags({Tag.STUDY_NAME: str(sc.study_name), Tag.STUDY_UID: uid,
+        mlflow.set_tags({Tag.STUDY_NAME: sc.study_name, Tag.STUDY_UID: uid,
                          Tag.STORAGE: url.split("@")[-1], Tag.AUDIT_RUN: audit_id,
                          Tag.STUDY_CREATOR: str(created).lower(), **({Tag.DECISIONS_HASH: dhash} if dhash else {})})
         mlflow.log_table(pd.DataFrame([{"concept": c.concept, "rank": c.rank, "fixed": c.fixed,
@@ -75,8 +75,8 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
         if sc.get("create_only", False):
             mlflow.set_tag(Tag.CREATE_ONLY, "true")
             log.info("search: study %r ready with %d trials planned; start the workers (search.create_only=false)",
-                     str(sc.study_name), int(study.user_attrs[Attr.PLANNED]))
-            return {"run_id": run.info.run_id, "study_name": str(sc.study_name), "study_uid": uid, "storage": url,
+                     sc.study_name, int(study.user_attrs[Attr.PLANNED]))
+            return {"run_id": run.info.run_id, "study_name": sc.study_name, "study_uid": uid, "storage": url,
                     "audit_run_id": audit_id, "decisions_hash": dhash, "trials_ran": [], "created": created,
                     "candidates": [c.concept for c in candidates]}
         ctx = O.TrialContext(cfg, candidates, bounds, uid, sources, dhash, runner or train_and_evaluate)
@@ -92,7 +92,7 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
         log_parallel(study, df)
         mlflow.log_metric("search/n_ran_here", float(len(ran)))
     log.info("search: this worker ran trials %s; study %r has %d complete, %d failed, %d on the Pareto front",
-             ran, str(sc.study_name), metrics["search/n_complete"], metrics["search/n_fail"], metrics["search/n_pareto"])
-    return {"run_id": run.info.run_id, "study_name": str(sc.study_name), "study_uid": uid, "storage": url,
+             ran, sc.study_name, metrics["search/n_complete"], metrics["search/n_fail"], metrics["search/n_pareto"])
+    return {"run_id": run.info.run_id, "study_name": sc.study_name, "study_uid": uid, "storage": url,
             "audit_run_id": audit_id, "decisions_hash": dhash, "trials_ran": ran, "metrics": metrics,
             "pareto": df[df["pareto"]].to_dict("records"), "candidates": [c.concept for c in candidates]}

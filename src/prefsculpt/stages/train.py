@@ -26,7 +26,14 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.concepts.sae_model import concept_layer
-from prefsculpt.core.device import accelerator, autocast, resolve_dtype, resolve_precision, select_device
+from prefsculpt.core.device import (
+    HOST,
+    accelerator,
+    autocast,
+    resolve_dtype,
+    resolve_precision,
+    select_device,
+)
 from prefsculpt.core.files import atomic_dir, atomic_write_json, model_fingerprint
 from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
@@ -147,21 +154,21 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     if not resume:
         log_pairs_input(pairs, f"{cfg.data.name}-{tc.split}", context="training")
 
-    device = select_device(str(cfg.device))
-    strategy, n_dev = str(tc.strategy), int(tc.devices)
+    device = select_device(cfg.device)
+    strategy, n_dev = tc.strategy, tc.devices
     check_strategy(strategy, n_dev, device)
-    precision = resolve_precision(str(tc.precision), device)
+    precision = resolve_precision(tc.precision, device)
     # mixed precision keeps float32 master weights; a named model.dtype is loaded as it says
-    load_dtype = "float32" if str(cfg.model.dtype) == "auto" else resolve_dtype(str(cfg.model.dtype), device)
-    L.seed_everything(int(tc.seed), workers=False, verbose=False)
+    load_dtype = "float32" if cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype, device)
+    L.seed_everything(tc.seed, workers=False, verbose=False)
     model = load_model(model_dir, load_dtype).to(device)
     start = freeze_below(model, tc.train_top_layers)
     check_hooks_trainable(shaping.interventions, start)  # refuse before the (long) precompute
     model.eval()
     cache = PrecomputeCache(cache_root)
     ctx = RefContext(model, tok, pairs, tokenized, cfg.shaping, cfg.get("named_concepts") or [], shaping.interventions[0].layer
-                     if shaping.interventions else layer, int(cfg.data.tokenize.max_prompt_tokens),
-                     int(tc.precompute_batch_tokens))
+                     if shaping.interventions else layer, cfg.data.tokenize.max_prompt_tokens,
+                     tc.precompute_batch_tokens)
     ctx.trunk_layer = start - 1 if start > 0 else None  # captured in the same forward as the reference
     # Under a bf16 precision the reference pass runs under the same autocast as training (its own
     # cache entries, per device type); fp32 on the CPU keeps the model fingerprint as the key.
@@ -169,45 +176,45 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     pre_fp = model_fp + (f":{device.type}" if device.type != "cpu" else "") + (":bf16-autocast" if bf16 else "")
     with autocast(device, bf16):
         pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, str(cfg.shaping.get("orient", "data")))
-        trunk = trunk_cache(ctx, start, cache, pre_fp, str(tc.trunk_dtype)) if start > 0 else None
+        trunk = trunk_cache(ctx, start, cache, pre_fp, tc.trunk_dtype) if start > 0 else None
     if pre.orientation:
         mlflow.log_params(mlflow_params({f"shaping/{k}/orientation": v for k, v in pre.orientation.items()}))
     t_pre = time.perf_counter() - t0
-    data = {"tokenized": tokenized, "pre": pre, "batch_size": int(tc.batch_size), "pad_id": tok.pad_token_id or 0,
-            "seed": int(tc.seed), "bucket_batches": int(tc.bucket_batches), "trunk": trunk}
+    data = {"tokenized": tokenized, "pre": pre, "batch_size": tc.batch_size, "pad_id": tok.pad_token_id or 0,
+            "seed": tc.seed, "bucket_batches": tc.bucket_batches, "trunk": trunk}
     dm = PreferenceDataModule(**data)
-    margs = {"beta": float(tc.beta), "lr": float(tc.lr), "term_names": pre.term_names, "lambdas": pre.lambdas,
+    margs = {"beta": tc.beta, "lr": tc.lr, "term_names": pre.term_names, "lambdas": pre.lambdas,
              "hooks": [iv for iv in shaping.interventions if iv.touches_layers()], "start_layer": start,
-             "weight_decay": float(tc.weight_decay), "warmup_steps": int(tc.warmup_steps)}
+             "weight_decay": tc.weight_decay, "warmup_steps": tc.warmup_steps}
     mlflow.log_metrics({"train/pairs_total": len(pairs), "train/pairs_dropped": dm.n_dropped,
                         "train/pairs_weighted": int(((pre.weights > 0) & (pre.weights < 1)).sum()),
                         "train/precompute_s": t_pre})
     mlflow.set_tags({Tag.DEVICE: str(device), Tag.PRECISION: precision,
                      **({Tag.STRATEGY: f"{strategy} x{n_dev}"} if n_dev > 1 else {})})
     ckpt_dir = work / "ckpt"
-    targs = {"max_epochs": int(tc.epochs), "accumulate_grad_batches": int(tc.grad_accum), "precision": precision,
-             "limit_val_batches": 0, "num_sanity_val_steps": 0, "log_every_n_steps": int(tc.log_every_n_steps),
+    targs = {"max_epochs": tc.epochs, "accumulate_grad_batches": tc.grad_accum, "precision": precision,
+             "limit_val_batches": 0, "num_sanity_val_steps": 0, "log_every_n_steps": tc.log_every_n_steps,
              "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(work)}
     last = ckpt_dir / "last.ckpt"
     resume_from = str(last) if resume and last.exists() else None
     if n_dev > 1:
-        model.to("cpu")  # free the device for the workers; the trained weights come back below
+        model.to(HOST)  # free the device for the workers; the trained weights come back below
         if device.type == "cuda":
             torch.cuda.empty_cache()
         spec = FitSpec(str(model_dir), load_dtype, accelerator(device), strategy, n_dev,
                        {**margs, "top_layers": tc.train_top_layers}, data, targs, str(ckpt_dir),
-                       int(tc.checkpoint_every_n_steps), resume_from, resolve_tracking_uri(cfg.tracking.uri), run_id,
-                       int(tc.seed))
+                       tc.checkpoint_every_n_steps, resume_from, resolve_tracking_uri(cfg.tracking.uri), run_id,
+                       tc.seed)
         res = fit_distributed(spec, work)
         model.load_state_dict(torch.load(work / "dist" / "state.pt", weights_only=True))
         steps, fit_s = int(res["optimizer_steps"]), float(res["fit_s"])
     else:
         module = PreferenceModule(model, **margs)
         ckpt = AtomicCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
-                                every_n_train_steps=int(tc.checkpoint_every_n_steps), enable_version_counter=False)
+                                every_n_train_steps=tc.checkpoint_every_n_steps, enable_version_counter=False)
         logger = MLFlowLogger(tracking_uri=resolve_tracking_uri(cfg.tracking.uri), run_id=run_id)
         bar = StepProgress("DPO", "pairs", size_of=lambda b: int(b["weight"].shape[0]),
-                           total=len(dm.dataset) * int(tc.epochs), show=("train/loss",))
+                           total=len(dm.dataset) * tc.epochs, show=("train/loss",))
         trainer = L.Trainer(accelerator=accelerator(device), devices=[device.index] if device.index is not None else 1,
                             logger=logger, callbacks=[ckpt, bar], use_distributed_sampler=False,
                             **{**targs, "enable_progress_bar": True})
@@ -222,11 +229,11 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     metrics = {"train/optimizer_steps": float(steps), "train/fit_s": fit_s,
-               "train/pairs_per_s": len(dm.dataset) * int(tc.epochs) / max(fit_s, 1e-9) if not resume else 0.0}
+               "train/pairs_per_s": len(dm.dataset) * tc.epochs / max(fit_s, 1e-9) if not resume else 0.0}
     mlflow.log_metrics(metrics)
     model_uri = None
     if tc.log_model:
-        meta = PolicyMeta(str(cfg.model.name_or_path), run_id, shaping.decisions_hash, _audit_run_id(cfg, run_id),
+        meta = PolicyMeta(cfg.model.name_or_path, run_id, shaping.decisions_hash, _audit_run_id(cfg, run_id),
                           shaping.summary())
         model_uri = log_policy(policy_dir, meta).model_uri
     atomic_write_json(work / "done.json", {"run_id": run_id, "optimizer_steps": steps})

@@ -28,8 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
+from transformers import AutoModelForCausalLM
 
 from prefsculpt.core.names import Tag
+from prefsculpt.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class PolicyMeta:
 
 def model_card(meta: PolicyMeta) -> Any:
     """A ``huggingface_hub.ModelCard`` written offline (without one MLflow asks the hub for it)."""
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard  # optional: only with hub access
 
     shaping = "\n".join(f"- `{json.dumps(s, default=str)}`" for s in meta.shaping) or "- none (plain DPO)"
     text = f"""---
@@ -121,10 +124,7 @@ def log_policy(policy_dir: str | Path, meta: PolicyMeta | None = None, name: str
     """Log the HF folder ``policy_dir`` (safetensors + tokenizer with a chat template) as a
     ``transformers`` chat model of the active run; returns MLflow's ModelInfo (``model_uri`` is
     ``models:/m-<id>``, what promotion registers)."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from prefsculpt.models.loading import load_tokenizer
 
     meta = meta or PolicyMeta()
     # A fresh load: the weights exactly as saved, on CPU, with no training hooks attached.

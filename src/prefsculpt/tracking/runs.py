@@ -23,6 +23,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.core.faults import fault_point
@@ -70,7 +71,7 @@ def adopt_project_run(cfg: DictConfig) -> bool:
         return False
     project_uri = os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None)
     want_uri = resolve_tracking_uri(cfg.tracking.uri)
-    want_exp = str(cfg.tracking.experiment) if cfg.tracking.experiment else None
+    want_exp = cfg.tracking.experiment if cfg.tracking.experiment else None
     if want_uri != project_uri:
         why = f"tracking.uri={redact_text(want_uri)} is not the project's store"
     elif want_exp and mlflow.MlflowClient(project_uri).get_run(run_id).info.experiment_id == _DEFAULT_EXPERIMENT_ID \
@@ -132,7 +133,6 @@ def ensure_store(uri: str, experiment: str | None = None) -> None:
     crashes ("duplicate column name", alembic "expected to match one row"). Other stores: no-op."""
     if not uri.startswith("sqlite:///") or (uri, experiment) in _READY:
         return
-    from filelock import FileLock
 
     db = Path(uri[len("sqlite:///"):].split("?")[0])
     db.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ def resolve_shift_sources(cfg: DictConfig, cache_root: Path) -> ShiftSources | N
                 raise ShiftSourceError(f"eval.shift.sae_path={sc.sae_path!r} holds no SAE (cfg.json + *.safetensors)")
             origin = str(sc.sae_path)
         else:
-            rid = _latest_run("sae", sc.sae_run_id, str(cfg.tracking.experiment))
+            rid = _latest_run("sae", sc.sae_run_id, cfg.tracking.experiment)
             if rid is None:
                 raise ShiftSourceError("no finished sae run in this experiment: run the sae stage, or set eval.shift.sae_path")
             got = Path(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path="sae",
@@ -82,7 +82,7 @@ def resolve_shift_sources(cfg: DictConfig, cache_root: Path) -> ShiftSources | N
         if sc.hypotheses_path:
             hyp = _read_table(str(sc.hypotheses_path))
         else:
-            rid = _latest_run("audit", sc.audit_run_id, str(cfg.tracking.experiment))
+            rid = _latest_run("audit", sc.audit_run_id, cfg.tracking.experiment)
             if rid is None:
                 raise ShiftSourceError("no finished audit run in this experiment: run the audit stage, or set "
                                        "eval.shift.hypotheses_path")

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from prefsculpt.core.device import model_device, to_device
+from prefsculpt.concepts.shards import load_scores
+from prefsculpt.core.device import HOST, model_device, to_device
 from prefsculpt.core.files import file_sha256
 from prefsculpt.core.progress import track
 from prefsculpt.data.schema import PreferencePair
@@ -99,7 +100,7 @@ class RefContext:
                  layer: int | None, max_prompt_tokens: int, batch_tokens: int = 8192):
         self.model, self.tokenizer = model, tokenizer
         self.pairs, self.tokenized = list(pairs), list(tokenized)
-        self.shaping, self.named = shaping, {str(c.name): c for c in named_concepts}
+        self.shaping, self.named = shaping, {c.name: c for c in named_concepts}
         self.layer, self.max_prompt_tokens, self.batch_tokens = layer, max_prompt_tokens, batch_tokens
         self.n = len(self.pairs)
         self._ref: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -200,7 +201,6 @@ class RefContext:
 
     def _stored_score(self, concept: str) -> tuple[np.ndarray, np.ndarray]:
         if self._scores is None:
-            from prefsculpt.concepts.shards import load_scores
 
             self._scores = load_scores(self.shaping.scores_dir)
         sc = self._scores
@@ -231,9 +231,9 @@ class RefContext:
                 return self._dirs[concept]
         if concept.startswith("latent:") and self.shaping.get("sae_path"):
             if self._sae is None:
-                from sae_lens import SAE
+                from sae_lens import SAE  # optional: heavy, used only here
 
-                self._sae = SAE.load_from_disk(str(self.shaping.sae_path), device="cpu")
+                self._sae = SAE.load_from_disk(str(self.shaping.sae_path), device=HOST)
             return self._sae.W_dec[int(concept.split(":")[1])].detach()
         raise ShapingError(
             f"{concept}: no residual direction; for latent:<i> set shaping.sae_path, otherwise give "
