@@ -45,7 +45,7 @@ def test_own_data_scores_its_held_out_split_and_the_shipped_sycophancy_set(tmp_p
     cfg = eval_cfg("unused", tmp_path, {"evals": ["sycophancy", "capability"], "capability": {"known_answer": 0,
                                                                                               "clean_pairs": 50}},
                    _own_data(tmp_path))
-    inp = load_inputs(cfg)
+    inp, _ = _inputs(cfg)
     splits = split_pairs(load_source(cfg.data).pairs, {"train": 0.8, "validation": 0.1, "test": 0.1})
     assert [p.id for p in inp.clean_pairs] == [p.id for p in splits["test"]] and inp.clean_pairs
     assert not {p.id for p in inp.clean_pairs} & {p.id for p in splits["train"]}  # never a training pair
@@ -58,9 +58,9 @@ def test_the_planted_set_keeps_its_clean_split_and_no_shipped_set_unless_asked(t
     from prefsculpt.evals.inputs import SHIPPED_OPINION
 
     cfg = eval_cfg("unused", tmp_path, {"evals": ["sycophancy", "capability"], "capability": {"known_answer": 0}})
-    inp = load_inputs(cfg)
+    inp, _ = _inputs(cfg)
     assert inp.opinion == {} and len(inp.clean_pairs) == 12  # eval tiny: 12 of the planted clean split
-    on = load_inputs(eval_cfg("unused", tmp_path, {"evals": ["sycophancy"], "sycophancy": {"shipped": "on"}}))
+    on, _ = _inputs(eval_cfg("unused", tmp_path, {"evals": ["sycophancy"], "sycophancy": {"shipped": "on"}}))
     assert list(on.opinion) == [SHIPPED_OPINION.stem]
 
 
@@ -72,6 +72,6 @@ def test_an_empty_held_out_split_or_a_bad_mode_is_a_clear_error(tmp_path):
     own = _own_data(tmp_path, n=10)
     own["data"]["split"] = {"train": 1.0, "validation": 0.0, "test": 0.0}
     with pytest.raises(UserError, match="test split .* is empty"):
-        load_inputs(eval_cfg("unused", tmp_path, {"evals": ["capability"], "capability": {"known_answer": 0}}, own))
+        _inputs(eval_cfg("unused", tmp_path, {"evals": ["capability"], "capability": {"known_answer": 0}}, own))
     with pytest.raises(UserError, match="shipped='always'"):
-        load_inputs(eval_cfg("unused", tmp_path, {"evals": ["sycophancy"], "sycophancy": {"shipped": "always"}}))
+        _inputs(eval_cfg("unused", tmp_path, {"evals": ["sycophancy"], "sycophancy": {"shipped": "always"}}))
