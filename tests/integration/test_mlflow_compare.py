@@ -5,10 +5,7 @@ the evaluation metrics a trial copies from its evaluate run) is on the page, eac
 Screenshot: ``outputs/test_artifacts/compare.png``."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import urllib.parse
 
 import mlflow
@@ -16,7 +13,7 @@ import pytest
 
 from prefsculpt.core import glossary as G
 from prefsculpt.stages.search import run_search
-from tests.integration.test_mlflow_ui import ART, CHROMIUM, chromium, free_port, wait_ready
+from tests.integration.test_mlflow_ui import ART, CHROMIUM, chromium, mlflow_ui
 from tests.unit.search.helpers import FakeRunner, compose_cfg, fake_audit_run
 
 pytestmark = pytest.mark.integration
@@ -50,15 +47,7 @@ def test_compare_view_shows_every_shared_metric_of_two_trials(mlflow_uri, tmp_pa
     assert {"search/off_target", "search/on_target", "syc/planted/p_agree_diff", "cap/pref/implicit_acc"} <= keys
     assert G.unknown(keys) == []  # every key the compare view shows is in the glossary
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", mlflow_uri, "--host",
-                             "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_ready(url, proc)
-        ART.mkdir(parents=True, exist_ok=True)
+    with mlflow_ui(mlflow_uri, tmp_path) as url:
         q = urllib.parse.quote
         page = (f"{url}/#/compare-runs?runs={q(json.dumps([t.info.run_id for t in trials]))}"
                 f"&experiments={q(json.dumps([exp]))}")
@@ -71,10 +60,3 @@ def test_compare_view_shows_every_shared_metric_of_two_trials(mlflow_uri, tmp_pa
         off = [f"{t.data.metrics['search/off_target']:.3g}"[:4] for t in trials]
         assert all(v in dom for v in off), off
         assert (ART / "compare.png").stat().st_size > 10_000
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: our own process group
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()

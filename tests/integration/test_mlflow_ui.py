@@ -3,6 +3,7 @@ sqlite store holding a search run with nested trial runs and a registered policy
 headless Chromium, and find the runs (with a trial's params) and the registered model in the DOM.
 Screenshots are kept under ``outputs/test_artifacts/``."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -79,10 +80,9 @@ def chromium(url: str, profile: Path, screenshot: Path | None = None) -> str:
     return res.stdout
 
 
-def test_mlflow_ui_lists_runs_and_registered_model(mlflow_uri, tmp_path):
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    exp_id, trials = populate()
+@contextlib.contextmanager
+def mlflow_ui(mlflow_uri: str, tmp_path: Path):
+    """``mlflow ui`` on a free loopback port for the block; yields its URL, then stops the server."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
@@ -92,6 +92,21 @@ def test_mlflow_ui_lists_runs_and_registered_model(mlflow_uri, tmp_path):
     try:
         wait_ready(url, proc)
         ART.mkdir(parents=True, exist_ok=True)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: our own process group
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_mlflow_ui_lists_runs_and_registered_model(mlflow_uri, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    exp_id, trials = populate()
+    with mlflow_ui(mlflow_uri, tmp_path) as url:
         runs = chromium(f"{url}/#/experiments/{exp_id}/runs", tmp_path / "prof", ART / "mlflow_ui_runs.png")
         assert "search-worker" in runs and "prefsculpt-ui" in runs
         run_id, name = trials[1]
@@ -101,10 +116,3 @@ def test_mlflow_ui_lists_runs_and_registered_model(mlflow_uri, tmp_path):
         assert MODEL in models
         for f in ("mlflow_ui_runs.png", "mlflow_ui_trial.png", "mlflow_ui_models.png"):
             assert (ART / f).stat().st_size > 10_000
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: our own process group
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
