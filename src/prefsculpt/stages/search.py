@@ -30,6 +30,7 @@ from prefsculpt.search.study import (
     trials_table,
 )
 from prefsculpt.stages.evaluate import run_evaluate
+from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.stages.train import run_train
 from prefsculpt.tracking.runs import stage_run
 
@@ -50,6 +51,10 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
     """One search worker. ``runner`` replaces train + evaluate (tests inject a cheap one)."""
     sc = cfg.search
     cache_root = paths.cache_root(cfg.cache_dir)
+    if runner is None:
+        # Every trial trains and evaluates on one prepared artifact: resolve it (or prepare it) once,
+        # here, so no trial opens a prepare run of its own inside its run.
+        OmegaConf.update(cfg, "data.prepared_run_id", prepared_data(cfg)[1])
     url = storage_url(sc.storage)
     storage, lock = open_storage(url, sc)
     with stage_run(cfg, "search") as run:
