@@ -197,18 +197,21 @@ def _fail_stale(study: optuna.Study) -> None:
 
 
 def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], poll_s: float | None = None,
-               storage: Any = None) -> list[int]:
+               storage: Any = None, lock: Path | None = None) -> list[int]:
     """Pop and run slots until none is left; returns the trial numbers this worker ran.
 
     ``poll_s``: when nothing is left but others still run, look again every ``poll_s`` s (so a dead
     worker's trial, failed by the heartbeat and re-enqueued, is picked up); None = stop at once.
-    ``storage``: the study's storage, whose heartbeat is beaten while a trial runs (None = none)."""
+    ``storage``: the study's storage, whose heartbeat is beaten while a trial runs (None = none).
+    ``lock``: a file lock serialising claims (SQLite has no row locks, so two processes can both see
+    a slot WAITING and both take it; ``open_storage`` returns it for file-based storages)."""
     ran: list[int] = []
     with progress(study_progress(study)[1], "search", "trials") as bar:
         while True:
             bar.update(*study_progress(study), **best_so_far(study))
             _fail_stale(study)
-            trial = claim(study)
+            with _lock(None if lock is None else Path(f"{lock}.claim")):  # not the journal's own lock file
+                trial = claim(study)
             if trial is None:
                 running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if poll_s is None or not running:

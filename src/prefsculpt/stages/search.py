@@ -90,7 +90,7 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
             fault_point("search", "trial")  # PREFSCULPT_FAULT_AFTER=2: killed as the 2nd trial starts
             return O.run_trial(trial, ctx)
 
-        ran = run_worker(study, objective, poll_s=poll, storage=storage)
+        ran = run_worker(study, objective, poll_s=poll, storage=storage, lock=lock)
         O.close_dead_trials(study)
         df = trials_table(study)
         metrics = log_results(df)

@@ -36,9 +36,9 @@ def slow_objective(log_path: str, seconds: float):
 
 
 def _worker(url: str, log_path: str, seconds: float) -> None:
-    storage, _ = open_storage(url, sc(url, 0))
+    storage, lock = open_storage(url, sc(url, 0))
     study = optuna.load_study(study_name="s", storage=storage)
-    run_worker(study, slow_objective(log_path, seconds), poll_s=0.2, storage=storage)
+    run_worker(study, slow_objective(log_path, seconds), poll_s=0.2, storage=storage, lock=lock)
 
 
 def test_pareto_mask():
