@@ -46,13 +46,18 @@ def mlflow_uri(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     import mlflow
+    from mlflow.tracking import fluent
 
+    # mlflow.set_experiment in an earlier test (in-process) leaves its experiment id in the fluent
+    # module: a plain start_run() here would then ask this fresh store for an experiment it never had.
+    fluent._active_experiment_id = None
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
     # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; never leak it into the next test
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    fluent._active_experiment_id = None
 
 
 @pytest.fixture(scope="session")

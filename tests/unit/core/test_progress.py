@@ -144,6 +144,7 @@ def test_library_bars_go_quiet_only_off_a_terminal(monkeypatch):
     from transformers.utils import logging as hf_logging
 
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    hf_logging.enable_progress_bar()  # an earlier in-process stage run (piped) may have turned them off
     monkeypatch.setattr(sys, "stderr", FakeTTY())
     P.quiet_library_bars()
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ and hf_logging.is_progress_bar_enabled()
