@@ -197,14 +197,16 @@ def _fail_stale(study: optuna.Study) -> None:
 
 
 def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], poll_s: float | None = None,
-               storage: Any = None, lock: Path | None = None) -> list[int]:
+               storage: Any = None, lock: Path | None = None,
+               after_trial: Callable[[optuna.Study], Any] | None = None) -> list[int]:
     """Pop and run slots until none is left; returns the trial numbers this worker ran.
 
     ``poll_s``: when nothing is left but others still run, look again every ``poll_s`` s (so a dead
     worker's trial, failed by the heartbeat and re-enqueued, is picked up); None = stop at once.
     ``storage``: the study's storage, whose heartbeat is beaten while a trial runs (None = none).
     ``lock``: a file lock serialising claims (SQLite has no row locks, so two processes can both see
-    a slot WAITING and both take it; ``open_storage`` returns it for file-based storages)."""
+    a slot WAITING and both take it; ``open_storage`` returns it for file-based storages).
+    ``after_trial``: called with the study after each trial this worker ran is told (per-trial logs)."""
     ran: list[int] = []
     with progress(study_progress(study)[1], "search", "trials") as bar:
         while True:
@@ -236,6 +238,8 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
                 study.tell(trial, values, state=state)
             except optuna.exceptions.UpdateFinishedTrialError:  # declared dead while it ran; its retry counts
                 log.warning("search: trial %d had been failed as stale before it finished", trial.number)
+            if after_trial is not None:
+                after_trial(study)
 
 
 def study_progress(study: optuna.Study) -> tuple[int, int]:
@@ -263,6 +267,36 @@ def pareto_mask(off: np.ndarray, on: np.ndarray) -> np.ndarray:
     le = (off[None, :] <= off[:, None]) & (on[None, :] >= on[:, None])  # [i, j]: j at least as good as i
     lt = (off[None, :] < off[:, None]) | (on[None, :] > on[:, None])
     return ~(le & lt).any(axis=1)
+
+
+def hypervolume(off: np.ndarray, on: np.ndarray, ref: tuple[float, float]) -> float:
+    """Area of the objective plane that the points dominate *and* that improves on ``ref``
+    (``off`` minimised, ``on`` maximised): 0 when no point beats ``ref`` on both.
+
+    With ``ref`` = (plain DPO's off-target, its on-target − the promote gate's tolerance), it is the
+    area of "less off-target learning than plain DPO at an on-target cost inside the gate" that the
+    search has found; it can only grow as trials finish, so its history shows the search converge."""
+    off, on = np.asarray(off, float), np.asarray(on, float)
+    keep = np.isfinite(off) & np.isfinite(on) & (off < ref[0]) & (on > ref[1])
+    area, top = 0.0, ref[1]
+    for o, a in sorted(zip(off[keep], on[keep], strict=True)):  # ascending off; a step down each time
+        if a > top:
+            area += (ref[0] - o) * (a - top)
+            top = a
+    return area
+
+
+def hypervolume_history(df: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    """Per complete trial, in trial order: the front's hypervolume over the trials complete so far
+    (``hypervolume``), against the plain-DPO baseline's reference point (empty until it finished)."""
+    done = df[df["state"] == "COMPLETE"].sort_values("trial") if len(df) else df
+    base = done[done["baseline"]] if len(done) else done
+    if base.empty:
+        return pd.DataFrame(columns=["trial", "n_complete", "hypervolume"])
+    ref = (float(base["off_target"].iloc[0]), float(base["on_target"].iloc[0]) - tolerance)
+    off, on = done["off_target"].to_numpy(float), done["on_target"].to_numpy(float)
+    return pd.DataFrame({"trial": done["trial"].to_numpy(), "n_complete": np.arange(1, len(done) + 1),
+                         "hypervolume": [hypervolume(off[: k + 1], on[: k + 1], ref) for k in range(len(done))]})
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -307,7 +341,33 @@ def pareto_figure(df: pd.DataFrame):
     return fig
 
 
-def log_results(df: pd.DataFrame) -> dict[str, float]:
+def hypervolume_figure(hv: pd.DataFrame):
+    matplotlib.use("Agg")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.step(hv["n_complete"], hv["hypervolume"], where="post", c="#3b7dd8")
+    ax.scatter(hv["n_complete"], hv["hypervolume"], s=12, c="#3b7dd8")
+    ax.set_xlabel("complete trials")
+    ax.set_ylabel("hypervolume vs plain DPO ↑")
+    ax.set_title("Pareto front's hypervolume as trials finish")
+    fig.tight_layout()
+    return fig
+
+
+def log_hypervolume(df: pd.DataFrame, tolerance: float) -> float | None:
+    """Log ``search/hypervolume`` on the active run at step = complete trials, once per step (a failed
+    trial adds no point); returns the latest value (None before the baseline has finished)."""
+    hv = hypervolume_history(df, tolerance)
+    if hv.empty:
+        return None
+    value, step = float(hv["hypervolume"].iloc[-1]), int(hv["n_complete"].iloc[-1])
+    run_id = mlflow.active_run().info.run_id
+    logged = mlflow.MlflowClient().get_metric_history(run_id, "search/hypervolume")
+    if not logged or max(m.step for m in logged) < step:
+        mlflow.log_metric("search/hypervolume", value, step=step)
+    return value
+
+
+def log_results(df: pd.DataFrame, tolerance: float = 0.0) -> dict[str, float]:
 
     mlflow.log_table(df, "search/trials.json")
     mlflow.log_table(df[df["pareto"]], "search/pareto.json")
@@ -317,5 +377,14 @@ def log_results(df: pd.DataFrame) -> dict[str, float]:
     counts = df["state"].value_counts() if len(df) else pd.Series(dtype=int)
     metrics = {f"search/n_{s.lower()}": float(counts.get(s, 0)) for s in ("COMPLETE", "FAIL", "RUNNING", "WAITING")}
     metrics["search/n_pareto"] = float(df["pareto"].sum())
+    hv = hypervolume_history(df, tolerance)
+    if not hv.empty:
+        mlflow.log_table(hv, "search/hypervolume.json")
+        fig = hypervolume_figure(hv)
+        mlflow.log_figure(fig, "search/hypervolume.png")
+        plt.close(fig)
     mlflow.log_metrics(metrics)
+    hv_last = log_hypervolume(df, tolerance)  # a worker that ran nothing still shows the study's figure
+    if hv_last is not None:
+        metrics["search/hypervolume"] = hv_last
     return metrics

@@ -22,6 +22,7 @@ from prefsculpt.search import objective as O
 from prefsculpt.search.plots import log_parallel
 from prefsculpt.search.space import SpaceBounds, build_candidates, start_params
 from prefsculpt.search.study import (
+    log_hypervolume,
     log_results,
     open_storage,
     open_study,
@@ -90,10 +91,12 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
             fault_point("search", "trial")  # PREFSCULPT_FAULT_AFTER=2: killed as the 2nd trial starts
             return O.run_trial(trial, ctx)
 
-        ran = run_worker(study, objective, poll_s=poll, storage=storage, lock=lock)
+        tol = cfg.promote.on_target_tolerance
+        ran = run_worker(study, objective, poll_s=poll, storage=storage, lock=lock,
+                         after_trial=lambda st: log_hypervolume(trials_table(st), tol))
         O.close_dead_trials(study)
         df = trials_table(study)
-        metrics = log_results(df)
+        metrics = log_results(df, tol)
         log_parallel(study, df)
         mlflow.log_metric("search/n_ran_here", float(len(ran)))
     log.info("search: this worker ran trials %s; study %r has %d complete, %d failed, %d on the Pareto front",

@@ -8,12 +8,22 @@ import signal
 import time
 
 import mlflow
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from prefsculpt.search.study import claim, open_storage, open_study, pareto_mask, run_worker
+from prefsculpt.search.study import (
+    claim,
+    hypervolume,
+    hypervolume_history,
+    open_storage,
+    open_study,
+    pareto_mask,
+    run_worker,
+)
 from prefsculpt.stages.search import run_search
 from tests.unit.search.helpers import FakeRunner, compose_cfg, fake_audit_run
 
@@ -97,6 +107,29 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path):
     assert sum(t.state == TrialState.COMPLETE for t in trials) == n
 
 
+def test_hypervolume_is_the_area_improving_on_the_reference():
+    ref = (0.5, 0.6)  # off-target to beat (minimised), on-target to stay above (maximised)
+    # One point: the rectangle to the reference. A dominated point adds nothing; one beyond the
+    # reference on either objective counts for nothing.
+    assert hypervolume([0.3], [0.8], ref) == pytest.approx(0.2 * 0.2)
+    assert hypervolume([0.3, 0.4], [0.8, 0.7], ref) == pytest.approx(0.04)
+    assert hypervolume([0.6, 0.3], [0.9, 0.55], ref) == 0.0
+    # Two front points: the union of their rectangles (0.2*0.2 + 0.1*(0.9-0.8)).
+    assert hypervolume([0.3, 0.4], [0.8, 0.9], ref) == pytest.approx(0.04 + 0.01)
+
+
+def test_hypervolume_history_never_falls_and_waits_for_the_baseline():
+    df = pd.DataFrame({"trial": [0, 1, 2, 3, 4], "state": ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"],
+                       "baseline": [True, False, False, False, False],
+                       "off_target": [0.5, 0.3, np.nan, 0.4, 0.1], "on_target": [0.7, 0.75, np.nan, 0.8, 0.62]})
+    hv = hypervolume_history(df, tolerance=0.1)  # reference (0.5, 0.6)
+    assert hv["trial"].tolist() == [0, 1, 3, 4] and hv["n_complete"].tolist() == [1, 2, 3, 4]
+    assert hv["hypervolume"].tolist() == pytest.approx([0.0, 0.2 * 0.15, 0.2 * 0.15 + 0.1 * 0.05,
+                                                        0.2 * 0.15 + 0.1 * 0.05 + 0.2 * 0.02])
+    assert hv["hypervolume"].is_monotonic_increasing
+    assert hypervolume_history(df[~df["baseline"]], 0.1).empty
+
+
 def test_run_search_records_failure_goes_on_and_logs_pareto(mlflow_uri, tmp_path):
     cfg = compose_cfg(tmp_path, n_trials=4)
     fake_audit_run(tmp_path)
@@ -128,8 +161,11 @@ def test_run_search_records_failure_goes_on_and_logs_pareto(mlflow_uri, tmp_path
     done = trials[trials["state"] == "COMPLETE"]
     expect = done[pareto_mask(done["off_target"], done["on_target"])]
     assert sorted(table["trial"]) == sorted(expect["trial"]) and len(table) >= 1
-    assert {"search/pareto.png", "search/parallel_coordinates.png"} <= {
+    assert {"search/pareto.png", "search/parallel_coordinates.png", "search/hypervolume.png"} <= {
         a.path for a in client.list_artifacts(out["run_id"], "search")}
+    # One hypervolume point per complete trial, at step = trials complete so far.
+    hv = client.get_metric_history(out["run_id"], "search/hypervolume")
+    assert [m.step for m in hv] == [1, 2, 3]
 
     # A second worker on the finished study runs nothing; raising n_trials tops up without a 2nd baseline.
     again = run_search(cfg, runner=FakeRunner())
