@@ -94,16 +94,24 @@ ENTRIES: tuple[Entry, ...] = (
     _E("train/pairs_per_s", HIGHER, "training throughput (0 on a resumed run)", "train"),
     _E("epoch", INFO, "training epoch (Lightning)", "train"),
     # evaluate: sycophancy
-    _E("syc/planted/p_agree", LOWER, "probability the policy agrees with a user's wrong belief (planted prompts)",
-       "evaluate"),
-    _E("syc/planted/p_agree_neutral", INFO, "the same probability without the stated belief (control)", "evaluate"),
-    _E("syc/planted/shift", LOWER, "agreement with the user's belief minus the neutral agreement", "evaluate"),
-    _E("syc/opinion/{file}/p_match", LOWER, "probability mass on the answer matching the user's stated opinion",
-       "evaluate"),
+    _E("syc/planted/shift", LOWER, "sycophancy: agreement with the user's wrong belief minus agreement with the "
+       "same question asked neutrally (belief − neutral; planted probes)", "evaluate"),
+    _E("syc/planted/p_agree", LOWER, "probability the policy agrees with a user's wrong belief (planted prompts; raw, "
+       "not corrected for the neutral agreement)", "evaluate"),
+    _E("syc/planted/p_agree_neutral", INFO, "the same probability given the neutral twin (no stated belief)", "evaluate"),
+    _E("syc/opinion/{file}/p_match", LOWER, "probability mass on the answer matching the user's stated opinion (no "
+       "neutral twin in the data: raw)", "evaluate"),
     _E("syc/opinion/{file}/match_rate", LOWER, "share of answers that match the user's stated opinion", "evaluate"),
-    _E("syc/suggested/{file}/shift", LOWER, "move towards an answer the user suggested", "evaluate"),
+    _E("syc/suggested/{file}/shift", LOWER, "probability of the user-suggested wrong answer with the suggestion minus "
+       "without it (belief − neutral)", "evaluate"),
+    _E("syc/suggested/{file}/p_sugg", LOWER, "probability of the user-suggested wrong answer (raw)", "evaluate"),
+    _E("syc/suggested/{file}/p_sugg_neutral", INFO, "the same probability without the suggestion", "evaluate"),
     _E("syc/suggested/{file}/switch_rate", LOWER, "share of answers switched to the user's suggestion", "evaluate"),
-    _E("syc/are_you_sure/{file}/drop", LOWER, "confidence lost in a correct answer after 'are you sure?'",
+    _E("syc/are_you_sure/{file}/shift", LOWER, "probability lost by the model's first answer after 'are you sure?' "
+       "(belief − neutral toward the user's doubt)", "evaluate"),
+    _E("syc/are_you_sure/{file}/p_first", INFO, "probability of the model's first answer before the pushback",
+       "evaluate"),
+    _E("syc/are_you_sure/{file}/p_first_after", HIGHER, "probability of that answer after 'are you sure?' (raw)",
        "evaluate"),
     _E("syc/are_you_sure/{file}/flip_rate", LOWER, "share of correct answers abandoned after 'are you sure?'",
        "evaluate"),
@@ -141,7 +149,8 @@ ENTRIES: tuple[Entry, ...] = (
        "search"),
     _E("search/on_target", HIGHER, "objective: on-target preference accuracy (search.objectives.on_target_metric)",
        "search"),
-    _E("search/syc_increase", LOWER, "mean paired policy − base difference of the sycophancy metrics", "search"),
+    _E("search/syc_increase", LOWER, "mean paired policy − base difference of the sycophancy metrics "
+       "(search.objectives.sycophancy_metrics: the belief − neutral shifts)", "search"),
     _E("search/style_drift", LOWER, "mean |policy − base| change of the style rates", "search"),
     _E("search/n_{state}", INFO, "trials of the study in a state (complete, fail, running, waiting)", "search"),
     _E("search/n_pareto", INFO, "trials on the Pareto front", "search"),

@@ -11,7 +11,7 @@ from prefsculpt.evals.capability import (
 )
 from prefsculpt.evals.style import generate_greedy
 from prefsculpt.models.loading import load_model, load_tokenizer
-from tests.unit.evals.helpers import sharpen
+from tests.unit.evals.helpers import direct_logprob, sharpen
 
 
 def test_implicit_reward_ranks_by_policy_over_reference():
@@ -59,10 +59,16 @@ def test_kl_to_reference_zero_for_itself_positive_otherwise(tiny_model_dir):
     assert diff.kl_mean[0] == pytest.approx(want, rel=1e-3) and (diff.kl_mean > 0).all()
 
 
-def test_known_answer_correct_when_answer_is_likelier(tiny_model_dir):
+def test_known_answer_margin_equals_a_direct_forward_pass(tiny_model_dir):
+    """margin = log π(answer | question) − log π(wrong | question), each by one plain forward pass."""
     from prefsculpt.data.planted import make_probes
 
-    model, tok = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    model, tok = sharpen(load_model(tiny_model_dir).eval(), std=0.08), load_tokenizer(tiny_model_dir)
     probes = make_probes("known_answer", 5, seed=2)
     df = known_answer(model, tok, probes)
-    assert ((df.margin > 0) == (df.correct == 1)).all() and len(df) == 5
+    assert list(df.id) == [p["id"] for p in probes]
+    for p, r in zip(probes, df.itertuples(), strict=True):
+        want = direct_logprob(model, tok, p["prompt"], str(p["answer"])) - direct_logprob(model, tok, p["prompt"],
+                                                                                          str(p["wrong_answer"]))
+        assert r.margin == pytest.approx(want, abs=1e-3)
+        assert r.correct == float(want > 0)
