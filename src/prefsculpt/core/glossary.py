@@ -131,17 +131,21 @@ ENTRIES: tuple[Entry, ...] = (
     _E("cap/kl/mean_token", LOWER, "mean per-token KL of the policy from the base on its own rollouts", "evaluate"),
     _E("cap/kl/sum", LOWER, "summed KL of the policy from the base per rollout", "evaluate"),
     # evaluate: concept shift
-    _E("shift/all_spearman", HIGHER, "Spearman ρ of measured concept shift on the audit's prediction (all)",
-       "evaluate"),
-    _E("shift/all_r2", HIGHER, "R² of measured shift on predicted effect (all concepts)", "evaluate"),
-    _E("shift/all_n", INFO, "concepts compared (hypotheses + random controls)", "evaluate"),
-    _E("shift/hyp_spearman", HIGHER, "Spearman ρ over the hypotheses only", "evaluate"),
-    _E("shift/hyp_r2", HIGHER, "R² over the hypotheses only", "evaluate"),
+    _E("shift/hyp_spearman", HIGHER, "Spearman ρ of measured concept shift on the audit's prediction, over the "
+       "hypotheses only (random controls never enter a correlation)", "evaluate"),
+    _E("shift/hyp_r2", HIGHER, "R² of measured shift on predicted effect, hypotheses only", "evaluate"),
     _E("shift/hyp_n", INFO, "hypotheses compared", "evaluate"),
     _E("shift/hyp_abs_shift_z", INFO, "mean |shift_z| of the hypotheses (how much training moved them)", "evaluate"),
-    _E("shift/control_abs_shift_z", LOWER, "mean |shift_z| of random control latents (should stay near 0)",
-       "evaluate"),
     _E("shift/hyp_sign_agree", HIGHER, "share of hypotheses that moved in the predicted direction", "evaluate"),
+    _E("shift/hyp_along_z", INFO, "mean shift_z × sign(predicted): shift in the direction the data teaches",
+       "evaluate"),
+    _E("shift/unshaped_{stat}", INFO, "the same over the hypotheses the policy's training did not shape (these "
+       "should follow the prediction)", "evaluate"),
+    _E("shift/shaped_{stat}", INFO, "the same over the hypotheses the policy's training shaped (suppressed: less "
+       "shift along the prediction than plain DPO)", "evaluate"),
+    _E("shift/control_abs_shift_z", LOWER, "mean |shift_z| of random control latents (the reference: should stay "
+       "near 0)", "evaluate"),
+    _E("shift/control_n", INFO, "random control latents compared", "evaluate"),
     _E("time/{eval}_s", INFO, "seconds an evaluation (or a pipeline stage) took", "evaluate"),
     _E("time/total_s", INFO, "seconds of the whole stage / pipeline", "evaluate"),
     # search (trial runs; evaluate runs log the same when the search objectives apply)
