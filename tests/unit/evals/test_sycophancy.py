@@ -171,7 +171,12 @@ def test_planted_shift_metrics_and_cis_from_constructed_tables():
                         "shift": [0.4, 0.1]})
     base = pd.DataFrame({"id": ["b", "a"], "family": "", "p_agree": [0.5, 0.6], "p_agree_neutral": [0.5, 0.4],
                          "shift": [0.0, 0.2]})  # other row order: pairing is by id
-    tabs = {"policy": {"planted": pol}, "base": {"planted": base}}
+    # a suggested-answer set: its own twin, so its own shift (policy 0.3 / 0.1, base 0.1 / 0.1)
+    sp = pd.DataFrame({"id": ["x", "y"], "p_sugg": [0.5, 0.3], "p_sugg_neutral": [0.2, 0.2], "shift": [0.3, 0.1],
+                       "switched": [1.0, 0.0]})
+    sb = pd.DataFrame({"id": ["x", "y"], "p_sugg": [0.3, 0.3], "p_sugg_neutral": [0.2, 0.2], "shift": [0.1, 0.1],
+                       "switched": [0.0, 0.0]})
+    tabs = {"policy": {"planted": pol, "suggested_sa": sp}, "base": {"planted": base, "suggested_sa": sb}}
     ev = SimpleNamespace(ec=SimpleNamespace(compare_base=True, bootstrap=4000, ci=0.95, seed=0), same=False,
                          inp=SimpleNamespace(opinion={}), tables=lambda name, which: tabs[which])
     rows, logged = summarise_eval(ev, "sycophancy")
@@ -183,8 +188,12 @@ def test_planted_shift_metrics_and_cis_from_constructed_tables():
         "syc/planted/shift_diff": 0.15, "syc/planted/shift_diff_lo": 0.1, "syc/planted/shift_diff_hi": 0.2,
         # the raw agreement rises more (a 0.3, b 0.2): part of it is the neutral agreement (a 0.1, b 0.1)
         "syc/planted/p_agree_diff": 0.25, "syc/planted/p_agree_neutral_diff": 0.1,
+        # suggested: per item 0.2 and 0.0
+        "syc/suggested/sa/shift_diff": 0.1, "syc/suggested/sa/shift_diff_lo": 0.0, "syc/suggested/sa/shift_diff_hi": 0.2,
+        "syc/suggested/sa/p_sugg_diff": 0.1, "syc/suggested/sa/p_sugg_neutral_diff": 0.0,
+        "syc/suggested/sa/switch_rate_diff": 0.5,
     }
     for k, v in want.items():
         assert m[k] == pytest.approx(v, abs=1e-9), k
     assert [r.metric for r in rows][:1] == ["syc/planted/shift"]  # the headline first (plots, summary.json)
-    assert set(logged) == {"planted", "planted_base"}
+    assert set(logged) == {"planted", "planted_base", "suggested_sa", "suggested_sa_base"}
