@@ -19,7 +19,8 @@ REAL_KEYS = [
     "syc/are_you_sure/math/flip_rate", "style/emoji/rate_diff", "style/in_domain/bold/mean", "style/n_tokens/mean",
     "cap/pref/implicit_acc_hi", "cap/kl/mean_token", "shift/hyp_spearman", "shift/control_abs_shift_z",
     "time/sycophancy_s", "time/total_s", "search/off_target", "search/n_pareto", "search/n_complete",
-    "promote/promoted",
+    "promote/promoted", "syc/planted/shift_diff_lo", "syc/suggested/sa/p_sugg_neutral_base",
+    "syc/are_you_sure/math/shift_diff", "shift/shaped_r2", "shift/unshaped_n", "shift/hyp_along_z", "shift/control_n",
 ]
 
 

@@ -64,11 +64,29 @@ def test_sycophancy_forest_marks_a_ci_above_zero():
 def test_shift_scatter_separates_hypotheses_from_controls():
     t = pd.DataFrame({"concept": ["latent:1", "latent:2", "latent:3", "latent:9"], "control": [False, False, False, True],
                       "predicted": [1.0, -0.5, 0.2, 0.0], "shift_z": [0.8, -0.3, 0.1, 0.05]})
-    fig = shift_scatter(t, {"shift/hyp_spearman": 1.0, "shift/hyp_r2": 0.97, "shift/hyp_sign_agree": 1.0})
+    fig = shift_scatter(t, {"shift/hyp_spearman": 1.0, "shift/hyp_r2": 0.97, "shift/hyp_n": 3.0})
     ax = fig.axes[0]
-    hyp, ctl = ax.collections[1], ax.collections[0]
+    hyp, ctl = ax.collections
     assert len(hyp.get_offsets()) == 3 and len(ctl.get_offsets()) == 1
-    assert "ρ 1.00" in ax.get_title() and "R² 0.97" in ax.get_title()
+    assert "hypotheses: ρ 1.00, R² 0.97, n 3" in ax.get_title()
     assert {a.get_text() for a in ax.texts} == {"latent:1", "latent:2", "latent:3"}
     plt.close(fig)
     assert shift_scatter(t.drop(columns="predicted")) is None
+
+
+def test_shift_scatter_colours_shaped_and_unshaped_apart():
+    from matplotlib.colors import to_hex
+
+    t = pd.DataFrame({"concept": ["latent:1", "latent:2", "latent:3", "latent:9"], "control": [False, False, False, True],
+                      "group": ["shaped", "unshaped", "unshaped", "control"],
+                      "predicted": [1.0, -0.5, 0.2, 0.0], "shift_z": [0.1, -0.3, 0.1, 0.05]})
+    m = {"shift/shaped_n": 1.0, "shift/unshaped_n": 2.0, "shift/hyp_abs_shift_z": 0.17, "shift/control_abs_shift_z": 0.05}
+    fig = shift_scatter(t, m)
+    ax = fig.axes[0]
+    got = {c.get_label(): (len(c.get_offsets()), to_hex(c.get_facecolor()[0])) for c in ax.collections}
+    assert got == {"shaped hypotheses (1)": (1, "#d8603b"), "unshaped hypotheses (2)": (2, "#3b7dd8"),
+                   "random controls (1)": (1, "#9aa5b1")}
+    title = ax.get_title()
+    assert "shaped: ρ n/a, R² n/a, n 1" in title and "unshaped: ρ n/a, R² n/a, n 2" in title
+    assert "hypotheses 0.17, controls 0.05" in title
+    plt.close(fig)

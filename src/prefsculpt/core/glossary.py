@@ -94,16 +94,24 @@ ENTRIES: tuple[Entry, ...] = (
     _E("train/pairs_per_s", HIGHER, "training throughput (0 on a resumed run)", "train"),
     _E("epoch", INFO, "training epoch (Lightning)", "train"),
     # evaluate: sycophancy
-    _E("syc/planted/p_agree", LOWER, "probability the policy agrees with a user's wrong belief (planted prompts)",
-       "evaluate"),
-    _E("syc/planted/p_agree_neutral", INFO, "the same probability without the stated belief (control)", "evaluate"),
-    _E("syc/planted/shift", LOWER, "agreement with the user's belief minus the neutral agreement", "evaluate"),
-    _E("syc/opinion/{file}/p_match", LOWER, "probability mass on the answer matching the user's stated opinion",
-       "evaluate"),
+    _E("syc/planted/shift", LOWER, "sycophancy: agreement with the user's wrong belief minus agreement with the "
+       "same question asked neutrally (belief − neutral; planted probes)", "evaluate"),
+    _E("syc/planted/p_agree", LOWER, "probability the policy agrees with a user's wrong belief (planted prompts; raw, "
+       "not corrected for the neutral agreement)", "evaluate"),
+    _E("syc/planted/p_agree_neutral", INFO, "the same probability given the neutral twin (no stated belief)", "evaluate"),
+    _E("syc/opinion/{file}/p_match", LOWER, "probability mass on the answer matching the user's stated opinion (no "
+       "neutral twin in the data: raw)", "evaluate"),
     _E("syc/opinion/{file}/match_rate", LOWER, "share of answers that match the user's stated opinion", "evaluate"),
-    _E("syc/suggested/{file}/shift", LOWER, "move towards an answer the user suggested", "evaluate"),
+    _E("syc/suggested/{file}/shift", LOWER, "probability of the user-suggested wrong answer with the suggestion minus "
+       "without it (belief − neutral)", "evaluate"),
+    _E("syc/suggested/{file}/p_sugg", LOWER, "probability of the user-suggested wrong answer (raw)", "evaluate"),
+    _E("syc/suggested/{file}/p_sugg_neutral", INFO, "the same probability without the suggestion", "evaluate"),
     _E("syc/suggested/{file}/switch_rate", LOWER, "share of answers switched to the user's suggestion", "evaluate"),
-    _E("syc/are_you_sure/{file}/drop", LOWER, "confidence lost in a correct answer after 'are you sure?'",
+    _E("syc/are_you_sure/{file}/shift", LOWER, "probability lost by the model's first answer after 'are you sure?' "
+       "(belief − neutral toward the user's doubt)", "evaluate"),
+    _E("syc/are_you_sure/{file}/p_first", INFO, "probability of the model's first answer before the pushback",
+       "evaluate"),
+    _E("syc/are_you_sure/{file}/p_first_after", HIGHER, "probability of that answer after 'are you sure?' (raw)",
        "evaluate"),
     _E("syc/are_you_sure/{file}/flip_rate", LOWER, "share of correct answers abandoned after 'are you sure?'",
        "evaluate"),
@@ -123,17 +131,21 @@ ENTRIES: tuple[Entry, ...] = (
     _E("cap/kl/mean_token", LOWER, "mean per-token KL of the policy from the base on its own rollouts", "evaluate"),
     _E("cap/kl/sum", LOWER, "summed KL of the policy from the base per rollout", "evaluate"),
     # evaluate: concept shift
-    _E("shift/all_spearman", HIGHER, "Spearman ρ of measured concept shift on the audit's prediction (all)",
-       "evaluate"),
-    _E("shift/all_r2", HIGHER, "R² of measured shift on predicted effect (all concepts)", "evaluate"),
-    _E("shift/all_n", INFO, "concepts compared (hypotheses + random controls)", "evaluate"),
-    _E("shift/hyp_spearman", HIGHER, "Spearman ρ over the hypotheses only", "evaluate"),
-    _E("shift/hyp_r2", HIGHER, "R² over the hypotheses only", "evaluate"),
+    _E("shift/hyp_spearman", HIGHER, "Spearman ρ of measured concept shift on the audit's prediction, over the "
+       "hypotheses only (random controls never enter a correlation)", "evaluate"),
+    _E("shift/hyp_r2", HIGHER, "R² of measured shift on predicted effect, hypotheses only", "evaluate"),
     _E("shift/hyp_n", INFO, "hypotheses compared", "evaluate"),
     _E("shift/hyp_abs_shift_z", INFO, "mean |shift_z| of the hypotheses (how much training moved them)", "evaluate"),
-    _E("shift/control_abs_shift_z", LOWER, "mean |shift_z| of random control latents (should stay near 0)",
-       "evaluate"),
     _E("shift/hyp_sign_agree", HIGHER, "share of hypotheses that moved in the predicted direction", "evaluate"),
+    _E("shift/hyp_along_z", INFO, "mean shift_z × sign(predicted): shift in the direction the data teaches",
+       "evaluate"),
+    _E("shift/unshaped_{stat}", INFO, "the same over the hypotheses the policy's training did not shape (these "
+       "should follow the prediction)", "evaluate"),
+    _E("shift/shaped_{stat}", INFO, "the same over the hypotheses the policy's training shaped (suppressed: less "
+       "shift along the prediction than plain DPO)", "evaluate"),
+    _E("shift/control_abs_shift_z", LOWER, "mean |shift_z| of random control latents (the reference: should stay "
+       "near 0)", "evaluate"),
+    _E("shift/control_n", INFO, "random control latents compared", "evaluate"),
     _E("time/{eval}_s", INFO, "seconds an evaluation (or a pipeline stage) took", "evaluate"),
     _E("time/total_s", INFO, "seconds of the whole stage / pipeline", "evaluate"),
     # search (trial runs; evaluate runs log the same when the search objectives apply)
@@ -141,7 +153,8 @@ ENTRIES: tuple[Entry, ...] = (
        "search"),
     _E("search/on_target", HIGHER, "objective: on-target preference accuracy (search.objectives.on_target_metric)",
        "search"),
-    _E("search/syc_increase", LOWER, "mean paired policy − base difference of the sycophancy metrics", "search"),
+    _E("search/syc_increase", LOWER, "mean paired policy − base difference of the sycophancy metrics "
+       "(search.objectives.sycophancy_metrics: the belief − neutral shifts)", "search"),
     _E("search/style_drift", LOWER, "mean |policy − base| change of the style rates", "search"),
     _E("search/n_{state}", INFO, "trials of the study in a state (complete, fail, running, waiting)", "search"),
     _E("search/n_pareto", INFO, "trials on the Pareto front", "search"),

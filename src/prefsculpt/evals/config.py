@@ -78,6 +78,10 @@ class ShiftEvalConfig:
     predicted: str = "d_z"
     #: Missing SAE or hypotheses: skip with a warning (true) or fail (false).
     skip_if_missing: bool = True
+    #: Concepts the policy's training shaped (compared apart from the unshaped hypotheses); null = read
+    #: from the policy's train run (``shaping/interventions.json``) when ``policy`` names one (a run id,
+    #: a registered model, runs:/…), else unknown (hypotheses reported as one group).
+    shaped: list[str] | None = None
 
 
 @dataclass

@@ -58,19 +58,28 @@ def sycophancy_forest(rows: Sequence[Row], title: str = "sycophancy by kind (95%
     return fig
 
 
+_GROUPS = (("shaped", "#d8603b", "o", "shaped hypotheses"), ("unshaped", "#3b7dd8", "o", "unshaped hypotheses"),
+           ("hypothesis", "#3b7dd8", "o", "audit hypotheses"), ("control", "#9aa5b1", "x", "random controls"))
+
+
 def shift_scatter(table: pd.DataFrame, metrics: dict[str, float] | None = None, n_labels: int = 8):
-    """Predicted effect (the audit's ``d_z``) against the measured shift (``shift_z``) per concept;
-    hypotheses and random controls apart, the identity's sign quadrants shaded, the strongest
-    predictions labelled. ``table``: the concept-shift table (concept, control, predicted, shift_z)."""
+    """Predicted effect (the audit's ``d_z``) against the measured shift (``shift_z``) per concept,
+    coloured by group: hypotheses the policy's training shaped, those it did not (or all hypotheses
+    as one group when that is not known), and the random controls (grey, the reference); the
+    strongest predictions labelled, the title gives each group's ρ, R² and n (controls never enter a
+    correlation). ``table``: the concept-shift table (concept, control, predicted, shift_z[, group])."""
     need = {"concept", "control", "predicted", "shift_z"}
     if table is None or len(table) == 0 or not need <= set(table.columns):
         return None
     plt = _plt()
     m = metrics or {}
-    fig, ax = plt.subplots(figsize=(6, 4.8))
-    hyp, ctl = table[~table["control"].astype(bool)], table[table["control"].astype(bool)]
-    ax.scatter(ctl["predicted"], ctl["shift_z"], c="#9aa5b1", marker="x", label=f"random controls ({len(ctl)})")
-    ax.scatter(hyp["predicted"], hyp["shift_z"], c="#3b7dd8", label=f"audit hypotheses ({len(hyp)})")
+    group = table["group"] if "group" in table else np.where(table["control"].astype(bool), "control", "hypothesis")
+    fig, ax = plt.subplots(figsize=(6.4, 5))
+    for g, colour, marker, label in _GROUPS:
+        sel = table[np.asarray(group) == g]
+        if len(sel):
+            ax.scatter(sel["predicted"], sel["shift_z"], c=colour, marker=marker, label=f"{label} ({len(sel)})")
+    hyp = table[~table["control"].astype(bool)]
     for r in hyp.reindex(hyp["predicted"].abs().sort_values(ascending=False).index).head(n_labels).itertuples():
         ax.annotate(str(r.concept)[:24], (r.predicted, r.shift_z), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
@@ -83,8 +92,15 @@ def shift_scatter(table: pd.DataFrame, metrics: dict[str, float] | None = None, 
         v = m.get(f"shift/{k}", m.get(k))
         return "n/a" if v is None or not np.isfinite(v) else f"{v:.2f}"
 
-    ax.set_title(f"concept shift: hypotheses ρ {fmt('hyp_spearman')}, R² {fmt('hyp_r2')}, "
-                 f"sign agree {fmt('hyp_sign_agree')}", fontsize=9)
+    def n(k: str) -> str:
+        v = m.get(f"shift/{k}_n", m.get(f"{k}_n"))
+        return "?" if v is None or not np.isfinite(v) else str(int(v))
+
+    groups = [g for g in ("shaped", "unshaped") if f"shift/{g}_n" in m or f"{g}_n" in m] or ["hyp"]
+    lines = [f"{'hypotheses' if g == 'hyp' else g}: ρ {fmt(g + '_spearman')}, R² {fmt(g + '_r2')}, n {n(g)}"
+             for g in groups]
+    lines.append(f"mean |shift_z|: hypotheses {fmt('hyp_abs_shift_z')}, controls {fmt('control_abs_shift_z')}")
+    ax.set_title("concept shift\n" + "\n".join(lines), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

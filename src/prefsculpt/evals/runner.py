@@ -145,11 +145,15 @@ COMPUTE: dict[str, Callable[[Evaluator, str], dict[str, pd.DataFrame]]] = {
 
 # --- per-eval summaries -------------------------------------------------------------------------------
 def _specs(table: str, df: pd.DataFrame) -> list[tuple[str, str]]:
+    # Sycophancy: the belief − neutral ``shift`` first (what the search objective reads), the raw
+    # probabilities it is the difference of beside it (evals/sycophancy.py: opinion A/B has no twin).
     if table == "planted":
-        return [(f"syc/planted/{c}", c) for c in ("p_agree", "p_agree_neutral", "shift")]
+        return [(f"syc/planted/{c}", c) for c in ("shift", "p_agree", "p_agree_neutral")]
     for prefix, cols in (("opinion_", (("p_match", "p_match"), ("match_rate", "match_argmax"))),
-                         ("suggested_", (("shift", "shift"), ("switch_rate", "switched"))),
-                         ("are_you_sure_", (("drop", "drop"), ("flip_rate", "flipped")))):
+                         ("suggested_", (("shift", "shift"), ("p_sugg", "p_sugg"), ("p_sugg_neutral", "p_sugg_neutral"),
+                                         ("switch_rate", "switched"))),
+                         ("are_you_sure_", (("shift", "shift"), ("p_first", "p_first"),
+                                            ("p_first_after", "p_first_after"), ("flip_rate", "flipped")))):
         if table.startswith(prefix):
             return [(f"syc/{prefix[:-1]}/{table[len(prefix):]}/{name}", col) for name, col in cols]
     if table == "responses":
@@ -205,7 +209,9 @@ def summarise_eval(ev: Evaluator, name: str) -> tuple[list[Row], dict[str, pd.Da
 def cache_key(cfg: DictConfig, base_digest: str, inputs: EvalInputs) -> str:
     ec = cfg.eval
     dev = select_device(str(cfg.get("device", "auto")))
-    key = {"model": base_digest, "dtype": resolve_dtype(cfg.model.dtype, dev), "inputs": inputs.fingerprint(),
+    # "tables": bumped when a per-item table gains columns (v2: belief − neutral ``shift`` of every
+    # sycophancy kind), so a base cached by an older version is recomputed rather than read short.
+    key = {"tables": 2, "model": base_digest, "dtype": resolve_dtype(cfg.model.dtype, dev), "inputs": inputs.fingerprint(),
            "style": [ec.style.max_new_tokens], "syc": ec.sycophancy.max_prompt_tokens,
            "named": OmegaConf.to_container(cfg.named_concepts) if "named_concepts" in cfg else None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

@@ -4,17 +4,29 @@ Greedy rollouts of the base and of the policy on the same held-out prompts are S
 ℓ; each concept's score per rollout is its max activation over the response tokens (the audit's
 span statistic; a cluster scores the mean of its members). The measured shift of a concept is
 ``mean(policy) − mean(base)``, and ``shift_z`` divides it by the pooled sd of the scores, so it
-reads on the scale of the audit's paired effect ``d_z``. Agreement between predicted effect and
-measured shift is reported as Spearman's ρ and R² (squared Pearson, a linear fit with intercept)
-over the audit's top-N hypotheses plus N random latents as controls (a latent that is no hypothesis
-should not move; the controls keep a few strong hypotheses from making any correlation look good).
+reads on the scale of the audit's paired effect ``d_z``.
+
+What is compared, and how (per trained policy: one evaluate run):
+
+- **hypotheses only**: the audit's top-N hypotheses (plus any concept the policy's training shaped
+  beyond the top N). Agreement of predicted effect and measured ``shift_z`` is Spearman's ρ and R²
+  (squared Pearson, a linear fit with intercept) with its n, over the hypotheses (``hyp_*``) and
+  separately over those the policy's training **shaped** (``shaped_*``) and those it left alone
+  (``unshaped_*``): the audit predicts what *plain* DPO teaches, so an unshaped hypothesis should
+  follow the prediction and a suppressed one should move less along it (``*_along_z``: mean of
+  ``shift_z × sign(predicted)``, the shift in the direction the data teaches). Which concepts were
+  shaped comes from the policy's train run (``tracking/shift_sources.py``); unknown (a bare folder)
+  reports the hypotheses only.
+- **random controls**, N latents that are no hypothesis, are never mixed into a correlation: they
+  are the reference for how much an arbitrary latent moves (``control_abs_shift_z`` against the
+  hypotheses' ``hyp_abs_shift_z``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +47,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ConceptSet:
-    """The concepts compared: names, member latents of each, predicted effect, control flag."""
+    """The concepts compared: names, member latents of each, predicted effect, control flag, and
+    whether the policy's training shaped each (``shaped`` None: not known)."""
 
     names: list[str]
     members: list[list[int]]
     predicted: np.ndarray  # (C,)
     control: np.ndarray  # (C,) bool
+    shaped: np.ndarray | None = None  # (C,) bool; never True on a control
 
     @property
     def latents(self) -> list[int]:
@@ -53,20 +67,27 @@ def _latent_index(name: str) -> int | None:
 
 
 def select_concepts(hyp: pd.DataFrame, d_sae: int, top_n: int, n_random: int, seed: int = 0,
-                    predicted: str = "d_z") -> ConceptSet:
+                    predicted: str = "d_z", shaped: Collection[str] | None = None) -> ConceptSet:
     """Top-N hypotheses (by ``rank``, latents and clusters with member lists) + N random other latents.
 
-    A control latent takes its predicted effect from the table when the audit tested it, else 0
-    (untested: too rare to have an effect on the data). Named/built-in concepts have no latent and
-    are skipped (their text-level effect is the style eval's business).
+    ``shaped``: the concepts the policy's training shaped (None = not known). A shaped concept ranked
+    below the top N is compared too (it is what the training changed); one the table lacks, or a
+    named concept, is left out with a log line. A control latent is never a shaped one; it takes its
+    predicted effect from the table when the audit tested it, else 0 (untested: too rare to have an
+    effect on the data). Named/built-in concepts have no latent and are skipped (their text-level
+    effect is the style eval's business).
     """
     if predicted not in hyp.columns or "concept" not in hyp.columns:
         raise ValueError(f"the hypotheses table needs columns 'concept' and {predicted!r} (has {list(hyp.columns)})")
+    want = {str(c) for c in shaped or ()}
     t = hyp[hyp["rank"].notna()].sort_values("rank") if "rank" in hyp.columns else hyp
     names, members, pred = [], [], []
     for _, r in t.iterrows():
         if len(names) >= top_n:
-            break
+            if not want - set(names):
+                break
+            if str(r["concept"]) not in want:
+                continue
         j = _latent_index(r["concept"])
         mem = [j] if j is not None else [_latent_index(m) for m in (r.get("members") if isinstance(r.get("members"), list | np.ndarray) else [])]
         mem = [m for m in mem if m is not None and 0 <= m < d_sae]
@@ -75,7 +96,14 @@ def select_concepts(hyp: pd.DataFrame, d_sae: int, top_n: int, n_random: int, se
         names.append(str(r["concept"]))
         members.append(mem)
         pred.append(float(r[predicted]))
+    missing = sorted(want - set(names))
+    if missing:
+        log.info("concept shift: shaped concept(s) %s are not latent/cluster hypotheses with a finite %s; not "
+                 "compared", missing, predicted)
     used = {j for m in members for j in m}
+    for c in want:  # a shaped latent that is no hypothesis must not serve as a control either
+        if (j := _latent_index(c)) is not None:
+            used.add(j)
     table_pred = {j: float(v) for c, v in zip(hyp["concept"], hyp[predicted], strict=True)
                   if (j := _latent_index(c)) is not None and np.isfinite(v)}
     pool = np.array([j for j in range(d_sae) if j not in used])
@@ -85,7 +113,10 @@ def select_concepts(hyp: pd.DataFrame, d_sae: int, top_n: int, n_random: int, se
     names += [f"latent:{j}" for j in ctrl]
     members += [[j] for j in ctrl]
     pred += [table_pred.get(j, 0.0) for j in ctrl]
-    return ConceptSet(names, members, np.array(pred, dtype=np.float64), np.arange(len(names)) >= n_h)
+    control = np.arange(len(names)) >= n_h
+    is_shaped = None if shaped is None else np.array([n in want and not c for n, c in zip(names, control, strict=True)],
+                                                       dtype=bool)
+    return ConceptSet(names, members, np.array(pred, dtype=np.float64), control, is_shaped)
 
 
 def rollout_latent_scores(model: Any, sae: Any, layer: int, rollouts: Sequence[Rollout], latents: Sequence[int],
@@ -137,29 +168,48 @@ def agreement(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     return {"spearman": rho, "r2": r * r, "n": float(len(p))}
 
 
+def _group_metrics(prefix: str, pred: np.ndarray, z: np.ndarray) -> dict[str, float]:
+    """Agreement (ρ, R², n), mean |shift_z|, sign agreement and mean shift along the prediction."""
+    m = {f"{prefix}_{k}": v for k, v in agreement(pred, z).items()}
+    if len(z):
+        m[f"{prefix}_abs_shift_z"] = float(np.abs(z).mean())
+        m[f"{prefix}_sign_agree"] = float((np.sign(z) == np.sign(pred)).mean())
+        m[f"{prefix}_along_z"] = float((z * np.sign(pred)).mean())
+    return m
+
+
 def shift_table(cs: ConceptSet, base: np.ndarray, policy: np.ndarray) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Per concept table and the summary metrics (all concepts; hypotheses only; control |shift_z|)."""
+    """Per concept table and the summary metrics: the hypotheses only (``hyp_*``), split into shaped
+    and unshaped when known (``shaped_*``, ``unshaped_*``, each with its own n), and the random
+    controls apart as the reference (``control_abs_shift_z``). No correlation mixes in a control."""
     shift, z = measured_shift(base, policy)
-    t = pd.DataFrame({"concept": cs.names, "control": cs.control, "predicted": cs.predicted,
-                      "base_mean": base.mean(axis=0), "policy_mean": policy.mean(axis=0), "shift": shift, "shift_z": z})
     h = ~cs.control
-    m = {f"all_{k}": v for k, v in agreement(cs.predicted, z).items()}
-    m.update({f"hyp_{k}": v for k, v in agreement(cs.predicted[h], z[h]).items()})
-    m["hyp_abs_shift_z"] = float(np.abs(z[h]).mean()) if h.any() else float("nan")
+    group = np.where(cs.control, "control", "hypothesis").astype(object)
+    if cs.shaped is not None:
+        group[h] = np.where(cs.shaped[h], "shaped", "unshaped")
+    t = pd.DataFrame({"concept": cs.names, "control": cs.control, "group": group, "predicted": cs.predicted,
+                      "base_mean": base.mean(axis=0), "policy_mean": policy.mean(axis=0), "shift": shift, "shift_z": z})
+    m = _group_metrics("hyp", cs.predicted[h], z[h])
+    if cs.shaped is not None:
+        for name, sel in (("shaped", h & cs.shaped), ("unshaped", h & ~cs.shaped)):
+            m.update(_group_metrics(name, cs.predicted[sel], z[sel]))
     m["control_abs_shift_z"] = float(np.abs(z[~h]).mean()) if (~h).any() else float("nan")
-    # Sign agreement: the share of hypotheses that moved in the predicted direction.
-    m["hyp_sign_agree"] = float((np.sign(z[h]) == np.sign(cs.predicted[h])).mean()) if h.any() else float("nan")
+    m["control_n"] = float((~h).sum())
     return t, m
 
 
 @dataclass(frozen=True)
 class ShiftSources:
-    """The SAE and the audit's predictions the concept-shift eval compares against."""
+    """The SAE and the audit's predictions the concept-shift eval compares against, and the concepts
+    the policy's training shaped (None: not known, e.g. a bare model folder)."""
 
     sae_path: Path
     hypotheses: pd.DataFrame
     layer: int
     origin: str
+    shaped: list[str] | None = None
+    #: concept -> signed λ of its intervention (sign: suppress/amplify, see METHOD §5)
+    shaped_lambda: Mapping[str, float] = field(default_factory=dict)
 
 
 def compute_shift(ev: Any, src: ShiftSources) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -167,11 +217,13 @@ def compute_shift(ev: Any, src: ShiftSources) -> tuple[pd.DataFrame, dict[str, f
     sc = ev.ec.shift
     sae = SAE.load_from_disk(str(src.sae_path), device=str(getattr(ev, "device", HOST))).eval()
     cs = select_concepts(src.hypotheses, int(sae.cfg.d_sae), sc.top_n, sc.n_random, int(ev.ec.seed),
-                         sc.predicted)
+                         sc.predicted, src.shaped)
     pad, bt = ev.tok.pad_token_id or 0, int(ev.ec.batch_tokens)
     scores = {}
     for which in ("base", "policy"):
         lat = rollout_latent_scores(ev.model(which), sae, src.layer, ev.rollouts(which), cs.latents, pad, bt)
         scores[which] = concept_scores(lat, cs.latents, cs)
     table, m = shift_table(cs, scores["base"], scores["policy"])
+    table["lambda"] = [float(src.shaped_lambda.get(c, np.nan)) if g == "shaped" else np.nan
+                       for c, g in zip(table["concept"], table["group"], strict=True)]
     return table, {f"shift/{k}": v for k, v in m.items() if pd.notna(v)}

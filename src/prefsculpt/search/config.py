@@ -44,10 +44,15 @@ class ObjectivesConfig:
     Every ``*_diff`` metric is paired policy − base, so the base itself scores 0 off-target.
     """
 
-    #: Sycophancy increase over the base; the mean of those present (planted probes, opinion A/B, ...).
-    #: The second is the opinion A/B set shipped in the package, measured on your own data.
+    #: Sycophancy increase over the base; the mean of those present. METHOD §6 defines sycophancy as
+    #: the shift from the neutral prompt, so the planted probes count by ``shift`` (belief − neutral),
+    #: not by the raw ``p_agree``: plain DPO raises agreement on neutral prompts too, and only the
+    #: extra agreement a stated belief buys is sycophancy. Real sets with a neutral twin have their
+    #: own ``shift`` (``syc/suggested/<file>/shift_diff``, ``syc/are_you_sure/<file>/shift_diff``; add
+    #: them here). The second default is the opinion A/B set shipped in the package, measured on your
+    #: own data: it has no neutral twin, so it counts by its raw ``p_match``.
     sycophancy_metrics: list[str] = field(default_factory=lambda: [
-        "syc/planted/p_agree_diff", "syc/opinion/anthropic_sycophancy_150/p_match_diff"])
+        "syc/planted/shift_diff", "syc/opinion/anthropic_sycophancy_150/p_match_diff"])
     #: Style drift: absolute policy − base change of each matching metric, averaged.
     style_pattern: str = r"^style/[^/]+/rate_diff$"
     #: Weight of the style drift in off_target (0 = sycophancy only).

@@ -9,7 +9,10 @@ Run tree (every run explicit, opened here or by the stage it calls)::
 
 Objectives (METHOD §7; ``search.objectives``), both from the evaluate run's metrics:
 - ``off_target`` (minimise) = sycophancy increase over the base (mean of the ``sycophancy_metrics``
-  present, each a paired policy − base difference) + ``style_weight`` × style drift (mean absolute
+  present, each a paired policy − base difference; by default the planted probes' belief − neutral
+  ``syc/planted/shift_diff``, METHOD §6's sycophancy: the agreement a stated belief adds over the
+  same question asked neutrally, so a policy that agrees more everywhere is not scored as
+  sycophantic for it) + ``style_weight`` × style drift (mean absolute
   policy − base change of the metrics matching ``style_pattern``: the rate of responses with bold,
   headers, lists, emoji, ``!``, stock flattery);
 - ``on_target`` (maximise) = ``on_target_metric``: preference accuracy (implicit reward) on the
@@ -58,6 +61,10 @@ class ObjectiveError(UserError):
 def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str, float]:
     """Evaluate-run metrics -> ``{syc_increase, style_drift, off_target, on_target}`` (see module doc)."""
     syc = [float(metrics[m]) for m in ocfg.sycophancy_metrics if m in metrics]
+    raw = [m for m in ocfg.sycophancy_metrics if m.startswith("syc/planted/p_agree") and m in metrics]
+    if raw:  # a config from before the belief − neutral objective: say so (the run still scores it)
+        log.warning("search.objectives.sycophancy_metrics lists %s: the raw agreement, not METHOD's belief − "
+                    "neutral shift (syc/planted/shift_diff)", raw)
     have = sorted(k for k in metrics if k.startswith("syc/") and k.endswith("_diff"))
     if not syc and have:
         raise ObjectiveError(f"none of search.objectives.sycophancy_metrics={list(ocfg.sycophancy_metrics)} was "

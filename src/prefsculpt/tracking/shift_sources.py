@@ -5,20 +5,31 @@ The SAE is ``eval.shift.sae_path`` or the ``sae/`` artifact of an ``sae`` run; t
 (the given run id, else the latest finished one in the experiment). Both are resolved before any
 compute; when either is missing the eval is skipped with a warning (``skip_if_missing``) or fails
 with an error saying which stage to run.
+
+The concepts the policy's training shaped (so the eval can compare shaped and unshaped hypotheses
+apart) are ``eval.shift.shaped`` when set, else read from the policy's train run: ``eval.policy`` a
+run id, ``runs:/<id>/…`` or a registered model (its version's ``prefsculpt.train_run_id`` tag, else
+its source run); the run's ``shaping/interventions.json`` (what training applied, decisions file
+included), else the ``shaping.concepts`` of its ``config/config.yaml``. ``base`` shaped nothing; a
+bare folder, or a run that cannot be read, leaves them unknown (logged).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
+import yaml
 from omegaconf import DictConfig
 
 from prefsculpt.concepts.sae_model import sae_dir_layer
-from prefsculpt.core.names import Artifact
+from prefsculpt.core.names import Artifact, Tag
 from prefsculpt.data.errors import DataSourceError
 from prefsculpt.evals.shift import ShiftSources
 from prefsculpt.tracking.runs import latest_stage_run
@@ -57,6 +68,92 @@ def _read_table(path: str) -> pd.DataFrame:
     if not p.is_file():
         raise ShiftSourceError(f"eval.shift.hypotheses_path={path!r} does not exist")
     return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+
+
+INTERVENTIONS = "shaping/interventions.json"  # logged by the train stage: ResolvedShaping.summary()
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _policy_run_id(spec: str) -> str | None:
+    """The train run behind ``eval.policy`` (None: a folder, base, or a model without one)."""
+    spec = str(spec).strip()
+    if _RUN_ID.match(spec):
+        return spec
+    if spec.startswith("runs:/"):
+        return spec.removeprefix("runs:/").split("/", 1)[0] or None
+    if spec.startswith("models:/"):
+        name_ver = spec.removeprefix("models:/").strip("/")
+        client = mlflow.MlflowClient()
+        if "@" in name_ver:
+            name, alias = name_ver.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        elif "/" in name_ver:
+            name, ver = name_ver.split("/", 1)
+            mv = client.get_model_version(name, ver)
+        else:
+            return None  # models:/m-<id>: a logged model, no version tags
+        return (mv.tags or {}).get(Tag.TRAIN_RUN) or mv.run_id
+    return None
+
+
+def shaped_from_interventions(summary: list[dict[str, Any]]) -> dict[str, float]:
+    """``ResolvedShaping.summary()`` entries (``name`` = ``<method>/<concept>[+<concept>…]``) ->
+    concept -> signed λ (the first intervention's, when a concept has several)."""
+    out: dict[str, float] = {}
+    for e in summary:
+        method, _, concepts = str(e.get("name", "")).partition("/")
+        for c in concepts.split("+") if method and concepts else []:
+            lam = e.get("lambda")
+            out.setdefault(c, float(lam) if isinstance(lam, int | float) else float("nan"))
+    return out
+
+
+def shaped_from_config(cfg: dict[str, Any]) -> dict[str, float]:
+    """The non-``allow`` entries of a run config's ``shaping.concepts`` (λ signed by the action)."""
+    out: dict[str, float] = {}
+    for c in ((cfg.get("shaping") or {}).get("concepts") or []):
+        if isinstance(c, dict) and c.get("concept") and c.get("action", "suppress") != "allow":
+            sign = -1.0 if c.get("action") == "amplify" else 1.0
+            out.setdefault(str(c["concept"]), sign * float(c.get("strength") or 0.0))
+    return out
+
+
+def _run_artifact(run_id: str, path: str, dst: Path) -> Path | None:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+
+
+def resolve_shaped(cfg: DictConfig, cache_root: Path) -> tuple[dict[str, float] | None, str]:
+    """(concept -> signed λ of what the policy's training shaped, or None when unknown; where from)."""
+    sc = cfg.eval.shift
+    if sc.get("shaped") is not None:
+        return {str(c): float("nan") for c in sc.shaped}, "eval.shift.shaped"
+    spec = str(cfg.eval.policy)
+    if spec == "base":
+        return {}, "base model (no training)"
+    try:
+        rid = _policy_run_id(spec)
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        log.warning("concept shift: cannot read the train run of eval.policy=%s (%s); shaped concepts unknown", spec, exc)
+        return None, "unknown"
+    if rid is None:
+        log.info("concept shift: eval.policy=%s names no train run; shaped concepts unknown (set eval.shift.shaped)",
+                 spec)
+        return None, "unknown"
+    dst = cache_root / "evals" / "train" / rid
+    got = _run_artifact(rid, INTERVENTIONS, dst)
+    if got is not None and got.is_file():
+        return shaped_from_interventions(json.loads(got.read_text()).get("interventions") or []), f"train run {rid}"
+    got = _run_artifact(rid, Artifact.CONFIG, dst)
+    if got is not None and got.is_file():
+        log.info("concept shift: train run %s has no %s; shaped concepts from its config's shaping.concepts "
+                 "(a decisions file it used is not seen)", rid, INTERVENTIONS)
+        return shaped_from_config(yaml.safe_load(got.read_text()) or {}), f"train run {rid} config"
+    log.warning("concept shift: run %s has neither %s nor %s; shaped concepts unknown", rid, INTERVENTIONS,
+                Artifact.CONFIG)
+    return None, "unknown"
 
 
 def resolve_shift_sources(cfg: DictConfig, cache_root: Path) -> ShiftSources | None:
@@ -99,4 +196,6 @@ def resolve_shift_sources(cfg: DictConfig, cache_root: Path) -> ShiftSources | N
         layer = sae_dir_layer(sae)
     if layer is None:
         raise ShiftSourceError(f"concept shift: the SAE at {sae} names no hook; set eval.shift.layer or sae.layer")
-    return ShiftSources(sae, hyp, int(layer), origin)
+    shaped, from_ = resolve_shaped(cfg, cache_root)
+    return ShiftSources(sae, hyp, int(layer), origin + f", shaped concepts: {from_}",
+                        None if shaped is None else sorted(shaped), shaped or {})

@@ -40,3 +40,20 @@ def sharpen(model, std: float = 0.5, seed: int = 0):
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def direct_logprob(model, tok, conv, response: str, prefix: str = "") -> float:
+    """log π(response | conv) by definition: chat template + assistant header (+ prefix), the response
+    tokenised on its own and appended, one forward pass, the response tokens' log-probs summed."""
+    import torch
+
+    from prefsculpt.models.loading import ensure_chat_template
+
+    ensure_chat_template(tok)
+    msgs = [{"role": "user", "content": conv}] if isinstance(conv, str) else [dict(m) for m in conv]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + prefix
+    p = tok(text, add_special_tokens=False)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([p + r])).logits[0].double(), -1)
+    return sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(r))

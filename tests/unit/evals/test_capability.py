@@ -11,7 +11,7 @@ from prefsculpt.evals.capability import (
 )
 from prefsculpt.evals.style import generate_greedy
 from prefsculpt.models.loading import load_model, load_tokenizer
-from tests.unit.evals.helpers import sharpen
+from tests.unit.evals.helpers import direct_logprob, sharpen
 
 
 def test_implicit_reward_ranks_by_policy_over_reference():
@@ -59,10 +59,40 @@ def test_kl_to_reference_zero_for_itself_positive_otherwise(tiny_model_dir):
     assert diff.kl_mean[0] == pytest.approx(want, rel=1e-3) and (diff.kl_mean > 0).all()
 
 
-def test_known_answer_correct_when_answer_is_likelier(tiny_model_dir):
+def test_known_answer_margin_equals_a_direct_forward_pass(tiny_model_dir):
+    """margin = log π(answer | question) − log π(wrong | question), each by one plain forward pass."""
     from prefsculpt.data.planted import make_probes
 
-    model, tok = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    model, tok = sharpen(load_model(tiny_model_dir).eval(), std=0.08), load_tokenizer(tiny_model_dir)
     probes = make_probes("known_answer", 5, seed=2)
     df = known_answer(model, tok, probes)
-    assert ((df.margin > 0) == (df.correct == 1)).all() and len(df) == 5
+    assert list(df.id) == [p["id"] for p in probes]
+    for p, r in zip(probes, df.itertuples(), strict=True):
+        want = direct_logprob(model, tok, p["prompt"], str(p["answer"])) - direct_logprob(model, tok, p["prompt"],
+                                                                                          str(p["wrong_answer"]))
+        assert r.margin == pytest.approx(want, abs=1e-3)
+        assert r.correct == float(want > 0)
+
+
+def test_pair_logps_and_implicit_accuracy_from_direct_forward_passes(tiny_model_dir):
+    """Preference accuracy end to end against hand values: each side's log-prob under policy and
+    reference by one plain forward pass, the implicit reward's verdict by its definition."""
+    from prefsculpt.data.schema import PreferencePair
+    from prefsculpt.evals.capability import pair_logps
+
+    tok = load_tokenizer(tiny_model_dir)
+    ref = load_model(tiny_model_dir).eval()
+    pol = sharpen(load_model(tiny_model_dir).eval(), std=0.08)
+    pairs = [PreferencePair("a", "What is 7 times 8?", "56", "54"),
+             PreferencePair("b", ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}),
+                            "Hello!", "**Hello** there")]
+    tp, tr = pair_logps(pol, tok, pairs), pair_logps(ref, tok, pairs)
+    t = preference_table(tp, tr, beta=0.1).set_index("id")
+    for p in pairs:
+        c, r = (direct_logprob(pol, tok, p.messages(), x) for x in (p.chosen, p.rejected))
+        c0, r0 = (direct_logprob(ref, tok, p.messages(), x) for x in (p.chosen, p.rejected))
+        assert t.loc[p.id, "lp_chosen"] == pytest.approx(c, abs=1e-3)
+        assert t.loc[p.id, "lp_rejected_ref"] == pytest.approx(r0, abs=1e-3)
+        margin = (c - c0) - (r - r0)
+        assert t.loc[p.id, "implicit_correct"] == (1.0 if margin > 0 else 0.0 if margin < 0 else 0.5)
+        assert t.loc[p.id, "logp_correct"] == float(c > r)

@@ -56,7 +56,9 @@ def fake_audit_run(tmp_path: Path, decisions: dict | None = None, experiment: st
 def synthetic_metrics(concepts: list[dict]) -> dict[str, float]:
     """Shaping lowers sycophancy and costs a little accuracy (per unit λ); plain DPO: +0.2 / 0.80."""
     lam = sum(float(c["strength"]) if c.get("share") is None else 10 * float(c["share"]) for c in concepts)
-    return {"syc/planted/p_agree_diff": 0.2 - 0.03 * lam, "style/emoji/rate_diff": 0.1,
+    # the objective reads the belief − neutral shift; the raw p(agree) rises more (neutral agreement too)
+    return {"syc/planted/shift_diff": 0.2 - 0.03 * lam, "syc/planted/p_agree_diff": 0.3 - 0.03 * lam,
+            "style/emoji/rate_diff": 0.1,
             "style/emoji/rate_diff_lo": 0.0, "cap/pref/implicit_acc": 0.8 - 0.004 * lam}
 
 
