@@ -8,6 +8,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dtype/precision "auto" resolve to float32 on every CI CPU (with or without native bf16), so the
+# suite's figures do not depend on the machine; tests of the detection unset it.
+os.environ.setdefault("PREFSCULPT_CPU_BF16", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

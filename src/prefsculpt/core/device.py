@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import platform
+import subprocess
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -50,13 +55,50 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+#: CPU features whose bf16 matrix kernels make bf16 faster than fp32 (oneDNN uses them): Intel
+#: AVX512-BF16 (Cooper Lake and later) and AMX (Sapphire Rapids), AMD AVX512-BF16 (Zen 4).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+#: Overrides the detection: ``0`` = treat the CPU as without native bf16 (the test suite sets it,
+#: so its figures do not depend on the CI machine's CPU), ``1`` = with.
+CPU_BF16_ENV = "PREFSCULPT_CPU_BF16"
+
+
+def cpu_bf16_native() -> bool:
+    """The CPU has native bf16 arithmetic: a ``CPU_BF16_FLAGS`` flag in Linux's /proc/cpuinfo, or
+    an Apple/Arm CPU reporting FEAT_BF16 (M2 and later). Without it, bf16 on the CPU is emulated:
+    slower than fp32 and less precise, so ``auto`` keeps fp32. ``$PREFSCULPT_CPU_BF16`` overrides."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _detected_cpu_bf16()
+
+
+@functools.cache
+def _detected_cpu_bf16() -> bool:
+    if CPUINFO.is_file():
+        flags = {f for line in CPUINFO.read_text(errors="replace").splitlines() if line.startswith("flags")
+                 for f in line.split(":", 1)[1].split()}
+        return any(f in flags for f in CPU_BF16_FLAGS)
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=5).stdout
+            return out.strip() == "1"
+    return False
+
+
 def bf16_ok(device: torch.device) -> bool:
-    """bf16 kernels exist and are fast: CUDA with bf16 support (Ampere and later)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 kernels exist and are fast: CUDA with bf16 support (Ampere and later), or a CPU with
+    native bf16 (``cpu_bf16_native``)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_bf16_native()
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """``model.dtype``: ``auto`` = bfloat16 on a bf16-capable GPU, else float32; others as given."""
+    """``model.dtype``: ``auto`` = bfloat16 on a bf16-capable GPU or CPU (``bf16_ok``), else
+    float32; others as given."""
     if name == "auto":
         return "bfloat16" if bf16_ok(device) else "float32"
     if name not in ("float32", "bfloat16", "float16"):
@@ -65,7 +107,7 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``train.precision``: ``auto`` = bf16-mixed on a bf16-capable GPU, else 32-true."""
+    """``train.precision``: ``auto`` = bf16-mixed on a bf16-capable GPU or CPU, else 32-true."""
     if name == "auto":
         return "bf16-mixed" if bf16_ok(device) else "32-true"
     return name

@@ -82,9 +82,11 @@ class TrainConfig:
     #: Train only the top N decoder layers (+ final norm) on a cached trunk output; null = full fine-tune.
     #: 6 by default: ~5x faster on CPU than full fine-tuning (bench/dpo.py).
     train_top_layers: int | None = 6
-    #: dtype the trunk cache is stored in (float32 | bfloat16).
-    trunk_dtype: str = "float32"
-    #: Lightning precision: auto (bf16-mixed on a GPU with bf16, else 32-true) | 32-true | bf16-mixed | bf16-true.
+    #: dtype the trunk cache is stored in: auto (bfloat16 when the precision is bf16, else float32) |
+    #: float32 | bfloat16.
+    trunk_dtype: str = "auto"
+    #: Lightning precision: auto (bf16-mixed on a GPU or CPU with native bf16, else 32-true) | 32-true |
+    #: bf16-mixed | bf16-true.
     precision: str = "auto"
     #: Lightning strategy: auto (one device) | ddp (data parallel: a full copy per device) | fsdp
     #: (sharded; GPUs only). With ``devices`` > 1 the stage launches one process per device (torchrun).

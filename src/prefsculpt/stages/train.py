@@ -176,7 +176,8 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     pre_fp = model_fp + (f":{device.type}" if device.type != "cpu" else "") + (":bf16-autocast" if bf16 else "")
     with autocast(device, bf16):
         pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, str(cfg.shaping.get("orient", "data")))
-        trunk = trunk_cache(ctx, start, cache, pre_fp, tc.trunk_dtype) if start > 0 else None
+        trunk_dtype = ("bfloat16" if bf16 else "float32") if tc.trunk_dtype == "auto" else tc.trunk_dtype
+        trunk = trunk_cache(ctx, start, cache, pre_fp, trunk_dtype) if start > 0 else None
     if pre.orientation:
         mlflow.log_params(mlflow_params({f"shaping/{k}/orientation": v for k, v in pre.orientation.items()}))
     t_pre = time.perf_counter() - t0
