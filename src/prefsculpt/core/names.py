@@ -97,6 +97,8 @@ class Tag:
     FINAL_EVAL = "prefsculpt.final_eval"
     #: On the final evaluate run of the pick: the evaluate run of plain DPO on the same test items.
     PLAIN_EVAL_RUN = "prefsculpt.plain_eval_run_id"
+    #: On the version: the final evaluate run (the pick on test) its gates and test figures come from.
+    FINAL_EVAL_RUN = "prefsculpt.final_eval_run_id"
     #: On the version / promote run: the split the champion gates read (test, or select when the pick
     #: has no test evaluation) and why.
     GATE_SPLIT = "prefsculpt.gate_split"

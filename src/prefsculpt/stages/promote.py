@@ -119,7 +119,7 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
                        for g in gates},
                     **{f"{Tag.GATE_PREFIX}{n}": why for n, why in skipped.items()},
                     Tag.GATE_SPLIT: gate_split[:5000], **final_tags(final),
-                    **({Tag.EVAL_RUN: final_run} if final and final_run else {}),
+                    **({Tag.FINAL_EVAL_RUN: final_run} if final and final_run else {}),
                     **({Tag.UNDERPOWERED: "; ".join(f"{k}: {v}" for k, v in weak.items())[:5000]} if weak else {})}
             for k, v in tags.items():
                 client.set_model_version_tag(name, mv.version, k, str(v))
@@ -151,7 +151,7 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
         mlflow.log_text(json.dumps({"pick": int(pick.trial), "version": str(mv.version), "refusal": refusal,
                                     "gates": [g.text() for g in gates], "skipped": skipped}, indent=2),
                       "promote/decision.json")
-        attach_artifacts(pick.audit_run_id, pick.eval_run_id)
+        attach_artifacts(pick.audit_run_id, final_run if final else pick.eval_run_id)
     result = {"run_id": run.info.run_id, "model_name": name, "version": str(mv.version), "trial": int(pick.trial),
               "promoted": refusal is None, "refusal": refusal, "gates": [asdict(g) for g in gates], "skipped": skipped,
               "gate_split": gate_split, "final": final, "underpowered": weak,

@@ -80,7 +80,7 @@ def test_promote_gates_on_the_test_figures_and_the_version_carries_them(mlflow_u
     assert r["gate_split"] == "test" and not r["promoted"]
     assert "on_target_vs_baseline not distinguishable" in r["refusal"]
     v = client.get_model_version(name, r["version"]).tags
-    assert v[Tag.GATE_SPLIT] == "test" and v[Tag.EVAL_RUN] == ev and "on_target_vs_baseline" in v[Tag.UNDERPOWERED]
+    assert v[Tag.GATE_SPLIT] == "test" and v[Tag.FINAL_EVAL_RUN] == ev and "on_target_vs_baseline" in v[Tag.UNDERPOWERED]
     assert float(v["prefsculpt.test.on_target_diff"]) == pytest.approx(0.01)
     assert v["prefsculpt.test.on_target_diff.ci"] == "[-0.1, 0.12] (n=30)"
     assert float(v[Tag.TEST_ON_TARGET]) == pytest.approx(0.8) and "not distinguishable" in v[
