@@ -157,7 +157,10 @@ def load_inputs(ec: EvalConfig, prepared: Prepared, train_split: str = "train", 
     share = float(getattr(ec, "select_share", 0.5))
     inp = EvalInputs(split=split)
     planted = bool(prepared.meta.get("planted"))
-    in_domain = st.in_domain if planted and not st.prompts_path and evals & {"style", "shift"} else 0
+    # whenever the style prompts are built (style, shift, or the KL of capability), the same set: two
+    # evaluations of one split with different eval lists still answer the same prompts (paired figures)
+    styled = bool(evals & {"style", "shift"} or ("capability" in evals and cap.kl))
+    in_domain = st.in_domain if planted and not st.prompts_path and styled else 0
     need_probes = bool(sy.planted_probes or cap.known_answer or in_domain)
     exclude = training_prompts(prepared) if need_probes and planted else set()
     facts = (split_facts(prepared, split) if planted else pool_half(split, share)) if need_probes else None
@@ -168,7 +171,7 @@ def load_inputs(ec: EvalConfig, prepared: Prepared, train_split: str = "train", 
                                  load_opinion_ab, sy.max_items, split, share)
         inp.suggested = _stem_keys(list(sy.suggested_paths), load_bct, sy.max_items, split, share)
         inp.are_you_sure = _stem_keys(list(sy.are_you_sure_paths), load_bct, sy.max_items, split, share)
-    if evals & {"style", "shift"} or ("capability" in evals and cap.kl):
+    if styled:
         if st.prompts_path:
             got = _part(load_prompts(st.prompts_path, st.prompt_field), split, share, key=lambda x: x["id"])
             inp.style_prompts = got[: st.n_prompts or None]

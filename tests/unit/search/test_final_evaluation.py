@@ -67,9 +67,8 @@ def test_trials_score_select_and_the_final_figures_come_from_test(mlflow_uri, tm
     plain, pick = calls
     assert (plain["policy"], plain["split"]) == ("train-plain", "test") and "shift" not in plain["evals"]
     assert (pick["policy"], pick["split"]) == ("train-shaped", "test") and "shift" in pick["evals"]
-    # the same test items for both (the pick also runs shift, whose in-domain prompts come on top)
-    assert plain["ids"] and plain["ids"] <= pick["ids"]
-    assert {i for i in pick["ids"] if "style-in" not in i} == plain["ids"]
+    # the same test items for both, though only the pick runs shift (the style prompts do not depend on it)
+    assert plain["ids"] == pick["ids"] and any("style-in" in i for i in plain["ids"])
     assert not select_ids & pick["ids"]  # never an item the search scored
     assert res["trial_run_id"] == "trial-shaped" and res["plain_eval_run_id"]
 
