@@ -186,6 +186,10 @@ def load_inputs(ec: EvalConfig, prepared: Prepared, train_split: str = "train", 
         if cap.clean_pairs and planted:
             inp.clean_pairs = prepared.split(f"clean_{split}")[: cap.clean_pairs]
         elif cap.clean_pairs:  # your own data: its held-out split (the same `preference` table)
+            if cap.heldout_split and cap.heldout_split != split:
+                log.warning("eval.capability.heldout_split=%s differs from eval.split=%s: preference accuracy is "
+                            "measured on %s, not on the split the rest of this evaluation uses", cap.heldout_split,
+                            split, cap.heldout_split)
             inp.clean_pairs = heldout_pairs(prepared, cap.heldout_split or split, train_split, cap.clean_pairs)
         if cap.known_answer:
             inp.known_answer = make_probes("known_answer", cap.known_answer, ec.seed, exclude, facts, split)
