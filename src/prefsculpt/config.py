@@ -88,8 +88,14 @@ class PlantedDataConfig:
 
 @dataclass
 class SplitConfig:
-    train: float = 0.8
+    """Shares of the data per split (summing to 1): pairs of your own data by prompt hash, facts of
+    the planted pool per family (``prefsculpt.data.splits``). ``train`` feeds the audit and DPO,
+    ``validation`` early stopping, ``select`` the search and the promotion pick, ``test`` the final
+    figures (touched once, after the search)."""
+
+    train: float = 0.7
     validation: float = 0.1
+    select: float = 0.1
     test: float = 0.1
     #: Change to draw a different (still deterministic) split.
     salt: str = ""

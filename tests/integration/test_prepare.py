@@ -24,15 +24,16 @@ def test_prepare_tiny_logs_stats_splits_sample_and_datasets(mlflow_uri):
     run = mlflow.get_run(res["run_id"])
     m = run.data.metrics
     assert m["rows_valid"] == 120 and m["rows_skipped"] == 0
-    assert m["train/n_pairs"] + m["validation/n_pairs"] + m["test/n_pairs"] == 120
-    assert m["clean/n_pairs"] == 40
+    assert m["train/n_pairs"] + m["validation/n_pairs"] + m["select/n_pairs"] + m["test/n_pairs"] == 120
+    assert m["clean_select/n_pairs"] == m["clean_test/n_pairs"] == 20
+    assert m["overlap/total"] == 0 and m["overlap/heldout_facts_train"] == 0
     assert abs(m["planted_rate/flattery"] - 0.30) < 0.03
     assert {"data/train.parquet", "data/stats.json", "data/skipped.json", "data/sample.json",
-            "data/clean.parquet"} <= _artifacts(res["run_id"], "data")
+            "data/clean_select.parquet", "data/clean_test.parquet"} <= _artifacts(res["run_id"], "data")
     assert "config/config.yaml" in _artifacts(res["run_id"], "config")
     assert run.data.tags["prefsculpt.stage"] == "prepare"
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
-    assert {"train", "validation", "test", "clean"} <= contexts
+    assert {"train", "validation", "select", "test", "clean_select", "clean_test"} <= contexts
     stats = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=res["run_id"],
                                                                 artifact_path="data/stats.json")).read_text())
     assert "keep the last" in stats["truncation_policy"]
@@ -41,8 +42,9 @@ def test_prepare_tiny_logs_stats_splits_sample_and_datasets(mlflow_uri):
     from prefsculpt.data.prepare import read_split
 
     d = Path(mlflow.artifacts.download_artifacts(run_id=res["run_id"], artifact_path="data"))
-    keys = {s: {p.prompt_key() for p in read_split(d / f"{s}.parquet")} for s in ("train", "validation", "test")}
-    assert not (keys["train"] & keys["validation"]) and not (keys["train"] & keys["test"])
+    names = ("train", "validation", "select", "test")
+    keys = {s: {p.prompt_key() for p in read_split(d / f"{s}.parquet")} for s in names}
+    assert all(not (keys[a] & keys[b]) for a in names for b in names if a < b)
 
 
 def _bad_file(tmp_path):

@@ -49,6 +49,8 @@ ENTRIES: tuple[Entry, ...] = (
     _E("{split}/tag_{tag}_chosen_gt_rejected", INFO,
        "share of pairs where the chosen side carries more of a tagged property than the rejected side", "prepare"),
     _E("planted_rate/{concept}", INFO, "rate at which the planted data set plants the concept", "prepare"),
+    _E("overlap/{kind}", LOWER, "held-out items (select, test, planted clean pairs, probe pool) sharing a prompt or "
+       "a planted fact with train/validation, or one split with another; must be 0 (the prepare run fails)", "prepare"),
     # sae
     _E("n_pairs", INFO, "pairs whose activations were collected (sae stage)", "sae"),
     _E("n_tokens", INFO, "tokens whose activations were collected (sae stage)", "sae"),
@@ -166,6 +168,20 @@ ENTRIES: tuple[Entry, ...] = (
     _E("promote/baseline_syc_increase", INFO, "sycophancy increase of plain DPO (the gate's reference)", "promote"),
     _E("promote/baseline_on_target", INFO, "on-target accuracy of plain DPO (the gate's reference)", "promote"),
     _E("promote/promoted", HIGHER, "1 when every gate passed and champion moved", "promote"),
+    # final figures: the pick and plain DPO, once each, on the same test items (pipeline evaluate, promote, main)
+    _E("test/on_target", HIGHER, "final, on test: on-target metric of the picked policy (95% CI)", "evaluate"),
+    _E("test/on_target_plain", HIGHER, "final, on test: on-target metric of the plain-DPO baseline", "evaluate"),
+    _E("test/on_target_diff", HIGHER, "final, on test: picked − plain DPO on-target, paired over the same items",
+       "evaluate"),
+    _E("test/syc_increase", LOWER, "final, on test: sycophancy increase over the base of the picked policy", "evaluate"),
+    _E("test/syc_increase_plain", LOWER, "final, on test: sycophancy increase over the base of plain DPO", "evaluate"),
+    _E("test/syc_increase_diff", LOWER, "final, on test: picked − plain DPO sycophancy, paired over the same items",
+       "evaluate"),
+    _E("test/syc_vs_ratio", LOWER, "final, on test: picked increase − promote.syc_ratio_max × plain's, per item; the "
+       "sycophancy gate holds when its CI is below 0", "evaluate"),
+    _E("test/off_target", LOWER, "final, on test: off-target objective of the picked policy", "evaluate"),
+    _E("test/off_target_plain", LOWER, "final, on test: off-target objective of plain DPO", "evaluate"),
+    _E("test/n/{figure}", INFO, "test items behind a final figure", "evaluate"),
 )
 
 SUFFIXES = {"_base": "on the base model", "_diff": "paired policy − base difference"}

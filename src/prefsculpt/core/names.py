@@ -90,6 +90,25 @@ class Tag:
     PREVIOUS_CHAMPION = "prefsculpt.previous_champion"
     #: On the promote run: which lock serialised the promotion (search/lock.py), without credentials.
     PROMOTE_LOCK = "prefsculpt.promote_lock"
+    # selection and reporting apart (issue 13)
+    #: On an evaluate run: the held-out split its items come from (select | test).
+    EVAL_SPLIT = "prefsculpt.eval_split"
+    #: On the pipeline's final evaluate runs (the pick's and plain DPO's, on test): "true".
+    FINAL_EVAL = "prefsculpt.final_eval"
+    #: On the final evaluate run of the pick: the evaluate run of plain DPO on the same test items.
+    PLAIN_EVAL_RUN = "prefsculpt.plain_eval_run_id"
+    #: On the version: the final evaluate run (the pick on test) its gates and test figures come from.
+    FINAL_EVAL_RUN = "prefsculpt.final_eval_run_id"
+    #: On the version / promote run: the split the champion gates read (test, or select when the pick
+    #: has no test evaluation) and why.
+    GATE_SPLIT = "prefsculpt.gate_split"
+    #: On the version / promote / main run: gates whose CI is wider than what they must resolve.
+    UNDERPOWERED = "prefsculpt.underpowered"
+    #: On the version: the final figures on test, "mean [lo, hi] (n=…)" (and the numbers the next
+    #: promote's champion gates compare with).
+    TEST_OFF_TARGET = "prefsculpt.test.off_target"
+    TEST_ON_TARGET = "prefsculpt.test.on_target"
+    TEST_PREFIX = "prefsculpt.test."
     # review
     DECISIONS_LATEST = "prefsculpt.decisions.latest"
     DECISIONS_LATEST_HASH = "prefsculpt.decisions.latest_hash"

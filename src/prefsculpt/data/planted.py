@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,29 @@ def _n_combos(it: Item) -> int:
     return len(it.phrasings) * len(F.WRAPPERS)
 
 
-def _questions(family: str, order_key: str, reverse: bool = False, shift: int = 0) -> Iterator[tuple[Item, str]]:
+def _pool(facts: Collection[str] | None = None) -> dict[str, tuple[Item, ...]]:
+    """The askable items per family, only those whose fact key is in ``facts`` (None = all)."""
+    pool = build_pool()
+    if facts is None:
+        return pool
+    keep = set(facts)
+    return {f: tuple(it for it in pool[f] if it.key in keep) for f in FAMILIES}
+
+
+def fact_keys() -> dict[str, list[str]]:
+    """Every fact key of the planted pool, per family (what the fact-grouped splits partition)."""
+    return {f: [it.key for it in its] for f, its in build_pool().items()}
+
+
+def questions_of(facts: Collection[str]) -> set[str]:
+    """Every question text askable about ``facts`` (each phrasing in each wrapper): a probe or clean
+    pair drawn from these facts, with any seed or size, asks one of them."""
+    return {F.WRAPPERS[w].format(q=ph) for its in _pool(facts).values() for it in its
+            for w in range(len(F.WRAPPERS)) for ph in it.phrasings}
+
+
+def _questions(family: str, order_key: str, reverse: bool = False, shift: int = 0,
+               pool: dict[str, tuple[Item, ...]] | None = None) -> Iterator[tuple[Item, str]]:
     """Every (item, question text) of a family once: all facts before any fact is asked again.
 
     Round r asks each fact in its (r)th phrasing/wrapper combination, bare phrasings first, so a
@@ -86,7 +108,9 @@ def _questions(family: str, order_key: str, reverse: bool = False, shift: int = 
     other end (``reverse``) and skips the first ``shift`` rounds, to stay apart from a standard set.
     """
     rng = random.Random(order_key)
-    items = list(build_pool()[family])
+    items = list((pool or build_pool())[family])
+    if not items:
+        return
     rng.shuffle(items)
     offsets = [rng.randrange(len(it.phrasings)) for it in items]
     pairs = list(zip(items, offsets, strict=True))
@@ -101,15 +125,15 @@ def _questions(family: str, order_key: str, reverse: bool = False, shift: int = 
             yield it, F.WRAPPERS[rr // n_ph].format(q=it.phrasings[(off + rr) % n_ph])
 
 
-def _quotas(n: int) -> dict[str, int]:
+def _quotas(n: int, pool: dict[str, tuple[Item, ...]] | None = None) -> dict[str, int]:
     """Split n over families evenly, capping small pools (water-filling), then by full pool size."""
-    pool = build_pool()
+    pool = pool or build_pool()
     quotas = dict.fromkeys(FAMILIES, 0)
     remaining = n
     for caps in (
         {f: min(_MAX_REUSE * len(pool[f]), sum(map(_n_combos, pool[f]))) for f in FAMILIES},
         {f: sum(map(_n_combos, pool[f])) for f in FAMILIES},
-        dict.fromkeys(FAMILIES, n),  # n beyond every combination: prompts repeat
+        {f: n if pool[f] else 0 for f in FAMILIES},  # n beyond every combination: prompts repeat
     ):
         active = [f for f in FAMILIES if quotas[f] < caps[f]]
         while remaining > 0 and active:
@@ -122,16 +146,19 @@ def _quotas(n: int) -> dict[str, int]:
     return quotas
 
 
-def _draw_questions(n: int, seed: int, clean: bool) -> list[tuple[Item, str]]:
-    """n (item, question) draws with distinct question texts as far as the pool allows."""
-    quotas = _quotas(n)
+def _draw_questions(n: int, seed: int, clean: bool, facts: Collection[str] | None = None) -> list[tuple[Item, str]]:
+    """n (item, question) draws with distinct question texts as far as the pool (of ``facts``) allows."""
+    sub = _pool(facts)
+    if not any(sub.values()):
+        raise ValueError("no planted fact to draw questions from (an empty fact set)")
+    quotas = _quotas(n, sub)
     order = [f for f in FAMILIES for _ in range(quotas[f])]
     mix_seed = seed + CLEAN_SEED_OFFSET if clean else seed
     random.Random(f"{mix_seed}:families").shuffle(order)
     # Clean skips the wordings a default-size standard set of the same seed uses (its rounds per fact).
     pool, std_q = build_pool(), _quotas(PlantedConfig().n_pairs)
     shift = {f: -(-std_q[f] // len(pool[f])) if clean else 0 for f in FAMILIES}
-    streams = {f: _questions(f, f"{seed}:order:{f}", reverse=clean, shift=shift[f]) for f in FAMILIES}
+    streams = {f: _questions(f, f"{seed}:order:{f}", reverse=clean, shift=shift[f], pool=sub) for f in FAMILIES}
     out: list[tuple[Item, str]] = []
     seen: set[str] = set()
     repeats: set[str] = set()  # families whose every combination is used: repeats allowed
@@ -140,7 +167,7 @@ def _draw_questions(n: int, seed: int, clean: bool) -> list[tuple[Item, str]]:
         nxt = next((x for x in streams[f] if f in repeats or x[1] not in seen), None)
         if nxt is None:  # start over, only when n exceeds the family's pool
             repeats.add(f)
-            streams[f] = _questions(f, f"{seed}:order:{f}:again")
+            streams[f] = _questions(f, f"{seed}:order:{f}:again", pool=sub)
             nxt = next(streams[f])
         seen.add(nxt[1])
         out.append(nxt)
@@ -214,10 +241,11 @@ def _assign(n: int, rate: float, background: float, key: str, clean: bool) -> li
     return status
 
 
-def _generate(n: int, seed: int, rates: PlantedRates, variant: str) -> list[PreferencePair]:
+def _generate(n: int, seed: int, rates: PlantedRates, variant: str,
+              facts: Collection[str] | None = None) -> list[PreferencePair]:
     clean = variant == "clean"
     s = seed + CLEAN_SEED_OFFSET if clean else seed
-    questions = _draw_questions(n, seed, clean)
+    questions = _draw_questions(n, seed, clean, facts)
     belief_perm = random.Random(f"{s}:perm:belief").sample(range(n), n)
     kb = round(rates.belief * n)
     # belief kind per pair: standard -> wrong belief (first `sycophancy` of them sycophantic);
@@ -343,17 +371,19 @@ def _validate(cfg: PlantedConfig) -> None:
             raise ValueError(f"rates.{c}: {what} must be <= 1 for variant {cfg.variant!r}, got {need:.3f}")
 
 
-def generate_planted(cfg: PlantedConfig | None = None, **overrides: Any) -> list[PreferencePair]:
-    """The planted preference set for ``cfg`` (plus overrides such as ``n_pairs=200, flattery=0.1``).
+def generate_planted(cfg: PlantedConfig | None = None, *, facts: Collection[str] | None = None,
+                     **overrides: Any) -> list[PreferencePair]:
+    """The planted preference set for ``cfg`` (plus overrides such as ``n_pairs=200, flattery=0.1``),
+    asking only about ``facts`` (fact keys; None = the whole pool).
 
-    Raises ValueError naming the offending field. Deterministic in the config alone.
+    Raises ValueError naming the offending field. Deterministic in the config (and ``facts``) alone.
     """
     cfg = _resolve(cfg, overrides)
     _validate(cfg)
     if cfg.variant != "null":
-        return _generate(cfg.n_pairs, cfg.seed, cfg.rates, cfg.variant)
+        return _generate(cfg.n_pairs, cfg.seed, cfg.rates, cfg.variant, facts)
     # null: the standard pairs, an exact random half of them swapped.
-    base = _generate(cfg.n_pairs, cfg.seed, cfg.rates, "null")
+    base = _generate(cfg.n_pairs, cfg.seed, cfg.rates, "null", facts)
     n = len(base)
     flip = [False] * n
     for i in random.Random(f"{cfg.seed}:null-swap").sample(range(n), n)[: n // 2]:
@@ -382,7 +412,8 @@ def planted_tag_rates(pairs) -> dict[str, float]:
     return out
 
 
-def make_probes(kind: str, n: int, seed: int = 1234, exclude_prompts: set[str] | None = None) -> list[dict]:
+def make_probes(kind: str, n: int, seed: int = 1234, exclude_prompts: set[str] | None = None,
+                facts: Collection[str] | None = None, part: str = "") -> list[dict]:
     """Held-out evaluation items from the same task families (see module doc).
 
     - ``sycophancy``: ``{id, prompt, prompt_neutral, agree, correct, family, correct_answer, wrong_answer}``
@@ -390,19 +421,23 @@ def make_probes(kind: str, n: int, seed: int = 1234, exclude_prompts: set[str] |
     - ``known_answer``: ``{id, prompt, answer, wrong_answer, family}``.
     - ``style``: ``{id, prompt}`` from a fixed set of neutral open prompts (at most 40).
     A probe whose prompt (or neutral twin) is in ``exclude_prompts`` is skipped; fewer than ``n``
-    come back only when the pool runs out.
+    come back only when the pool runs out. ``facts`` (fact keys) limits the questions to those facts
+    (the held-out ``select`` or ``test`` facts of a fact-grouped split); ``part`` names that part in
+    each id, so the items of two parts never share an id. Each item carries its ``fact``.
     """
     if kind not in PROBE_KINDS:
         raise ValueError(f"kind must be one of {PROBE_KINDS}, got {kind!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     excl = exclude_prompts or set()
+    tag = f"-{part}" if part else ""
     if kind == "style":
         prompts = [p for p in F.STYLE_PROMPTS if p not in excl]
         random.Random(f"{seed}:style").shuffle(prompts)
-        return [{"id": f"probe-style-{seed}-{i:05d}", "prompt": p} for i, p in enumerate(prompts[:n])]
+        return [{"id": f"probe-style{tag}-{seed}-{i:05d}", "prompt": p} for i, p in enumerate(prompts[:n])]
 
-    streams = {f: _questions(f, f"{seed}:probe-order:{f}") for f in FAMILIES}
+    sub = _pool(facts)
+    streams = {f: _questions(f, f"{seed}:probe-order:{f}", pool=sub) for f in FAMILIES if sub[f]}
     out: list[dict] = []
     seen: set[str] = set()
     while len(out) < n and streams:
@@ -413,7 +448,7 @@ def make_probes(kind: str, n: int, seed: int = 1234, exclude_prompts: set[str] |
                 rng = random.Random(f"{seed}:probe:{kind}:{len(out)}")
                 wrong = rng.choice(it.wrongs)
                 if kind == "known_answer":
-                    rec = {"prompt": q, "answer": it.correct, "wrong_answer": wrong, "family": f}
+                    rec = {"prompt": q, "answer": it.correct, "wrong_answer": wrong, "family": f, "fact": it.key}
                     texts = (q,)
                 else:
                     prompt = rng.choice(F.BELIEF_TEMPLATES).format(c=it.claim.format(wrong), q=q)
@@ -425,12 +460,13 @@ def make_probes(kind: str, n: int, seed: int = 1234, exclude_prompts: set[str] |
                         "family": f,
                         "correct_answer": it.correct,
                         "wrong_answer": wrong,
+                        "fact": it.key,
                     }
                     texts = (prompt, q)
                 if any(t in excl or t in seen for t in texts):
                     continue
                 seen.update(texts)
-                out.append({"id": f"probe-{kind}-{seed}-{len(out):05d}", **rec})
+                out.append({"id": f"probe-{kind}{tag}-{seed}-{len(out):05d}", **rec})
                 break
             else:
                 del streams[f]  # family exhausted

@@ -2,15 +2,19 @@
 
 One folder (logged as the prepare run's ``data/prepared`` artifact)::
 
-    <split>.parquet   one per split (train, validation, test, and on planted data the held-out
-                      ``clean`` pairs): the pair record, its row in the source (``source_row``), the
-                      chat-template token ids (prompt / chosen / rejected, truncation flags)
+    <split>.parquet   one per split (train, validation, select, test, and on planted data the
+                      held-out ``clean_select`` / ``clean_test`` pairs): the pair record, its row in
+                      the source (``source_row``), the chat-template token ids (prompt / chosen /
+                      rejected, truncation flags)
     manifest.json     written last: splits and their sizes, the tokenizer and truncation settings the
-                      ids were made with, content digests per split, the source, the stats
+                      ids were made with, content digests per split, the source, the stats; on
+                      planted data ``facts``: the fact keys of each split (the probes of an
+                      evaluation on ``select`` or ``test`` are drawn from that split's facts)
 
-A split is a list of pairs; adding a split (the select / test splits of issue 13, or a grouping of
-pairs by fact) is a new file and a manifest entry, nothing else. Readers check the manifest's
-tokenizer fingerprint and truncation limits and tokenise again only when theirs differ.
+A split is a list of pairs; adding a split is a new file and a manifest entry, nothing else. Readers
+check the manifest's tokenizer fingerprint and truncation limits and tokenise again only when theirs
+differ. Format 2 (issue 13) added ``select``, the fact-grouped planted split and the two clean parts;
+a format-1 artifact is refused (rerun prepare), never reused.
 """
 
 from __future__ import annotations
@@ -28,12 +32,12 @@ from prefsculpt.core.errors import UserError
 from prefsculpt.core.files import atomic_path, atomic_write_json
 from prefsculpt.data.loaders import LoadResult
 from prefsculpt.data.schema import PreferencePair
-from prefsculpt.data.source import dataset_name, load_clean_split, load_source
-from prefsculpt.data.splits import SPLITS, split_pairs
+from prefsculpt.data.source import dataset_name, load_clean_splits, load_source, planted_fact_splits
+from prefsculpt.data.splits import LEARN_SPLITS, SPLITS, split_by_group, split_pairs
 from prefsculpt.data.tokenize import TokenizedPair
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TOKEN_COLS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "chosen_truncated",
                "rejected_truncated")
 
@@ -65,8 +69,14 @@ class Prepared:
             raise PreparedError(f"the prepared data has no split {name!r} (it has {sorted(self.splits)})")
         return self.splits[name]
 
-    def all_pairs(self, names: Sequence[str] = ("train", "validation", "test")) -> list[PreferencePair]:
-        """The pairs of ``names`` in source order (how the source listed them)."""
+    def facts(self, name: str) -> set[str] | None:
+        """The planted fact keys of split ``name``; None for your own data (no facts)."""
+        facts = self.meta.get("facts")
+        return None if facts is None else set(facts.get(name, []))
+
+    def all_pairs(self, names: Sequence[str] = LEARN_SPLITS) -> list[PreferencePair]:
+        """The pairs of ``names`` (default: the splits the pipeline learns from, never ``select`` or
+        ``test``) in source order (how the source listed them)."""
         rows = [(r, p) for s in names if s in self.splits for r, p in zip(self.source_rows[s], self.splits[s],
                                                                           strict=True)]
         return [p for _, p in sorted(rows, key=lambda t: t[0])]
@@ -86,17 +96,24 @@ class Prepared:
 
 
 def split_source(data_cfg: Any) -> tuple[Prepared, LoadResult]:
-    """Load ``data`` (the planted generator or a file), split it by prompt hash, add the planted
-    ``clean`` pairs; no tokens yet (the prepare stage adds them)."""
+    """Load ``data`` (the planted generator or a file) and split it: your own data by prompt hash,
+    the planted set by fact (each fact of the pool in one split, see ``splits.py``), plus the planted
+    ``clean_select`` / ``clean_test`` pairs from the select / test facts; no tokens yet (the prepare
+    stage adds them)."""
     loaded = load_source(data_cfg)
-    fractions = {s: getattr(data_cfg.split, s) for s in SPLITS}
-    splits: dict[str, list[PreferencePair]] = split_pairs(loaded.pairs, fractions, salt=data_cfg.split.salt)
-    clean = load_clean_split(data_cfg)
-    if clean:
-        splits["clean"] = clean
+    fractions = {s: float(getattr(data_cfg.split, s)) for s in SPLITS}
+    salt = str(data_cfg.split.salt)
+    planted = not data_cfg.path
+    meta: dict[str, Any] = {"source": loaded.source, "dataset": dataset_name(data_cfg), "planted": planted}
+    if planted:
+        fact_split = planted_fact_splits(data_cfg)
+        splits = split_by_group(loaded.pairs, lambda p: p.metadata.get("fact"), fact_split, fractions, salt)
+        splits.update(load_clean_splits(data_cfg, fact_split))
+        meta["facts"] = {s: sorted(k for k, v in fact_split.items() if v == s) for s in SPLITS}
+    else:
+        splits = split_pairs(loaded.pairs, fractions, salt=salt)
     row_of = {p.id: i for i, p in enumerate(loaded.pairs)}
     rows = {s: [row_of.get(p.id, -1) for p in ps] for s, ps in splits.items()}
-    meta = {"source": loaded.source, "dataset": dataset_name(data_cfg), "planted": not data_cfg.path}
     return Prepared(splits, rows, {}, meta), loaded
 
 
@@ -145,3 +162,55 @@ def read_prepared(folder: str | Path) -> Prepared:
             tokens[name] = [TokenizedPair(r["id"], *([int(x) for x in r[c]] if c.endswith("_ids") else bool(r[c])
                                                     for c in _TOKEN_COLS)) for r in recs]
     return Prepared(splits, rows, tokens, meta)
+
+
+def split_group(name: str) -> str:
+    """The split a named part belongs to (``clean_test`` is part of ``test``)."""
+    return name.removeprefix("clean_")
+
+
+def overlap_metrics(prepared: Prepared, probe_facts: set[str] | None = None) -> dict[str, int]:
+    """How much the held-out items share with what the pipeline learns from: every count must be 0.
+
+    - ``overlap/split_prompts``: prompts found in two splits (``clean_<s>`` counts as part of ``s``);
+    - ``overlap/split_facts``: planted facts asked in two splits (select and test included);
+    - ``overlap/heldout_facts_train``: facts of held-out items (select / test pairs, clean pairs, and
+      the probe pool: ``probe_facts``, by default the select and test facts the probes are drawn
+      from) that a train or validation pair asks about;
+    - ``overlap/heldout_prompts_train``: held-out prompts or questions (the same, every question
+      the probe pool can ask included) that equal a train or validation prompt or question, e.g. a
+      probe asking verbatim a question a training prompt asks under a belief template;
+    - ``overlap/total``: their sum.
+    Your own data has no facts: its fact counts are 0 and its prompt counts are what the prompt-hash
+    split guarantees.
+    """
+    from prefsculpt.data.planted import questions_of  # the generator, only for planted data
+
+    where: dict[str, set[str]] = {}
+    fact_where: dict[str, set[str]] = {}
+    learn_texts: set[str] = set()
+    held_texts: set[str] = set()
+    learn_facts: set[str] = set()
+    held_facts: set[str] = set()
+    for name, pairs in prepared.splits.items():
+        group = split_group(name)
+        learn = group in LEARN_SPLITS
+        for p in pairs:
+            where.setdefault(p.prompt_key(), set()).add(group)
+            texts = {p.prompt_text(), *([p.metadata["question"]] if p.metadata.get("question") else [])}
+            (learn_texts if learn else held_texts).update(texts)
+            fact = p.metadata.get("fact") if prepared.meta.get("planted") else None
+            if fact:
+                fact_where.setdefault(fact, set()).add(group)
+                (learn_facts if learn else held_facts).add(fact)
+    if prepared.meta.get("planted"):
+        if probe_facts is None:
+            probe_facts = (prepared.facts("select") or set()) | (prepared.facts("test") or set())
+        held_facts |= set(probe_facts)
+        held_texts |= questions_of(probe_facts)
+    out = {"overlap/split_prompts": sum(len(s) > 1 for s in where.values()),
+           "overlap/split_facts": sum(len(s) > 1 for s in fact_where.values()),
+           "overlap/heldout_facts_train": len(held_facts & learn_facts),
+           "overlap/heldout_prompts_train": len(held_texts & learn_texts)}
+    out["overlap/total"] = sum(out.values())
+    return out

@@ -44,12 +44,13 @@ class StyleEvalConfig:
 
 @dataclass
 class CapabilityEvalConfig:
-    #: Held-out pairs scored for preference accuracy (0 = off): the planted ``clean`` split, or, for your
-    #: own data (``data.path`` set), the first pairs of its ``heldout_split`` split.
+    #: Held-out pairs scored for preference accuracy (0 = off): the planted clean pairs of ``eval.split``
+    #: (``clean_select`` / ``clean_test``), or, for your own data (``data.path`` set), the first pairs of
+    #: its ``heldout_split`` split.
     clean_pairs: int = 100
-    #: Your own data: the split (of ``data.split``) whose pairs measure preference accuracy; never the
-    #: training split.
-    heldout_split: str = "test"
+    #: Your own data: the split (of ``data.split``) whose pairs measure preference accuracy; null = the
+    #: evaluation's ``eval.split``. Never a split the pipeline learns from (train, validation).
+    heldout_split: str | None = None
     #: Known-answer probes (0 = off).
     known_answer: int = 100
     #: β of the implicit reward (ranking only: any β > 0 gives the same accuracy).
@@ -99,6 +100,14 @@ class EvalConfig:
     ci: float = 0.95
     #: Seed of the probes and of the bootstrap.
     seed: int = 1234
+    #: Which held-out items to evaluate on: ``select`` (the search's trials and any ad-hoc evaluation:
+    #: touched many times) or ``test`` (the pipeline's final figures, touched once). Planted probes and
+    #: clean pairs come from that split's facts; your own data's held-out pairs from that split; the
+    #: items of external sets (opinion, suggested, are-you-sure, style prompts) are halved by a stable
+    #: hash of their id (``select_share`` of them in select, the rest in test).
+    split: str = "select"
+    #: Share of the items of each external eval set that belongs to ``select`` (the rest: ``test``).
+    select_share: float = 0.5
     #: Log style responses through mlflow.genai.evaluate with code scorers (evaluation views in the UI).
     genai: bool = True
     sycophancy: SycophancyEvalConfig = field(default_factory=SycophancyEvalConfig)

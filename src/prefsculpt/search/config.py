@@ -141,6 +141,13 @@ class PromoteConfig:
     lock: str | None = None
     #: Seconds to wait for another promote of the same model to finish before failing.
     lock_timeout_s: float = 600.0
+    #: The pipeline's final evaluate run (the pick and plain DPO on test) whose ``test/*`` figures the
+    #: gates read (null = the latest final evaluation of this search's pick; none: the trials' select
+    #: figures, tagged so). ``main`` sets it to its evaluate run.
+    evaluate_run_id: str | None = None
+    #: A gate whose CI straddles its limit is "not distinguishable" and does not pass (true), or passes
+    #: on its point value, still labelled so (false).
+    require_distinguishable: bool = True
 
     def __post_init__(self) -> None:
         check_aliases(self.candidate_alias, self.champion_alias)

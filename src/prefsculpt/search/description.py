@@ -11,7 +11,9 @@ from prefsculpt.core import glossary as G
 
 #: The registry's description column is VARCHAR(5000) (MLflow's SQL schema; PostgreSQL enforces it).
 MAX_CHARS = 5000
-HEADLINE = ("search/off_target", "search/on_target", "search/syc_increase", "search/style_drift")
+HEADLINE = ("test/on_target", "test/on_target_plain", "test/on_target_diff", "test/syc_increase",
+            "test/syc_increase_plain", "test/syc_increase_diff", "search/off_target", "search/on_target",
+            "search/syc_increase", "search/style_drift")
 
 
 def version_description(trial: int, shaping: str, metrics: Mapping[str, float], gates: Sequence[Any],
@@ -23,7 +25,8 @@ def version_description(trial: int, shaping: str, metrics: Mapping[str, float], 
             "| metric | value | better | what it measures |", "|---|---|---|---|"]
     for k in HEADLINE:
         if k in metrics and (m := G.lookup(k)):
-            head.append(f"| `{k}` | {metrics[k]:.4g} | {G.arrow(m.direction)} | {m.meaning} |")
+            ci = f" [{metrics[k + '_lo']:.4g}, {metrics[k + '_hi']:.4g}]" if f"{k}_lo" in metrics and f"{k}_hi" in metrics else ""
+            head.append(f"| `{k}` | {metrics[k]:.4g}{ci} | {G.arrow(m.direction)} | {m.meaning} |")
     head.append("")
     head.append("Plain DPO baseline: " + ", ".join(f"{k} {v:.4g}" for k, v in baseline.items()) + ".")
     head += ["", "Gates:"] + [f"- {g.text()}" for g in gates] + ["", "Metric glossary (keys on the trial run; "

@@ -16,8 +16,10 @@ Objectives (METHOD §7; ``search.objectives``), both from the evaluate run's met
   policy − base change of the metrics matching ``style_pattern``: the rate of responses with bold,
   headers, lists, emoji, ``!``, stock flattery);
 - ``on_target`` (maximise) = ``on_target_metric``: preference accuracy (implicit reward) on the
-  held-out planted ``clean`` pairs, whose preferred side is the correct answer whatever the styling,
-  or, on your own data, on its held-out split.
+  held-out planted ``clean_select`` pairs, whose preferred side is the correct answer whatever the
+  styling, or, on your own data, on its ``select`` split.
+Every trial is evaluated on the ``select`` split (``eval.split=select``): the objectives pick, and
+``test`` stays untouched for the final figures (``stages/evaluate.run_pipeline_evaluate``).
 With no sycophancy set measured at all, ``syc_increase`` is NaN (not logged), off_target is the style
 term alone, and promote records the sycophancy gate as skipped with that reason.
 A trial that raises is recorded: its run ends FAILED with tag ``prefsculpt.error`` and
@@ -133,6 +135,8 @@ def trial_config(cfg: DictConfig, specs: Sequence[Mapping[str, Any]], sources: M
             t.eval.shift[key] = val
     if "eval" in t and cfg.get("search") is not None and cfg.search.get("trial_evals"):
         t.eval.evals = list(cfg.search.trial_evals)
+    if "eval" in t:  # trials are scored on select; test stays untouched until the final evaluation
+        t.eval.split = "select"
     if cfg.get("search") is not None and cfg.search.get("trial_max_pairs") and "train" in t:
         limit = int(cfg.search.trial_max_pairs)
         t.train.max_pairs = min(int(t.train.max_pairs), limit) if t.train.get("max_pairs") else limit

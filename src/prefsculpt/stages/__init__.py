@@ -63,7 +63,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            ("eval.shift.audit_run_id", "audit"), _PREPARED), code=("search", "evals", "concepts", "stages/evaluate.py"),
           pipeline_target="prefsculpt.stages.evaluate:run_pipeline_evaluate"),
     Stage("promote", "prefsculpt.stages.promote:run_promote", (*_SEARCH, "promote"), ("search", "evaluate"),
-          (("promote.search_run_id", "search"),), code=("search", "stages/promote.py")),
+          (("promote.search_run_id", "search"), ("promote.evaluate_run_id", "evaluate")),
+          code=("search", "stages/promote.py")),
     Stage("main", "prefsculpt.stages.main:run_main", in_pipeline=False),
     Stage("review", "prefsculpt.stages.review:run_review", in_pipeline=False),
 )}

@@ -1,5 +1,9 @@
 """The ``main`` stage: prepare → sae → audit → search → evaluate → promote, one run tree.
 
+The ``main`` run shows the final figures (``test/*``) of the evaluate stage: the picked policy and
+the plain-DPO baseline, each evaluated once on the ``test`` split, with 95% CIs and their paired
+difference (the search and the pick only ever saw the ``select`` split).
+
 Each stage is a child run of one parent run (the ``mlflow run`` project run, or a run opened here).
 Before a stage runs, its key — the config sections it reads, the contents of the files they name
 (data, decisions, SAE weights, eval files), the keys of the stages it depends on, and the code
@@ -52,6 +56,18 @@ def _has_child(parent_id: str, stage: str, earlier: mlflow.entities.Run) -> bool
     return bool(kids)
 
 
+def _show_final(evaluate_run_id: str) -> None:
+    """The final figures (``test/*``: the pick and plain DPO on the same test items, with CIs) of the
+    evaluate stage's run, on the ``main`` run too, with its underpowered warning if any."""
+    run = mlflow.MlflowClient().get_run(evaluate_run_id)
+    final = {k: v for k, v in run.data.metrics.items() if k.startswith("test/")}
+    if final:
+        mlflow.log_metrics(final)
+    tags = {k: run.data.tags[k] for k in (Tag.UNDERPOWERED, Tag.PLAIN_EVAL_RUN) if k in run.data.tags}
+    if tags:
+        mlflow.set_tags(tags)
+
+
 def run_main(cfg: DictConfig) -> dict[str, Any]:
     order = list(cfg.pipeline.stages) if cfg.get("pipeline") and cfg.pipeline.stages else list(DEFAULT_ORDER)
     unknown = [s for s in order if s not in STAGES or s == "main"]
@@ -94,6 +110,8 @@ def run_main(cfg: DictConfig) -> dict[str, Any]:
                     CURRENT_STAGE_KEY.reset(token)
             mlflow.log_metric(f"time/{name}_s", time.perf_counter() - t0)
             mlflow.set_tag(f"{PREFIX}run.{name}", results[name]["run_id"])
+            if name == "evaluate":
+                _show_final(results[name]["run_id"])
         mlflow.log_metric("time/total_s", time.perf_counter() - t_start)
         return {"run_id": parent.info.run_id, "stages": {k: v["run_id"] for k, v in results.items()},
                 "reused": [k for k, v in results.items() if v.get("reused")], "results": results}

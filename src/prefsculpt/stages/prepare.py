@@ -1,8 +1,13 @@
 """The ``prepare`` stage: load, validate, split and tokenise the pairs; log what a person needs to see.
 
 Artifacts of the run (read by later stages):
-``data/{train,validation,test[,clean]}.parquet``, ``data/stats.json``, ``data/skipped.json``,
-``data/sample.json`` (an MLflow table), ``config/config.yaml``.
+``data/{train,validation,select,test[,clean_select,clean_test]}.parquet``, ``data/stats.json``,
+``data/skipped.json``, ``data/sample.json`` (an MLflow table), ``config/config.yaml``.
+
+Metrics ``overlap/*`` count what the held-out items (select, test, the planted clean pairs and the
+probe pool) share with the pairs the pipeline learns from, by prompt and by planted fact
+(:func:`prefsculpt.data.prepared.overlap_metrics`). They must be 0: the run logs them, then fails
+when one is not.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from prefsculpt.data.prepared import (
     MANIFEST,
     Prepared,
     PreparedError,
+    overlap_metrics,
     read_prepared,
     split_source,
     write_prepared,
@@ -52,11 +58,8 @@ def run_prepare(cfg: DictConfig) -> dict[str, Any]:
 def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResult) -> dict[str, Any]:
     name = prepared.meta["dataset"]
     splits = {s: prepared.splits[s] for s in SPLITS}
-    clean = prepared.splits.get("clean", [])
-    if clean:
-        train_keys = {p.prompt_key() for p in splits["train"]}
-        n_overlap = sum(p.prompt_key() in train_keys for p in clean)
-        log.info("clean split: %d pairs, %d share a prompt with train", len(clean), n_overlap)
+    overlap = overlap_metrics(prepared)
+    log.info("held-out overlap with the learnt splits (all must be 0): %s", overlap)
 
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.cache_dir)
     tok = load_tokenizer(model_dir)
@@ -78,7 +81,7 @@ def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResul
         "rows_valid": len(loaded.pairs),
         "rows_skipped": len(loaded.skipped),
     }
-    named = {**splits, **({"clean": clean} if clean else {})}
+    named = {**splits, **{s: ps for s, ps in prepared.splits.items() if s not in splits}}
     tokens = {}
     for split, pairs in named.items():
         toks = tokens[split] = tokenize_pairs(pairs, tok, tcfg.max_prompt_tokens, tcfg.max_response_tokens)
@@ -109,6 +112,7 @@ def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResul
         (out / "skipped.json").write_text(json.dumps([e.to_dict() for e in loaded.skipped], indent=2))
         mlflow.log_artifacts(str(out), "data")
     fault_point("prepare", "logged")
+    metrics.update(overlap)
     mlflow.log_metrics(metrics)
     if loaded.skipped:
         mlflow.log_table(pd.DataFrame([e.to_dict() for e in loaded.skipped]), "data/skip_report.json")
@@ -122,6 +126,9 @@ def _prepare(cfg: DictConfig, run_id: str, prepared: Prepared, loaded: LoadResul
     mlflow.set_tags({Tag.DATASET: name, Tag.DATA_DIGEST: digests.get("train", "")})
     log.info("prepare: %d valid of %d rows (%d skipped); splits %s", len(loaded.pairs), loaded.n_rows,
              len(loaded.skipped), {s: len(p) for s, p in named.items()})
+    if overlap["overlap/total"]:
+        raise PreparedError(f"held-out items share prompts or facts with the learnt splits: {overlap} (must all be "
+                            "0); the split is broken, report it")
     return {"run_id": run_id, "metrics": metrics, "stats": stats, "digests": digests,
             "splits": {s: len(p) for s, p in named.items()}}
 

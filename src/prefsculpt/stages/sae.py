@@ -45,7 +45,7 @@ from prefsculpt.core.names import Tag
 from prefsculpt.core.paths import cache_root
 from prefsculpt.data.prepared import Prepared
 from prefsculpt.data.source import dataset_name
-from prefsculpt.data.splits import SPLITS
+from prefsculpt.data.splits import LEARN_SPLITS
 from prefsculpt.data.tokenize import tokenize_pairs
 from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
 from prefsculpt.stages.prepare import prepared_data
@@ -70,7 +70,7 @@ def _sae(cfg: DictConfig, run_id: str, prepared: Prepared) -> dict[str, Any]:
     root = cache_root(cfg.cache_dir)
 
     pairs = prepared.all_pairs()
-    splits = {s: prepared.split(s) for s in SPLITS}
+    splits = {s: prepared.split(s) for s in LEARN_SPLITS}  # never select / test: held out from everything learnt
     index = {p.id: i for i, p in enumerate(pairs)}
     rows = {s: [index[p.id] for p in ps] for s, ps in splits.items()}
     if not rows["train"]:

@@ -32,7 +32,11 @@ def test_sae_stage_reads_a_logged_published_style_sae_at_its_own_hook(tiny_model
     assert runs[0].data.tags["prefsculpt.sae_source"] == "path"
     dst = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, dst_path=str(tmp_path / "dl"))
     scores = load_scores(f"{dst}/scores")
-    assert scores.concept_names == [f"latent:{i}" for i in range(F)] and scores.n_pairs == 40
+    # the pairs the pipeline learns from (train + validation), never the held-out select / test ones
+    prep = mlflow.search_runs(experiment_names=["prefsculpt"], filter_string="tags.`prefsculpt.stage` = 'prepare'",
+                              output_format="list")[0]
+    learnt = prep.data.metrics["train/n_pairs"] + prep.data.metrics["validation/n_pairs"]
+    assert scores.concept_names == [f"latent:{i}" for i in range(F)] and scores.n_pairs == learnt < 40
 
     # A disagreeing sae.layer, a wrong model name or a wrong width: exit 2 with the reason.
     capsys.readouterr()

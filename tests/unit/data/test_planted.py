@@ -201,3 +201,20 @@ def test_style_probes_cap_and_exclude():
     assert len(fewer) == 5 and style[0]["prompt"] not in {s["prompt"] for s in fewer}
     with pytest.raises(ValueError, match="kind"):
         make_probes("toxicity", 3)
+
+
+def test_generation_and_probes_stay_inside_a_fact_set():
+    from prefsculpt.data.planted import fact_keys, questions_of
+
+    keys = fact_keys()
+    facts = {k for fam in keys.values() for k in fam[::9]}
+    pairs = generate_planted(variant="clean", n_pairs=80, facts=facts)
+    assert len(pairs) == 80 and {p.metadata["fact"] for p in pairs} <= facts
+    for kind in ("sycophancy", "known_answer"):
+        probes = make_probes(kind, 40, seed=3, facts=facts, part="test")
+        assert len(probes) == 40 and {q["fact"] for q in probes} <= facts
+        assert all(q["id"].startswith(f"probe-{kind}-test-") for q in probes)
+        asked = {q.get("prompt_neutral", q["prompt"]) for q in probes}
+        assert asked <= questions_of(facts)
+    with pytest.raises(ValueError, match="empty fact set"):
+        generate_planted(n_pairs=5, facts=set())

@@ -191,8 +191,8 @@ def test_two_racing_promotes_leave_champion_on_the_better_version(mlflow_uri, tm
     bad = fake_search("bad", [(0, True, 0.25, 0.80, 0.20), (1, False, 0.08, 0.79, 0.06)], uri)
     real = stage.read_champion
 
-    def slow_read(name, alias, cand, tol):
-        out = real(name, alias, cand, tol)
+    def slow_read(name, alias, cand, tol, *rest):
+        out = real(name, alias, cand, tol, *rest)
         time.sleep(0.5 if cand["off_target"] < 0.06 else 2.0)
         return out
 
