@@ -5,6 +5,9 @@
   each concept's mean difference inside a cluster against the rest.
 - Latent clusters: latents that co-fire, by normalised mutual information of binary firing, the top
   pairs kept as a weighted graph, Leiden communities; scored as the mean of their members.
+- Near-duplicate latents: an SAE often learns one feature several times (latents that fire on the
+  same responses and have the same top activations). They are grouped (:func:`near_duplicates`) and
+  tested as one cluster, so a reader sees one row with its members instead of a dozen identical rows.
 """
 
 from __future__ import annotations
@@ -269,6 +272,63 @@ def latent_clusters_from_counts(
     out.sort(key=lambda c: (-len(c), c[0]))
     log.info("latent clusters: %d communities of >= %d latents from %d edges over %d live latents",
              len(out), min_size, len(w), len(alive))
+    return out
+
+
+# ---------------------------------------------------------------- near-duplicate latents
+def context_keys(top_contexts: pd.DataFrame, concepts: Sequence[str]) -> list[frozenset]:
+    """Per concept, the set of (pair_id, span, position) of its top activations (empty when it has none)."""
+    if top_contexts is None or top_contexts.empty:
+        return [frozenset() for _ in concepts]
+    keys = {c: frozenset(zip(g["pair_id"], g["span"], g["position"], strict=True))
+            for c, g in top_contexts.groupby("concept", sort=False)}
+    return [keys.get(c, frozenset()) for c in concepts]
+
+
+def near_duplicates(
+    co: np.ndarray, cnt: np.ndarray, contexts: Sequence[frozenset] | None = None, min_jaccard: float = 0.5,
+    min_overlap: float = 0.5, chunk: int = 512,
+) -> list[list[int]]:
+    """Groups of near-duplicate latents: lists of column indices (>= 2 members), largest first.
+
+    Two latents are near-duplicates when they *fire together* — Jaccard of their binary firing over
+    responses, ``co / (cnt_a + cnt_b - co)``, at least ``min_jaccard`` (co: (F, F) co-firing counts,
+    cnt: (F,) firing counts, as :func:`latent_clusters_from_counts` takes them) — *and* share their top
+    contexts: the same (pair, span, token position) among their top activations, at least
+    ``min_overlap`` of the smaller set (``contexts``: one set per column, :func:`context_keys`). The
+    second test keeps apart latents that merely fire on most responses. Where either latent has no
+    recorded contexts, firing alone decides. Groups are the connected components of that relation.
+    """
+    co = np.asarray(co, dtype=np.float64)
+    cnt = np.asarray(cnt, dtype=np.float64)
+    f = len(cnt)
+    parent = list(range(f))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for lo in range(0, f, chunk):  # blocks of rows bound the temporaries at chunk x F
+        hi = min(f, lo + chunk)
+        union = cnt[lo:hi, None] + cnt[None, :] - co[lo:hi]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            jac = np.where(union > 0, co[lo:hi] / union, 0.0)
+        ii, jj = np.nonzero((jac >= min_jaccard) & (np.arange(lo, hi)[:, None] < np.arange(f)[None, :]))
+        for i, j in zip(ii + lo, jj, strict=True):
+            if contexts is not None and contexts[i] and contexts[j]:
+                if len(contexts[i] & contexts[j]) < min_overlap * min(len(contexts[i]), len(contexts[j])):
+                    continue
+            a, b = find(int(i)), find(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    comps: dict[int, list[int]] = {}
+    for i in range(f):
+        comps.setdefault(find(i), []).append(i)
+    out = [sorted(c) for c in comps.values() if len(c) >= 2]
+    out.sort(key=lambda c: (-len(c), c[0]))
+    log.info("near-duplicate latents: %d groups holding %d latents", len(out), sum(map(len, out)))
     return out
 
 

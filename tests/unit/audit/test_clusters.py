@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -106,3 +107,34 @@ def test_cluster_scores_and_testing_clusters_like_latents():
     assert df.loc["cluster:0", "d_z"] > df.loc[["latent:2", "latent:5", "latent:7"], "d_z"].max()
     with pytest.raises(ValueError, match="latent cluster 0"):
         cluster_scores(sc, [[3, 99]])
+
+
+def _dup_world(rng, m=600):
+    """Binary firing over m responses: latents 0-2 are one feature learned three times (fire together,
+    same top activations), 3 and 4 fire on almost every response but on different tokens, 5-9 independent."""
+    f = 10
+    fire = rng.random((m, f)) < 0.15
+    base = rng.random(m) < 0.2
+    for j in (0, 1, 2):
+        fire[:, j] = base ^ (rng.random(m) < 0.02)  # ~2% disagreement
+    fire[:, 3] = rng.random(m) < 0.97
+    fire[:, 4] = rng.random(m) < 0.97
+    names = [f"latent:{j}" for j in range(f)]
+    rows = []
+    for j in range(f):
+        for k in range(8):
+            pos = k if j in (0, 1, 2) else 100 * j + k  # the duplicates' top activations sit on the same tokens
+            rows.append(dict(concept=names[j], pair_id=f"p{k}", span="chosen", position=pos))
+    return fire, names, pd.DataFrame(rows)
+
+
+def test_near_duplicates_group_latents_that_fire_together_on_the_same_tokens():
+    from prefsculpt.audit.clusters import context_keys, near_duplicates
+
+    fire, names, top = _dup_world(np.random.default_rng(0))
+    x = fire.astype(np.float64)
+    co, cnt = x.T @ x, x.sum(axis=0)
+    groups = near_duplicates(co, cnt, context_keys(top, names))
+    assert groups == [[0, 1, 2]]  # 3 and 4 fire together but on other tokens: not duplicates
+    assert near_duplicates(co, cnt, None) == [[0, 1, 2], [3, 4]]  # firing alone would merge them
+    assert near_duplicates(co, cnt, context_keys(top, names), min_jaccard=0.99) == []
