@@ -48,11 +48,11 @@ class AuditConfig:
     latent_clusters: bool = True
     nmi_top_fraction: float = 0.01
     min_latent_cluster: int = 4
-    #: Near-duplicate latents (firing Jaccard over responses >= duplicate_min_jaccard and at least
-    #: duplicate_min_overlap of their top contexts at the same token) are tested and shown as one
-    #: cluster row (cluster_type near_duplicate) listing its members.
+    #: Near-duplicate latents (correlation of their firing over responses >= duplicate_min_corr, and
+    #: top contexts alike: at least duplicate_min_overlap of the same token positions or of the same
+    #: tokens) are tested and shown as one cluster row (cluster_type near_duplicate) listing its members.
     merge_duplicates: bool = True
-    duplicate_min_jaccard: float = 0.5
+    duplicate_min_corr: float = 0.5
     duplicate_min_overlap: float = 0.5
     #: Concepts listed under the length hypothesis as what carries the length difference.
     length_carriers: int = 10

@@ -136,11 +136,11 @@ def latent_groups(store: ScoreStore, stat: str, latent_cols: Sequence[int], top_
 
 def latent_structure(store: ScoreStore, stat: str, latent_cols: Sequence[int], top: pd.DataFrame | None,
                      clusters: bool = True, top_fraction: float = 0.01, min_size: int = 4, seed: int = 0,
-                     duplicates: bool = True, min_jaccard: float = 0.5, min_overlap: float = 0.5,
+                     duplicates: bool = True, min_corr: float = 0.5, min_overlap: float = 0.5,
                      ) -> tuple[list[list[int]], list[list[int]]]:
     """(latent clusters, near-duplicate groups) as store column indices, from one pass of co-firing
     counts (``clusters.latent_clusters_from_counts`` and ``clusters.near_duplicates``; ``top``: the
-    top-contexts table whose shared positions confirm a duplicate)."""
+    top-contexts table whose shared positions or tokens confirm a duplicate)."""
     if not latent_cols or not (clusters or duplicates):
         return [], []
     co, cnt, m = cofiring_counts(store, stat, latent_cols)
@@ -148,8 +148,8 @@ def latent_structure(store: ScoreStore, stat: str, latent_cols: Sequence[int], t
     dups: list[list[int]] = []
     if duplicates:
         names = [store.concept_names[i] for i in latent_cols]
-        dups = near_duplicates(co, cnt, context_keys(top, names) if top is not None else None,
-                               min_jaccard, min_overlap)
+        dups = near_duplicates(co, cnt, m, context_keys(top, names) if top is not None else None,
+                               min_corr, min_overlap)
     return ([[int(latent_cols[i]) for i in g] for g in groups], [[int(latent_cols[i]) for i in g] for g in dups])
 
 

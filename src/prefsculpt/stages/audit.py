@@ -112,7 +112,7 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         groups, dups = SS.latent_structure(
             scores, stat, latent_cols, top, clusters=a.latent_clusters, top_fraction=a.nmi_top_fraction,
             min_size=a.min_latent_cluster, seed=seed, duplicates=a.merge_duplicates,
-            min_jaccard=a.duplicate_min_jaccard, min_overlap=a.duplicate_min_overlap)
+            min_corr=a.duplicate_min_corr, min_overlap=a.duplicate_min_overlap)
         all_groups = groups + dups  # cluster:<i>: the co-firing communities first, then the near-duplicates
         types = [COFIRING] * len(groups) + [NEAR_DUPLICATE] * len(dups)
         test_kw = dict(stat=stat, test=a.test, fdr=a.fdr, min_support=a.min_support,

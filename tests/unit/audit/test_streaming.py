@@ -128,10 +128,10 @@ def test_latent_structure_and_calibration_cover_every_cluster_family(tmp_path):
     store, dense = _fixture(tmp_path)
     cols = list(range(38))
     groups, dups = SS.latent_structure(store, "max", cols, None, top_fraction=0.05, min_size=2, seed=0,
-                                       min_jaccard=0.3)
+                                       min_corr=0.3)
     assert groups == SS.latent_groups(store, "max", cols, 0.05, 2, 0)
     firing = C.firing_matrix(dense, "max")[:, cols].astype(np.float64)
-    assert dups == C.near_duplicates(firing.T @ firing, firing.sum(axis=0), None, 0.3)
+    assert dups == C.near_duplicates(firing.T @ firing, firing.sum(axis=0), len(firing), None, 0.3)
     assert SS.latent_structure(store, "max", cols, None, clusters=False, duplicates=False) == ([], [])
     every = groups + dups
     assert every  # the fixture has both kinds or at least one
