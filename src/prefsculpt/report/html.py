@@ -210,7 +210,8 @@ TABLE_COLUMNS = (
     ("half_b", "half B", "d_z on the other half"),
     ("length_effect", "length-ctrl", "effect at equal response length (d regressed on length difference)"),
     ("support", "support", "share of pairs where it fires on either side"),
-    ("where", "concentrates in", "data clusters where its d is strongest (Welch z)"),
+    ("where", "concentrates in", "data clusters where its d is stronger than in the rest (Welch z; BH q < fdr over "
+     "every hypothesis x cluster test, same sign in both halves)"),
 )
 
 
@@ -372,8 +373,8 @@ the rejected side in {{ ((r.get('share_rejected_more') or 0) * 100) | round | in
 </div>
 {% endif %}
 {% if v.where %}<p><b>Where it concentrates</b> (data clusters of pairs; mean d inside vs outside):</p>
-<table><thead><tr><th>cluster</th><th>pairs</th><th>mean d in</th><th>mean d out</th><th>Welch z</th><th>Cohen d</th><th>halves agree</th><th>about</th></tr></thead><tbody>
-{% for w in v.where %}<tr><td>{{ w.get('cluster') }}</td><td>{{ w.get('n') }}</td><td>{{ w.get('mean_in') | fmt }}</td><td>{{ w.get('mean_out') | fmt }}</td><td>{{ w.get('welch_z') | fmt }}</td><td>{{ w.get('cohen_d') | fmt }}</td><td>{{ "yes" if w.get('agree_halves') else "no" }}</td><td>{{ w.get('about', '') }}</td></tr>{% endfor %}
+<table><thead><tr><th>cluster</th><th>pairs</th><th>mean d in</th><th>mean d out</th><th>Welch z</th><th>q</th><th>Cohen d</th><th>halves agree</th><th>about</th></tr></thead><tbody>
+{% for w in v.where %}<tr><td>{{ w.get('cluster') }}</td><td>{{ w.get('n') }}</td><td>{{ w.get('mean_in') | fmt }}</td><td>{{ w.get('mean_out') | fmt }}</td><td>{{ w.get('welch_z') | fmt }}</td><td>{{ w.get('q') | fmt_q }}</td><td>{{ w.get('cohen_d') | fmt }}</td><td>{{ "yes" if w.get('agree_halves') else "no" }}</td><td>{{ w.get('about', '') }}</td></tr>{% endfor %}
 </tbody></table>{% endif %}
 {% for e in v.examples %}
 <div class="ex" data-pair="{{ e.pair_id }}">
