@@ -5,6 +5,7 @@ proposed decisions). The ``audit`` stage (``prefsculpt.stages.audit``) fetches i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -51,9 +52,18 @@ def align_pairs(pairs: list[PreferencePair], pair_ids: list[str], source: str) -
 COFIRING, NEAR_DUPLICATE = "cofiring", "near_duplicate"
 
 
+def cluster_key(cluster_type: str, members: list[str]) -> str:
+    """A cluster's content id: ``<type>-<12 hex of sha256 over its sorted member names>``."""
+    digest = hashlib.sha256("\x00".join(sorted(map(str, members))).encode()).hexdigest()[:12]
+    return f"{cluster_type}-{digest}"
+
+
 def select_hypotheses(table: pd.DataFrame, clusters: list[list[str]],
                       cluster_types: list[str] | None = None) -> pd.DataFrame:
-    """Add ``members``, ``cluster_type``, ``member_of``, ``duplicate_of`` and ``rank``.
+    """Add ``members``, ``cluster_type``, ``cluster_key``, ``member_of``, ``duplicate_of`` and ``rank``.
+
+    ``cluster_key`` (:func:`cluster_key`) names a cluster by its members, so it is the same in every
+    audit that finds the same group, whatever its ``cluster:<i>`` number there.
 
     ``clusters``: the member names of ``cluster:0``, ``cluster:1``, ...; ``cluster_types``: each one's
     type (:data:`COFIRING` by default, :data:`NEAR_DUPLICATE`). A latent inside a significant cluster of
@@ -66,6 +76,7 @@ def select_hypotheses(table: pd.DataFrame, clusters: list[list[str]],
         raise ValueError(f"{len(clusters)} clusters but {len(types)} cluster types")
     t["members"] = None
     t["cluster_type"] = None
+    t["cluster_key"] = None
     t["member_of"] = None
     t["duplicate_of"] = None
     row = {c: i for i, c in enumerate(t["concept"])}
@@ -76,6 +87,7 @@ def select_hypotheses(table: pd.DataFrame, clusters: list[list[str]],
             continue
         t.at[row[name], "members"] = list(members)
         t.at[row[name], "cluster_type"] = types[ci]
+        t.at[row[name], "cluster_key"] = cluster_key(types[ci], members)
         cr = t.loc[row[name]]
         for m in members:
             if m not in row:

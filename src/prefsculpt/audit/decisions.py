@@ -44,7 +44,7 @@ BUILTIN_CONCEPTS = ("length",)
 DECISION_FIELDS = ("concept", "action", "method", "strength", "note")
 #: Figures the audit writes next to each decision for the reader; ignored when loading.
 INFO_FIELDS = ("rank", "label", "explanation", "kind", "direction", "effect", "mean_diff", "q", "q_raw", "support",
-               "members", "cluster_type")
+               "members", "cluster_type", "cluster_key")
 FORMAT_VERSION = 1
 
 HEADER = """\
@@ -59,8 +59,8 @@ HEADER = """\
 #   note:     free text (why)
 #   optional: the method's own parameters, by name (the same table lists them; absent = the defaults)
 # The other fields (rank, label, direction, effect = paired d_z, mean_diff, q = length-controlled
-# q-value, q_raw = raw q-value, support; for a cluster its members and cluster_type, near_duplicate or
-# cofiring) are the audit's figures, for reading only. You may add any concept the audit tested (see hypotheses.json;
+# q-value, q_raw = raw q-value, support; for a cluster its members, cluster_type (near_duplicate or
+# cofiring) and cluster_key, an id from its members) are the audit's figures, for reading only. You may add any concept the audit tested (see hypotheses.json;
 # built-ins: length) or delete entries: an unlisted concept is allowed.
 """
 
@@ -131,7 +131,7 @@ def propose_decisions(
     """Every hypothesis row (in the given order, at most ``top_k``) with action ``allow``.
 
     ``hypotheses`` needs a ``concept`` column; ``label, direction, d_z, mean_diff, q, q_raw, support,
-    rank, kind, explanation, members, cluster_type`` are copied when present. ``withheld``: a reason not to propose
+    rank, kind, explanation, members, cluster_type, cluster_key`` are copied when present. ``withheld``: a reason not to propose
     anything (the audit's calibration failed): the file then has no entries and says why under
     ``withheld`` (a person may still add entries by hand).
     """

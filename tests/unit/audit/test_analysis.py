@@ -11,6 +11,7 @@ from prefsculpt.audit.analysis import (
     CalibrationVerdict,
     allowed_false_seeds,
     calibration_verdict,
+    cluster_key,
     length_carriers,
     select_hypotheses,
     where_null_rows,
@@ -60,6 +61,8 @@ def test_near_duplicates_reach_the_reader_as_one_cluster_row_with_members():
     assert not hyp["concept"].isin([f"latent:{j}" for j in range(5)]).any()  # one row, not five
     row = t.set_index("concept").loc["cluster:0"]
     assert row["members"] == names[0] and row["cluster_type"] == NEAR_DUPLICATE
+    assert row["cluster_key"] == cluster_key(NEAR_DUPLICATE, list(reversed(names[0]))) \
+        and row["cluster_key"].startswith("near_duplicate-")  # the members' id, not the cluster number
     assert (t.set_index("concept").loc[names[0], "member_of"] == "cluster:0").all()
     assert (t.set_index("concept").loc[names[0], "duplicate_of"] == "cluster:0").all()
 
