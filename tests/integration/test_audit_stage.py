@@ -89,7 +89,8 @@ def test_audit_finds_planted_latents_and_writes_everything(sae_run):
     assert {"hypotheses.parquet", "hypotheses.json", "decisions.yaml", "report.html", "plots/volcano.png",
             "plots/top_effects.png", "planted.json"} <= names
     table = pd.read_parquet(out / "hypotheses.parquet")
-    assert len(table) == F_LAT + 1 + 1 + res["n_latent_clusters"]  # latents, named, clusters, length
+    # latents, named, co-firing clusters, near-duplicate groups, length
+    assert len(table) == F_LAT + 1 + 1 + res["n_latent_clusters"] + res["n_duplicate_groups"]
     hyp = table[table["rank"].notna()].sort_values("rank")
     # the 4 co-firing latents of each planted concept count once (as their cluster or alone)
     planted = pd.DataFrame(json.loads((out / "planted.json").read_text()))
@@ -99,6 +100,16 @@ def test_audit_finds_planted_latents_and_writes_everything(sae_run):
         assert row["rank"] <= 10 and row["q"] < 0.05
     flat = planted[planted["planted concept"] == "flattery"].iloc[0]
     assert "' wonderful'" in flat["label"]
+    # near-duplicate latents (the 4 of a planted concept fire together on the same tokens): one row each
+    dup = table[table["cluster_type"] == "near_duplicate"]
+    assert len(dup) == res["n_duplicate_groups"] >= 3
+    groups = [sorted(m) for m in dup["members"]]
+    assert all(sorted(f"latent:{c}" for c in cols) in groups for cols in TRACKS.values())
+    assert not hyp["concept"].isin([f"latent:{i}" for i in range(12)]).any()
+    records = json.loads((out / "hypotheses.json").read_text())
+    by = {r["concept"]: r for r in records}
+    assert all(len(by[c]["members"]) == 4 for c in dup["concept"] if c in by)
+    assert "length_carriers" in by["length"] and {"q", "q_raw", "significant_raw"} <= set(by["length"])
     noise = hyp[hyp["concept"].isin([f"latent:{i}" for i in range(12, F_LAT)])]
     assert len(noise) <= 2  # noise latents rarely pass BH + replication
     # decisions: every shown hypothesis, all allowed, valid against the audit's concepts
@@ -112,6 +123,9 @@ def test_audit_finds_planted_latents_and_writes_everything(sae_run):
     assert '<table id="hyp-table"' in html and "<mark>" in html
     m = mlflow.get_run(rid).data.metrics
     assert m["planted/captured"] == 4 and m["n_hypotheses"] == len(hyp)
+    assert m["n_significant"] == table["significant"].sum() and m["n_significant_raw"] >= m["n_significant"]
+    assert m["calibration/seeds"] == 3 and m["calibration/failed"] == 0  # the tiny audit's 3 null seeds
+    assert 'id="calibration-banner"' in html and "Calibration passed" in html
     assert mlflow.get_run(rid).data.tags["prefsculpt.scores_run_id"] == sae_run
 
 

@@ -5,19 +5,22 @@ proposed decisions). The ``audit`` stage (``prefsculpt.stages.audit``) fetches i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 from prefsculpt.audit import clusters as C
 from prefsculpt.audit.config import AuditConfig
 from prefsculpt.audit.decisions import propose_decisions, write_decisions
 from prefsculpt.audit.labels import ConceptLabel
+from prefsculpt.audit.stats import bh_qvalues
 from prefsculpt.core.errors import UserError
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.report import html as H
@@ -45,27 +48,80 @@ def align_pairs(pairs: list[PreferencePair], pair_ids: list[str], source: str) -
 
 
 # ---------------------------------------------------------------- analysis
-def select_hypotheses(table: pd.DataFrame, clusters: list[list[str]]) -> pd.DataFrame:
-    """Add ``member_of``, ``members`` and ``rank``: a latent inside a significant cluster of the same
-    direction counts with its cluster (one hypothesis), so ranks go to the other significant rows."""
+#: ``cluster_type`` of a latent cluster: co-firing community (Leiden) or near-duplicate latents.
+COFIRING, NEAR_DUPLICATE = "cofiring", "near_duplicate"
+
+
+def cluster_key(cluster_type: str, members: list[str]) -> str:
+    """A cluster's content id: ``<type>-<12 hex of sha256 over its sorted member names>``."""
+    digest = hashlib.sha256("\x00".join(sorted(map(str, members))).encode()).hexdigest()[:12]
+    return f"{cluster_type}-{digest}"
+
+
+def select_hypotheses(table: pd.DataFrame, clusters: list[list[str]],
+                      cluster_types: list[str] | None = None) -> pd.DataFrame:
+    """Add ``members``, ``cluster_type``, ``cluster_key``, ``member_of``, ``duplicate_of`` and ``rank``.
+
+    ``cluster_key`` (:func:`cluster_key`) names a cluster by its members, so it is the same in every
+    audit that finds the same group, whatever its ``cluster:<i>`` number there.
+
+    ``clusters``: the member names of ``cluster:0``, ``cluster:1``, ...; ``cluster_types``: each one's
+    type (:data:`COFIRING` by default, :data:`NEAR_DUPLICATE`). A latent inside a significant cluster of
+    the same direction counts with its cluster (``member_of``; a near-duplicate group first, being the
+    tighter), so it is one hypothesis and ranks go to the other significant rows. ``duplicate_of``
+    names a latent's near-duplicate group whatever its significance."""
     t = table.copy()
+    types = list(cluster_types or [COFIRING] * len(clusters))
+    if len(types) != len(clusters):
+        raise ValueError(f"{len(clusters)} clusters but {len(types)} cluster types")
     t["members"] = None
+    t["cluster_type"] = None
+    t["cluster_key"] = None
     t["member_of"] = None
+    t["duplicate_of"] = None
     row = {c: i for i, c in enumerate(t["concept"])}
-    for ci, members in enumerate(clusters):
-        name = f"cluster:{ci}"
+    order = sorted(range(len(clusters)), key=lambda ci: types[ci] != NEAR_DUPLICATE)  # duplicates first
+    for ci in order:
+        name, members = f"cluster:{ci}", clusters[ci]
         if name not in row:
             continue
         t.at[row[name], "members"] = list(members)
+        t.at[row[name], "cluster_type"] = types[ci]
+        t.at[row[name], "cluster_key"] = cluster_key(types[ci], members)
         cr = t.loc[row[name]]
-        if cr["significant"]:
-            for m in members:
-                if m in row and t.at[row[m], "direction"] == cr["direction"]:
-                    t.at[row[m], "member_of"] = name
+        for m in members:
+            if m not in row:
+                continue
+            if types[ci] == NEAR_DUPLICATE and t.at[row[m], "duplicate_of"] is None:
+                t.at[row[m], "duplicate_of"] = name
+            if cr["significant"] and t.at[row[m], "member_of"] is None and t.at[row[m], "direction"] == cr["direction"]:
+                t.at[row[m], "member_of"] = name
     hyp = t["significant"].astype(bool) & t["member_of"].isna()
     t["rank"] = np.nan
     t.loc[hyp, "rank"] = np.arange(1, int(hyp.sum()) + 1)  # the table is sorted best first
     return t
+
+
+def length_carriers(table: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """What carries "the preferred answer is longer": up to ``k`` concepts whose raw effect is significant
+    (``significant_raw``) but does not survive length control (not ``significant``), that point the
+    way the length gap does (``length_share`` > 0), ranked by ``length_share`` — the share of the mean
+    chosen - rejected length difference the concept's own difference accounts for
+    (``stats.length_carried``). Built-ins are left out, and so are members of a near-duplicate group
+    that is listed itself. Columns: concept, kind, label (if the table has one), length_share, length_r2,
+    d_z, q_raw, length_effect, q, members."""
+    cols = ["concept", "kind", "label", "length_share", "length_r2", "d_z", "q_raw", "length_effect", "q", "members"]
+    need = {"significant_raw", "significant", "length_share"}
+    if not need <= set(table.columns):
+        return pd.DataFrame(columns=cols)
+    share = table["length_share"].to_numpy(dtype=float)
+    cand = table[table["significant_raw"].astype(bool) & ~table["significant"].astype(bool)
+                 & (table["kind"] != "builtin") & (np.nan_to_num(share, nan=-np.inf) > 0)]
+    if "duplicate_of" in cand.columns:
+        listed = set(cand["concept"])
+        cand = cand[~cand["duplicate_of"].isin(listed)]
+    cand = cand.sort_values("length_share", ascending=False, kind="stable").head(k)
+    return cand.reindex(columns=cols).reset_index(drop=True)
 
 
 def describe_clusters(labels: np.ndarray, sym: np.ndarray, pairs: list[PreferencePair]) -> dict[int, str]:
@@ -77,20 +133,99 @@ def describe_clusters(labels: np.ndarray, sym: np.ndarray, pairs: list[Preferenc
     return out
 
 
+def where_family(d: np.ndarray, labels: np.ndarray, half: np.ndarray, min_size: int) -> pd.DataFrame:
+    """Every (concept column of ``d``, data cluster) test of "where it holds" with its BH q over the
+    whole family (``clusters.where_it_holds``'s Welch p, two-sided)."""
+    wh = C.where_it_holds(d, labels, half, min_size)
+    return wh.assign(q=bh_qvalues(wh["p"].to_numpy(dtype=float))) if len(wh) else wh.assign(q=[])
+
+
 def where_rows(d: np.ndarray, dirs: np.ndarray, labels: np.ndarray, half: np.ndarray, a: AuditConfig,
                about: dict[int, str]) -> list[list[dict[str, Any]]]:
-    """Per hypothesis column of ``d``, the data clusters where its effect is strongest in its direction."""
-    wh = C.where_it_holds(d, labels, half, a.min_cluster_size)
+    """Per hypothesis column of ``d``, the data clusters where its effect is stronger, in its direction,
+    than in the rest: BH q < fdr over all (concept, cluster) tests and the same sign in both halves."""
+    wh = where_family(d, labels, half, a.min_cluster_size)
     out: list[list[dict[str, Any]]] = [[] for _ in range(d.shape[1])]
     if wh.empty:
         return out
     wh = wh.assign(z_dir=wh["welch_z"] * dirs[wh["concept_index"].to_numpy()])
-    wh = wh[(wh["z_dir"] > 2.0) & wh["agree_halves"]].sort_values("z_dir", ascending=False)
+    wh = wh[(wh["z_dir"] > 0) & (wh["q"] < a.fdr) & wh["agree_halves"]].sort_values("z_dir", ascending=False)
     for j, g in wh.groupby("concept_index", sort=False):
         for r in g.head(a.where_top).to_dict("records"):
             r["about"] = about.get(int(r["cluster"]), "")
             out[int(j)].append({k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()})
     return out
+
+
+def where_null_rows(d: np.ndarray, labels: np.ndarray | None, half: np.ndarray, min_size: int, fdr: float,
+                    flips: list[np.ndarray]) -> list[dict[str, int]]:
+    """The data-cluster family under each swap-null coin vector of ``flips``: per seed, how many
+    (concept, cluster) tests reach q < fdr (``n_where_q_below_fdr``) and how many of those also agree
+    in both halves (``n_where_significant``). The data clusters are built from symmetric activity,
+    which a swap leaves unchanged, so the same ``labels`` serve every seed; None (no data clusters):
+    zeros."""
+    out = []
+    for flip in flips:
+        if labels is None or d.shape[1] == 0:
+            out.append({"n_where_q_below_fdr": 0, "n_where_significant": 0})
+            continue
+        wh = where_family(d * np.where(flip, -1.0, 1.0)[:, None], labels, half, min_size)
+        hit = wh["q"].to_numpy(dtype=float) < fdr if len(wh) else np.zeros(0, bool)
+        out.append({"n_where_q_below_fdr": int(hit.sum()),
+                    "n_where_significant": int((hit & wh["agree_halves"].to_numpy(dtype=bool)).sum())})
+    return out
+
+
+@dataclass
+class CalibrationVerdict:
+    """The swap-null check over every family BH runs over (concepts — latents, latent clusters, named,
+    built-ins — and the data-cluster "where it holds" tests), and what follows from it."""
+
+    #: Null seeds run, and how many of them made any discovery (any q < fdr in any family).
+    n_seeds: int
+    false_seeds: int
+    #: The most false seeds tolerated (:func:`allowed_false_seeds`: 2 of 20 at fdr 0.05).
+    allowed: int
+    #: Seeds with a discovery per family.
+    by_family: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.false_seeds > self.allowed
+
+    def message(self) -> str:
+        fam = ", ".join(f"{k}: {v}" for k, v in self.by_family.items())
+        head = (f"Calibration FAILED: {self.false_seeds} of {self.n_seeds} swap-null seeds made a discovery "
+                f"(at most {self.allowed} tolerated; {fam}). "
+                if self.failed else
+                f"Calibration passed: {self.false_seeds} of {self.n_seeds} swap-null seeds made a discovery "
+                f"(at most {self.allowed} tolerated; {fam}).")
+        if self.failed:
+            head += ("On these pairs the tests report findings where there are none, so the q-values here do not "
+                     "hold their nominal false-discovery rate; no decisions are proposed automatically. "
+                     "Treat every hypothesis below as unconfirmed.")
+        return head
+
+
+def allowed_false_seeds(n_seeds: int, fdr: float, alpha: float = 0.1) -> int:
+    """The most null seeds with a discovery that tests holding their level are expected to give: the
+    smallest k with P(Binomial(n_seeds, fdr) > k) < ``alpha`` (BH at level fdr makes a discovery on a
+    null dataset with probability at most fdr). 2 of 20 at fdr 0.05, 1 of 3."""
+    k = 0
+    while k < n_seeds and sps.binom.sf(k, n_seeds, fdr) >= alpha:
+        k += 1
+    return k
+
+
+def calibration_verdict(cal: pd.DataFrame, fdr: float = 0.05, alpha: float = 0.1) -> CalibrationVerdict:
+    """``cal``: one row per null seed with ``n_q_below_fdr`` (concept family) and, when the data
+    clusters were tested, ``n_where_q_below_fdr``; a seed with any of them > 0 made a discovery."""
+    fams = {"concepts": "n_q_below_fdr", "data clusters": "n_where_q_below_fdr"}
+    hits = {k: cal[c].to_numpy() > 0 for k, c in fams.items() if c in cal.columns}
+    any_hit = np.logical_or.reduce(list(hits.values())) if hits else np.zeros(len(cal), bool)
+    n = len(cal)
+    return CalibrationVerdict(n, int(any_hit.sum()), allowed_false_seeds(n, fdr, alpha),
+                              {k: int(v.sum()) for k, v in hits.items()})
 
 
 def example_views(j: int, concept: str, d: np.ndarray, direction: int, pairs: list[PreferencePair],
@@ -150,19 +285,35 @@ def planted_check(hyp: pd.DataFrame, d: np.ndarray, pairs: list[PreferencePair],
 
 def write_outputs(out: Path, a: AuditConfig, data_name: str, run_id: str, src: str, table: pd.DataFrame,
                   hyp: pd.DataFrame, views: list[H.HypothesisView], labels: dict[str, ConceptLabel],
-                  planted: pd.DataFrame | None, methods_help: str = "") -> Path:
+                  planted: pd.DataFrame | None, methods_help: str = "", verdict: CalibrationVerdict | None = None,
+                  carriers: pd.DataFrame | None = None, calibration: pd.DataFrame | None = None) -> Path:
     """Every audit file, written locally (uploaded by the stage once all exist). ``methods_help``: the
-    per-method comment lines of the proposed decisions file (the stage has them from the registry)."""
+    per-method comment lines of the proposed decisions file (the stage has them from the registry).
+    ``verdict``: the calibration verdict — when it failed, the report opens with a banner saying so
+    and the proposed decisions file is empty and marked ``withheld``; ``calibration``: its per-seed
+    table (``calibration.json``); ``carriers``: :func:`length_carriers`, attached to the ``length``
+    record of hypotheses.json and shown as a report section."""
     (out / "plots").mkdir(parents=True)
     table.to_parquet(out / "hypotheses.parquet", index=False)
+    carrier_recs = [] if carriers is None else [
+        {k: _plain(v) for k, v in r.items()} for r in carriers.to_dict("records")]
     records = []
     for v in views:
         r = {k: (None if isinstance(x, float) and not np.isfinite(x) else x) for k, x in v.row.items()}
         r.update(label_detail=v.label.to_dict() if v.label else None, where_detail=v.where,
                  example_pairs=[e.pair_id for e in v.examples], examples=[asdict(e) for e in v.examples])
+        if r.get("concept") == "length":
+            r["length_carriers"] = carrier_recs
         records.append(r)
     (out / "hypotheses.json").write_text(json.dumps(records, indent=1, default=_json_default, ensure_ascii=False))
-    write_decisions(propose_decisions(hyp, None, audit_run_id=run_id), out / "decisions.yaml", methods_help)
+    withheld = verdict.message() if verdict is not None and verdict.failed else None
+    write_decisions(propose_decisions(hyp, None, audit_run_id=run_id, withheld=withheld), out / "decisions.yaml",
+                    methods_help)
+    if verdict is not None:
+        cal = {"n_seeds": verdict.n_seeds, "false_seeds": verdict.false_seeds, "allowed": verdict.allowed,
+               "failed": verdict.failed, "by_family": verdict.by_family, "message": verdict.message(),
+               "seeds": [] if calibration is None else calibration.to_dict("records")}
+        (out / "calibration.json").write_text(json.dumps(cal, indent=1, default=_json_default))
     lab = {c: x.label for c, x in labels.items()}
     images = {}
     for name, fig in (("volcano", P.volcano(table, a.fdr, lab)), ("top_effects", P.top_effects(hyp, 20, lab))):
@@ -171,13 +322,29 @@ def write_outputs(out: Path, a: AuditConfig, data_name: str, run_id: str, src: s
         P.plt.close(fig)
     if planted is not None:
         (out / "planted.json").write_text(planted.to_json(orient="records", indent=1))
+    n_sig, n_raw = int(table["significant"].sum()), int(table["significant_raw"].sum())
     meta = {"audit run": run_id, "scores from (sae run)": src, "data": data_name,
             "pairs": int(table["n"].iloc[0]) if len(table) else 0,
             "concepts tested": f"{int(table['tested'].sum())} of {len(table)} (score: {a.score}, test: {a.test})",
-            "hypotheses": f"{len(hyp)} shown (significant at q < {a.fdr:g} and replicated in both halves; "
-                          f"{int(table['significant'].sum())} concepts significant)"}
-    H.write_report(H.render_report(views, meta, planted, images), out / "report.html")
+            "significant": f"{n_sig} length-controlled (q < {a.fdr:g} on the test at equal response length, "
+                           f"replicated in both halves); {n_raw} on the raw test",
+            "hypotheses": f"{len(hyp)} shown (significant length-controlled, one row per cluster of near-duplicate "
+                          "or co-firing latents)",
+            "calibration": verdict.message() if verdict is not None else "not run (audit.calibration_seeds=0)"}
+    H.write_report(H.render_report(views, meta, planted, images,
+                                   banner=verdict.message() if verdict is not None else None,
+                                   banner_failed=bool(verdict is not None and verdict.failed),
+                                   carriers=carrier_recs), out / "report.html")
     return out
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars / NaN / arrays -> JSON-friendly Python values."""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "item"):
+        v = v.item()
+    return None if isinstance(v, float) and not np.isfinite(v) else v
 
 
 def _json_default(x: Any) -> Any:

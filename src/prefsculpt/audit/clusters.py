@@ -5,11 +5,15 @@
   each concept's mean difference inside a cluster against the rest.
 - Latent clusters: latents that co-fire, by normalised mutual information of binary firing, the top
   pairs kept as a weighted graph, Leiden communities; scored as the mean of their members.
+- Near-duplicate latents: an SAE often learns one feature several times (latents that fire on the
+  same responses and have the same top contexts). They are grouped (:func:`near_duplicates`) and
+  tested as one cluster, so a reader sees one row with its members instead of a dozen identical rows.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -269,6 +273,90 @@ def latent_clusters_from_counts(
     out.sort(key=lambda c: (-len(c), c[0]))
     log.info("latent clusters: %d communities of >= %d latents from %d edges over %d live latents",
              len(out), min_size, len(w), len(alive))
+    return out
+
+
+# ---------------------------------------------------------------- near-duplicate latents
+#: A latent's top contexts for the duplicate test: the (pair_id, span, position) of its top activations
+#: and how often each token is among them.
+ContextProfile = tuple[frozenset, Counter]
+
+
+def context_keys(top_contexts: pd.DataFrame | None, concepts: Sequence[str]) -> list[ContextProfile]:
+    """Per concept, its :data:`ContextProfile` over response spans (empty when it has none)."""
+    empty: ContextProfile = (frozenset(), Counter())
+    if top_contexts is None or top_contexts.empty:
+        return [empty for _ in concepts]
+    t = top_contexts[top_contexts["span"].isin(("chosen", "rejected"))]
+    prof = {c: (frozenset(zip(g["pair_id"], g["span"], g["position"], strict=True)), Counter(g["token"]))
+            for c, g in t.groupby("concept", sort=False)}
+    return [prof.get(c, empty) for c in concepts]
+
+
+def context_overlap(a: ContextProfile, b: ContextProfile) -> float:
+    """How alike two latents' top contexts are, in [0, 1]: the larger of the share of the same token
+    positions and the share of the same tokens (multiset), each over the smaller of the two. Positions
+    are the strongest evidence; tokens cover duplicates whose top few positions were drawn from many
+    occurrences of the same token."""
+    (pa, ta), (pb, tb) = a, b
+    pos = len(pa & pb) / min(len(pa), len(pb)) if pa and pb else 0.0
+    nt = min(sum(ta.values()), sum(tb.values()))
+    tok = sum((ta & tb).values()) / nt if nt else 0.0
+    return max(pos, tok)
+
+
+def firing_correlation(co: np.ndarray, cnt_a: np.ndarray, cnt_b: np.ndarray, m: int) -> np.ndarray:
+    """Phi coefficient (Pearson correlation) of binary firing from counts: co (A, B) co-firing counts,
+    cnt_a (A,), cnt_b (B,) firing counts over m rows. 0 where a latent is constant. Unlike the Jaccard
+    index it is ~0 for two unrelated latents that both fire on nearly every response."""
+    a = np.asarray(cnt_a, dtype=np.float64)[:, None]
+    b = np.asarray(cnt_b, dtype=np.float64)[None, :]
+    den = np.sqrt(a * (m - a) * b * (m - b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, (m * np.asarray(co, dtype=np.float64) - a * b) / den, 0.0)
+
+
+def near_duplicates(
+    co: np.ndarray, cnt: np.ndarray, m: int, contexts: Sequence[ContextProfile] | None = None,
+    min_corr: float = 0.5, min_overlap: float = 0.5, chunk: int = 512,
+) -> list[list[int]]:
+    """Groups of near-duplicate latents: lists of column indices (>= 2 members), largest first.
+
+    Two latents are near-duplicates when they *fire together* — the correlation of their binary
+    firing over the m responses (:func:`firing_correlation`; co: (F, F) co-firing counts, cnt: (F,)
+    firing counts, as :func:`latent_clusters_from_counts` takes them) is at least ``min_corr`` — *and*
+    have the same top contexts (:func:`context_overlap` of ``contexts``, one profile per column, at
+    least ``min_overlap``). Where either latent has no recorded contexts (or ``contexts`` is None),
+    firing alone decides. Groups are the connected components of that relation.
+    """
+    co = np.asarray(co, dtype=np.float64)
+    cnt = np.asarray(cnt, dtype=np.float64)
+    f = len(cnt)
+    parent = list(range(f))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for lo in range(0, f, chunk):  # blocks of rows bound the temporaries at chunk x F
+        hi = min(f, lo + chunk)
+        phi = firing_correlation(co[lo:hi], cnt[lo:hi], cnt, m)
+        ii, jj = np.nonzero((phi >= min_corr) & (np.arange(lo, hi)[:, None] < np.arange(f)[None, :]))
+        for i, j in zip(ii + lo, jj, strict=True):
+            if contexts is not None and contexts[i][1] and contexts[j][1]:
+                if context_overlap(contexts[i], contexts[j]) < min_overlap:
+                    continue
+            a, b = find(int(i)), find(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    comps: dict[int, list[int]] = {}
+    for i in range(f):
+        comps.setdefault(find(i), []).append(i)
+    out = [sorted(c) for c in comps.values() if len(c) >= 2]
+    out.sort(key=lambda c: (-len(c), c[0]))
+    log.info("near-duplicate latents: %d groups holding %d latents", len(out), sum(map(len, out)))
     return out
 
 

@@ -27,9 +27,15 @@ class AuditConfig:
     min_support: float = 0.01
     #: Concepts where fewer pairs differ between chosen and rejected are not tested (not in BH's m).
     min_nonzero_pairs: int = 10
-    #: Null calibration: re-run the tests this many times with chosen/rejected swapped at random and
-    #: log how many seeds report anything at q < fdr (must stay around fdr * seeds). 0 = off.
+    #: Null calibration: re-run every BH family (latents, latent clusters, near-duplicate groups, named,
+    #: built-ins, and the data-cluster "where it holds" tests) this many times with chosen/rejected
+    #: swapped at random, and count the seeds with any discovery (q < fdr). 0 = off.
     calibration_seeds: int = 20
+    #: Calibration fails when the number of null seeds with a discovery would be this unlikely
+    #: (binomial tail below it) were the tests holding their level fdr per seed: at 20 seeds and
+    #: fdr 0.05, more than 2 seeds fail it (1 at 3 seeds is tolerated, 2 are not). The report then
+    #: says so at its top and no decisions are proposed.
+    calibration_alpha: float = 0.1
     #: Ranking of significant hypotheses: conservative (the smaller of the split-half effect and the
     #: length-controlled effect) | split_half (the smaller half effect only, as in METHOD §3).
     rank_by: RankBy = RankBy.conservative
@@ -42,6 +48,14 @@ class AuditConfig:
     latent_clusters: bool = True
     nmi_top_fraction: float = 0.01
     min_latent_cluster: int = 4
+    #: Near-duplicate latents (correlation of their firing over responses >= duplicate_min_corr, and
+    #: top contexts alike: at least duplicate_min_overlap of the same token positions or of the same
+    #: tokens) are tested and shown as one cluster row (cluster_type near_duplicate) listing its members.
+    merge_duplicates: bool = True
+    duplicate_min_corr: float = 0.5
+    duplicate_min_overlap: float = 0.5
+    #: Concepts listed under the length hypothesis as what carries the length difference.
+    length_carriers: int = 10
     #: Example pairs per hypothesis in the report.
     n_examples: int = 3
     #: Labels: most frequent top-activation tokens shown, and contexts per response side.

@@ -43,8 +43,8 @@ BUILTIN_CONCEPTS = ("length",)
 #: Fields a person sets; ``note`` may be left out.
 DECISION_FIELDS = ("concept", "action", "method", "strength", "note")
 #: Figures the audit writes next to each decision for the reader; ignored when loading.
-INFO_FIELDS = ("rank", "label", "explanation", "kind", "direction", "effect", "mean_diff", "q", "support",
-               "members")
+INFO_FIELDS = ("rank", "label", "explanation", "kind", "direction", "effect", "mean_diff", "q", "q_raw", "support",
+               "members", "cluster_type", "cluster_key")
 FORMAT_VERSION = 1
 
 HEADER = """\
@@ -58,8 +58,9 @@ HEADER = """\
 #             ignored for allow)
 #   note:     free text (why)
 #   optional: the method's own parameters, by name (the same table lists them; absent = the defaults)
-# The other fields (rank, label, direction, effect = paired d_z, mean_diff, q, support) are the
-# audit's figures, for reading only. You may add any concept the audit tested (see hypotheses.json;
+# The other fields (rank, label, direction, effect = paired d_z, mean_diff, q = length-controlled
+# q-value, q_raw = raw q-value, support; for a cluster its members, cluster_type (near_duplicate or
+# cofiring) and cluster_key, an id from its members) are the audit's figures, for reading only. You may add any concept the audit tested (see hypotheses.json;
 # built-ins: length) or delete entries: an unlisted concept is allowed.
 """
 
@@ -124,12 +125,15 @@ def plain_value(v: Any) -> Any:
 
 
 def propose_decisions(
-    hypotheses: pd.DataFrame, top_k: int | None = None, audit_run_id: str | None = None
+    hypotheses: pd.DataFrame, top_k: int | None = None, audit_run_id: str | None = None,
+    withheld: str | None = None,
 ) -> dict[str, Any]:
     """Every hypothesis row (in the given order, at most ``top_k``) with action ``allow``.
 
-    ``hypotheses`` needs a ``concept`` column; ``label, direction, d_z, mean_diff, q, support, rank,
-    kind, explanation, members`` are copied when present.
+    ``hypotheses`` needs a ``concept`` column; ``label, direction, d_z, mean_diff, q, q_raw, support,
+    rank, kind, explanation, members, cluster_type, cluster_key`` are copied when present. ``withheld``: a reason not to propose
+    anything (the audit's calibration failed): the file then has no entries and says why under
+    ``withheld`` (a person may still add entries by hand).
     """
     if "concept" not in hypotheses.columns:
         raise ValueError("hypotheses need a 'concept' column")
@@ -153,6 +157,9 @@ def propose_decisions(
     out: dict[str, Any] = {"version": FORMAT_VERSION}
     if audit_run_id:
         out["audit_run_id"] = audit_run_id
+    if withheld:
+        out["withheld"] = withheld
+        entries = []
     out["concepts"] = entries
     return out
 
@@ -164,8 +171,12 @@ def write_decisions(d: Mapping[str, Any], path: str | Path, methods_help: str = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(dict(d), sort_keys=False, allow_unicode=True, width=1000, default_flow_style=False)
+    head = HEADER.format(methods=methods_help)
+    if d.get("withheld"):
+        head += ("# NO DECISIONS PROPOSED: " + " ".join(str(d["withheld"]).split()) + "\n"
+                 "# (see `withheld` below; entries added by hand are read as usual)\n")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(HEADER.format(methods=methods_help) + body, encoding="utf-8")
+    tmp.write_text(head + body, encoding="utf-8")
     tmp.replace(path)
     return path
 

@@ -22,6 +22,15 @@ independently over pairs. This is exactly what :func:`calibrate` simulates by sw
   correlated statistics are not formally PRDS; we rely on BH's well-known robustness there and check
   it empirically (:func:`calibrate`, tests/unit/audit/test_stats.py). ``method="by"`` gives the
   Benjamini–Yekutieli q-values, valid under any dependence, at a cost in power.
+
+Length control is the default for the headline. Preferred responses are usually longer, and a span's
+max (or firing share) grows with length, so on real data most raw tests restate "chosen is longer".
+The q-values and ``significant`` therefore rest on the length-controlled test (the intercept of
+``d = a + b·L``, :func:`length_controlled`), the raw ones stay beside them (``q_raw``,
+``significant_raw``). Under the swap null (d, L) -> -(d, L) jointly, so the intercept's t statistic
+is symmetric about 0; the t test on sign-symmetric data errs conservative at the usual levels
+(Efron 1969), and :func:`calibrate` checks it on the very data. What carries the length gap is
+measured the other way round, by :func:`length_carried`.
 """
 
 from __future__ import annotations
@@ -206,6 +215,38 @@ def length_controlled(d: np.ndarray, length_diff: np.ndarray) -> tuple[np.ndarra
     return eff, p
 
 
+def length_carried(d: np.ndarray, length_diff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How much of the chosen - rejected length gap each concept accounts for (the reverse of
+    :func:`length_controlled`): OLS of the length difference on the concept's difference,
+    ``L = c + β·d + e``, per concept (vectorised over F).
+
+    Returns (share (F,), r2 (F,)). Taking means, ``mean(L) = c + β·mean(d)``: ``c`` is the length gap
+    left at equal concept score, ``β·mean(d)`` the part the concept's own gap carries, so
+    ``share = β·mean(d) / mean(L) = 1 - c / mean(L)`` — 1 when the concept explains the whole gap, 0
+    when it explains none of it (it can leave [0, 1]: > 1 when the gap would be larger at equal
+    concept score, < 0 when the concept pulls the other way). ``r2``: the share of the variance of
+    the length difference the concept's difference explains (corr²). NaN where the concept does not
+    vary, or the lengths do not (or their mean gap is 0).
+    """
+    d = np.asarray(d, dtype=np.float64)
+    x = np.asarray(length_diff, dtype=np.float64)
+    n = d.shape[0]
+    nan = np.full(d.shape[1], np.nan)
+    if n < 3 or x.shape != (n,):
+        return nan, nan
+    xm, dm = x.mean(), d.mean(axis=0)
+    xc, dc = x - xm, d - dm
+    sxx, sdd = float(xc @ xc), (dc * dc).sum(axis=0)
+    if sxx <= 0 or xm == 0:
+        return nan, nan
+    sxd = xc @ dc
+    ok = sdd > 1e-12 * (dm * dm * n + 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(ok, sxd / sdd * dm / xm, np.nan)
+        r2 = np.where(ok, sxd * sxd / (sdd * sxx), np.nan)
+    return share, np.clip(r2, 0.0, 1.0)
+
+
 # ---------------------------------------------------------------- the audit table
 def _kind_and_index(name: str, col: int) -> tuple[str, int]:
     prefix, _, rest = name.partition(":")
@@ -244,13 +285,16 @@ def column_stats(
     ha, hb = split_half_effects(d, half)
     if length_diff is not None:
         leff, lp = length_controlled(d, length_diff)
+        lshare, lr2 = length_carried(d, length_diff)
     else:
         leff, lp = np.full(d.shape[1], np.nan), np.full(d.shape[1], np.nan)
+        lshare, lr2 = leff.copy(), leff.copy()
     return {
         "n_nonzero": eff["n_nonzero"], "support": support, "tested": tested, "mean_diff": eff["mean"],
         "d_z": eff["d_z"], "share_chosen_more": eff["share_chosen_more"],
         "share_rejected_more": eff["share_rejected_more"], "ci_low": eff["ci_low"], "ci_high": eff["ci_high"],
         "p": p, "half_a": ha, "half_b": hb, "length_effect": leff, "length_p": lp, "direction": direction,
+        "length_share": lshare, "length_r2": lr2,
     }
 
 
@@ -264,32 +308,43 @@ def assemble_table(
     fdr: float = 0.05, rank_by: str = "conservative",
 ) -> pd.DataFrame:
     """The audit table from all concepts' :func:`column_stats`: q-values (BH over the tested), replication,
-    significance, rank score and the sort order described in :func:`test_concepts`."""
+    significance, rank score and the sort order described in :func:`test_concepts`.
+
+    Length-controlled by default: ``q`` is BH over the length-controlled p (``length_p``) of the
+    tested concepts — or their raw ``p`` where length control is undefined (``length`` itself, or
+    no lengths recorded) — and ``significant`` rests on it. ``q_raw`` / ``significant_raw`` are the
+    same on the raw paired test, kept beside them for reading."""
     tested, direction = st["tested"], st["direction"]
-    q = bh_qvalues(st["p"])
-    q[~tested] = np.nan
+    le, lp = st["length_effect"], st["length_p"]
+    controlled = np.isfinite(lp)
+    q_raw = bh_qvalues(np.where(tested, st["p"], np.nan))
+    q = bh_qvalues(np.where(tested, np.where(controlled, lp, st["p"]), np.nan))
+    q_raw[~tested], q[~tested] = np.nan, np.nan
     ha, hb = st["half_a"], st["half_b"]
     rep = replicates(ha, hb) & (np.sign(ha) == direction)
+    # length control must not reverse the direction the raw test reports (else the decision's sign is wrong)
+    agrees = ~np.isfinite(le) | (np.sign(le) == direction)
+    sig_raw = tested & (q_raw < fdr) & rep
     df = pd.DataFrame({
         "concept": list(names), "kind": list(kinds), "index": list(index), "n": n, "n_nonzero": st["n_nonzero"],
         "support": st["support"], "tested": tested, "mean_diff": st["mean_diff"], "d_z": st["d_z"],
         "share_chosen_more": st["share_chosen_more"], "share_rejected_more": st["share_rejected_more"],
-        "ci_low": st["ci_low"], "ci_high": st["ci_high"], "p": st["p"], "q": q,
+        "ci_low": st["ci_low"], "ci_high": st["ci_high"], "p": st["p"], "q": q, "q_raw": q_raw,
         "half_a": ha, "half_b": hb, "replicated": rep, "rank_effect": np.where(rep, rank_effect(ha, hb), 0.0),
-        "length_effect": st["length_effect"], "length_p": st["length_p"], "direction": direction.astype(int),
-        "significant": tested & (q < fdr) & rep,
+        "length_effect": le, "length_p": lp, "length_share": st["length_share"], "length_r2": st["length_r2"],
+        "direction": direction.astype(int),
+        "significant": tested & (q < fdr) & rep & agrees, "significant_raw": sig_raw,
     })
     score = np.abs(df["rank_effect"].to_numpy())
     if rank_by == "conservative":
-        le = df["length_effect"].to_numpy()
         agree = np.sign(le) == df["direction"].to_numpy()
         score = np.where(np.isfinite(le), np.minimum(score, np.where(agree, np.abs(le), 0.0)), score)
     df["rank_score"] = score
     key_sig = np.where(df["significant"], -df["rank_score"], np.inf)
     df = df.assign(_a=~df["significant"], _b=key_sig, _c=~df["tested"], _d=df["p"].fillna(np.inf))
     df = df.sort_values(["_a", "_b", "_c", "_d"], kind="stable").drop(columns=["_a", "_b", "_c", "_d"])
-    log.info("audit: %d concepts, %d tested, %d significant (q < %g, replicated)",
-             len(df), int(tested.sum()), int(df["significant"].sum()), fdr)
+    log.info("audit: %d concepts, %d tested, %d significant length-controlled (%d raw; q < %g, replicated)",
+             len(df), int(tested.sum()), int(df["significant"].sum()), int(sig_raw.sum()), fdr)
     return df.reset_index(drop=True)
 
 
@@ -339,7 +394,11 @@ def test_concepts(
     Tested (``tested`` True, in BH's m) only if support ≥ ``min_support`` (share of pairs where the
     concept is nonzero on either side; for built-ins, d ≠ 0) and ≥ ``min_nonzero`` pairs differ. Both
     are swap-invariant. Untested rows are listed with p = q = NaN.
-    ``significant`` = q < fdr and replicated (both half d_z agree in sign with the test's direction).
+    ``q``: BH over the length-controlled p (:func:`length_controlled`; the raw p where length control is
+    undefined), ``q_raw``: BH over the raw paired test's p. ``significant`` = q < fdr, replicated
+    (both half d_z agree in sign with the test's direction) and, where defined, the length-controlled
+    effect points the same way; ``significant_raw`` = q_raw < fdr and replicated. ``length_share`` /
+    ``length_r2``: how much of the length gap the concept carries (:func:`length_carried`).
     Sorted: significant by ``rank_score`` descending, then the rest by p (untested last).
     ``rank_by="split_half"``: rank_score = |rank_effect| (the smaller half effect, METHOD §3).
     ``rank_by="conservative"`` (default): the smaller of that and the length-controlled effect (0 when
@@ -391,7 +450,8 @@ def calibrate(
 
     Under this null every hypothesis is false, so BH at level ``fdr`` should report anything in at
     most about ``fdr`` of the seeds. Returns DataFrame(seed, n_q_below_fdr, n_significant, min_q,
-    min_p); ``n_significant`` also requires replication. ``kw`` goes to :func:`test_concepts`; an
+    min_p, n_q_raw_below_fdr, n_significant_raw); ``n_significant`` also requires replication; the
+    ``_raw`` counts are on the raw test's q. ``kw`` goes to :func:`test_concepts`; an
     ``extra`` mapping is swapped with the pairs.
     """
     rows = []
@@ -413,6 +473,7 @@ def calibration_row(seed: int, df: pd.DataFrame, fdr: float) -> dict[str, float]
     return {
         "seed": seed, "n_q_below_fdr": int((t["q"] < fdr).sum()), "n_significant": int(t["significant"].sum()),
         "min_q": float(t["q"].min()) if len(t) else np.nan, "min_p": float(t["p"].min()) if len(t) else np.nan,
+        "n_q_raw_below_fdr": int((t["q_raw"] < fdr).sum()), "n_significant_raw": int(t["significant_raw"].sum()),
     }
 
 

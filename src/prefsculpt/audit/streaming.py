@@ -9,7 +9,8 @@ passes over the shards that never hold more than a (n_pairs, block) slice of con
   (``stats.column_stats``); the q-values, which need all p-values, are computed at the end
   (``stats.assemble_table``). Equal to ``test_concepts`` on the loaded scores (tests pin it).
 - :func:`latent_groups`: latent clusters from co-firing counts accumulated shard by shard
-  (F x F counts, whatever the number of pairs).
+  (F x F counts, whatever the number of pairs); :func:`latent_structure` also the near-duplicate
+  latents, from the same counts.
 - :func:`concept_diffs`: chosen - rejected of a few named concepts (the hypotheses shown).
 - :func:`symmetric_activity`: s(chosen) + s(rejected) of the latents as a sparse matrix (its size
   is the number of nonzero pair x latent cells, not n x F) for the data clusters.
@@ -25,7 +26,7 @@ import pandas as pd
 from scipy import sparse
 
 from prefsculpt.audit import stats as St
-from prefsculpt.audit.clusters import latent_clusters_from_counts
+from prefsculpt.audit.clusters import context_keys, latent_clusters_from_counts, near_duplicates
 from prefsculpt.concepts.store import ScoreStore, block_size, mean_weights, selection
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,25 @@ def latent_groups(store: ScoreStore, stat: str, latent_cols: Sequence[int], top_
     co, cnt, m = cofiring_counts(store, stat, latent_cols)
     groups = latent_clusters_from_counts(co, cnt, m, top_fraction, min_size, seed)
     return [[int(latent_cols[i]) for i in g] for g in groups]
+
+
+def latent_structure(store: ScoreStore, stat: str, latent_cols: Sequence[int], top: pd.DataFrame | None,
+                     clusters: bool = True, top_fraction: float = 0.01, min_size: int = 4, seed: int = 0,
+                     duplicates: bool = True, min_corr: float = 0.5, min_overlap: float = 0.5,
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+    """(latent clusters, near-duplicate groups) as store column indices, from one pass of co-firing
+    counts (``clusters.latent_clusters_from_counts`` and ``clusters.near_duplicates``; ``top``: the
+    top-contexts table whose shared positions or tokens confirm a duplicate)."""
+    if not latent_cols or not (clusters or duplicates):
+        return [], []
+    co, cnt, m = cofiring_counts(store, stat, latent_cols)
+    groups = latent_clusters_from_counts(co, cnt, m, top_fraction, min_size, seed) if clusters else []
+    dups: list[list[int]] = []
+    if duplicates:
+        names = [store.concept_names[i] for i in latent_cols]
+        dups = near_duplicates(co, cnt, m, context_keys(top, names) if top is not None else None,
+                               min_corr, min_overlap)
+    return ([[int(latent_cols[i]) for i in g] for g in groups], [[int(latent_cols[i]) for i in g] for g in dups])
 
 
 def concept_diffs(store: ScoreStore, names: Sequence[str], stat: str, groups: Mapping[str, Sequence[int]]

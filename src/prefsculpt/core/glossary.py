@@ -65,13 +65,28 @@ ENTRIES: tuple[Entry, ...] = (
     # audit
     _E("n_concepts", INFO, "concepts scored (latents, clusters, named concepts, length)", "audit"),
     _E("n_tested", INFO, "concepts with enough firing pairs to be tested", "audit"),
-    _E("n_significant", INFO, "concepts whose chosen-vs-rejected difference is significant (q < fdr, replicated)",
-       "audit"),
+    _E("n_significant", INFO, "concepts whose chosen-vs-rejected difference is significant at equal response "
+       "length (length-controlled q < fdr, replicated)", "audit"),
+    _E("n_significant_raw", INFO, "concepts significant on the raw test, not length-controlled (q_raw < fdr, "
+       "replicated)", "audit"),
+    _E("n_duplicate_groups", INFO, "groups of near-duplicate latents, each tested and shown as one cluster", "audit"),
+    _E("n_length_carriers", INFO, "concepts listed as carrying the length difference (raw effect that vanishes at "
+       "equal length)", "audit"),
     _E("n_hypotheses", INFO, "hypotheses shown in the report", "audit"),
     _E("n_latent_clusters", INFO, "clusters of co-firing latents", "audit"),
     _E("top{i}_d_z", INFO, "paired effect size d_z of the i-th strongest hypothesis", "audit"),
     _E("calibration/seeds", INFO, "swap-null seeds run (chosen/rejected swapped at random)", "audit"),
-    _E("calibration/seeds_reporting", LOWER, "null seeds that still report a hypothesis at q < fdr", "audit"),
+    _E("calibration/seeds_reporting", LOWER, "null seeds with any discovery (q < fdr) in any family BH runs over",
+       "audit"),
+    _E("calibration/seeds_reporting_concepts", LOWER, "null seeds with a concept (latent, cluster, named, built-in) "
+       "at q < fdr", "audit"),
+    _E("calibration/seeds_reporting_where", LOWER, "null seeds with a data-cluster (where it holds) test at q < fdr",
+       "audit"),
+    _E("calibration/seeds_reporting_raw", LOWER, "null seeds with a concept at raw q < fdr (not length-controlled)",
+       "audit"),
+    _E("calibration/seeds_allowed", INFO, "null seeds with a discovery tolerated before calibration fails", "audit"),
+    _E("calibration/failed", LOWER, "1 when more null seeds made a discovery than tolerated: no decisions proposed",
+       "audit"),
     _E("calibration/seeds_reporting_replicated", LOWER, "null seeds reporting a replicated hypothesis", "audit"),
     _E("calibration/share_reporting", LOWER, "share of null seeds reporting anything (false-discovery check)",
        "audit"),

@@ -203,12 +203,15 @@ TABLE_COLUMNS = (
     ("direction", "direction", "does the preferred (chosen) response have more or less of it"),
     ("d_z", "effect d_z", "paired effect size mean(d)/sd(d), d = chosen - rejected"),
     ("mean_diff", "mean d [95% CI]", "mean chosen - rejected score difference with its t interval"),
-    ("q", "q", "Benjamini-Hochberg q-value of the paired test"),
+    ("q", "q", "Benjamini-Hochberg q-value of the length-controlled test (the headline; the raw test where "
+     "length control is undefined, e.g. length itself)"),
+    ("q_raw", "q raw", "Benjamini-Hochberg q-value of the raw paired test (not length-controlled)"),
     ("half_a", "half A", "d_z on one half of the prompts"),
     ("half_b", "half B", "d_z on the other half"),
     ("length_effect", "length-ctrl", "effect at equal response length (d regressed on length difference)"),
     ("support", "support", "share of pairs where it fires on either side"),
-    ("where", "concentrates in", "data clusters where its d is strongest (Welch z)"),
+    ("where", "concentrates in", "data clusters where its d is stronger than in the rest (Welch z; BH q < fdr over "
+     "every hypothesis x cluster test, same sign in both halves)"),
 )
 
 
@@ -218,10 +221,15 @@ def render_report(
     planted: pd.DataFrame | None = None,
     images: Mapping[str, bytes] | None = None,
     title: str = "prefsculpt concept report",
+    banner: str | None = None,
+    banner_failed: bool = False,
+    carriers: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """The report as one HTML string. ``meta``: key facts shown at the top (run ids, data, counts);
     ``planted``: the planted-concept check table, if the data has ground truth; ``images``:
-    caption -> PNG bytes, embedded."""
+    caption -> PNG bytes, embedded. ``banner``: a line shown at the very top (the calibration
+    verdict), as an alert when ``banner_failed``; ``carriers``: what carries the length difference
+    (``audit.analysis.length_carriers`` records), a section of its own."""
     env = _environment()
     if planted is not None:
         planted = planted.assign(**{c: planted[c].map({True: "yes", False: "no"})
@@ -230,6 +238,9 @@ def render_report(
     planted_cols = None if planted is None else list(planted.columns)
     return env.from_string(TEMPLATE).render(
         title=title,
+        banner=banner,
+        banner_level="fail" if banner_failed else "ok",
+        carriers=[dict(c) for c in (carriers or [])],
         views=list(views),
         columns=TABLE_COLUMNS,
         numeric=NUMERIC_COLUMNS,
@@ -252,7 +263,7 @@ def write_report(html: str, path: str | Path) -> Path:
     return path
 
 
-NUMERIC_COLUMNS = ("rank", "direction", "d_z", "mean_diff", "q", "half_a", "half_b", "length_effect", "support")
+NUMERIC_COLUMNS = ("rank", "direction", "d_z", "mean_diff", "q", "q_raw", "half_a", "half_b", "length_effect", "support")
 
 # Inline so the report needs no package data; autoescape is on for every {{ }} below.
 TEMPLATE = """<!DOCTYPE html>
@@ -285,14 +296,27 @@ mark{background:#ffe066;border-radius:2px;padding:0 1px}
 .ex>div{white-space:pre-wrap;word-break:break-word;background:#f7f8fa;border-radius:4px;padding:6px 8px;font-size:13px;max-height:320px;overflow:auto}
 .ex .lab{display:block;font-weight:600;font-size:12px;color:#555;margin-bottom:2px;white-space:normal}
 .ex .ch{border-left:3px solid #1a7f37} .ex .rj{border-left:3px solid #b42318}
+.banner{border-radius:6px;padding:10px 14px;margin:8px 0 12px;font-weight:600}
+.banner.fail{background:#fde8e7;border:2px solid #b42318;color:#7a1a12} .banner.ok{background:#eef7f0;border:1px solid #1a7f37;color:#1a4d2a;font-weight:400}
 .ex>div,.ctx,.expl{unicode-bidi:plaintext} code,mark,td.lbl,td.wh,dd{unicode-bidi:isolate}
 </style></head>
 <body>
 {% macro text(segs) %}{% for s in segs %}{% if s.mark %}<mark>{{ s.text }}</mark>{% else %}{{ s.text }}{% endif %}{% endfor %}{% endmacro %}
 {% macro label_of(v) %}{{ v.label.label if v.label else v.row.get("label", "") }}{% endmacro %}
 <header><h1>{{ title }}</h1>
+{% if banner %}<div class="banner {{ banner_level }}" role="alert" id="calibration-banner">{{ banner }}</div>{% endif %}
 <dl class="meta">{% for k, val in meta.items() %}<dt>{{ k }}</dt><dd>{{ val }}</dd>{% endfor %}</dl>
 </header>
+{% if carriers %}
+<section id="length-carriers"><h2>Why preferred answers are longer: what carries the length difference</h2>
+<p class="hint">Concepts significant on the raw test but not at equal response length, pointing the way the length gap does,
+ranked by the share of the mean chosen &minus; rejected length difference they account for
+(OLS of the length difference on the concept's difference, L = c + &beta;&middot;d: share = &beta;&middot;mean(d) / mean(L) = 1 &minus; c / mean(L);
+R&sup2; = share of the variance of the length difference it explains).</p>
+<table><thead><tr><th>concept</th><th>label</th><th>share of length gap</th><th>R&sup2;</th><th>raw d_z</th><th>q raw</th><th>length-ctrl effect</th><th>q</th><th>members</th></tr></thead><tbody>
+{% for c in carriers %}<tr><td>{{ c.concept }}</td><td><code>{{ c.get('label') or '' }}</code></td><td class="n">{{ c.get('length_share') | fmt }}</td><td class="n">{{ c.get('length_r2') | fmt }}</td><td class="n">{{ c.get('d_z') | fmt }}</td><td class="n">{{ c.get('q_raw') | fmt_q }}</td><td class="n">{{ c.get('length_effect') | fmt }}</td><td class="n">{{ c.get('q') | fmt_q }}</td><td>{{ (c.get('members') or []) | length or '' }}</td></tr>{% endfor %}
+</tbody></table></section>
+{% endif %}
 {% if planted_rows %}
 <section id="planted"><h2>Planted concepts: best matching hypothesis</h2>
 <table><thead><tr>{% for c in planted_cols %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
@@ -313,6 +337,7 @@ mark{background:#ffe066;border-radius:2px;padding:0 1px}
 <td class="n" data-v="{{ r.get('d_z') | sv }}">{{ r.get('d_z') | fmt }}</td>
 <td class="n" data-v="{{ r.get('mean_diff') | sv }}">{{ r.get('mean_diff') | fmt }} [{{ r.get('ci_low') | fmt }}, {{ r.get('ci_high') | fmt }}]</td>
 <td class="n" data-v="{{ r.get('q') | sv }}">{{ r.get('q') | fmt_q }}</td>
+<td class="n" data-v="{{ r.get('q_raw') | sv }}">{{ r.get('q_raw') | fmt_q }}</td>
 <td class="n" data-v="{{ r.get('half_a') | sv }}">{{ r.get('half_a') | fmt }}</td>
 <td class="n" data-v="{{ r.get('half_b') | sv }}">{{ r.get('half_b') | fmt }}</td>
 <td class="n" data-v="{{ r.get('length_effect') | sv }}">{{ r.get('length_effect') | fmt }}</td>
@@ -334,10 +359,11 @@ the chosen side scores higher in {{ ((r.get('share_chosen_more') or 0) * 100) | 
 the rejected side in {{ ((r.get('share_rejected_more') or 0) * 100) | round | int }}%.</p>
 <table class="facts">
 <tr><td>effect d_z</td><td>{{ r.get('d_z') | fmt }}</td><td>mean d [95% CI]</td><td>{{ r.get('mean_diff') | fmt }} [{{ r.get('ci_low') | fmt }}, {{ r.get('ci_high') | fmt }}]</td></tr>
-<tr><td>q (p)</td><td>{{ r.get('q') | fmt_q }} ({{ r.get('p') | fmt_q }})</td><td>halves A / B</td><td>{{ r.get('half_a') | fmt }} / {{ r.get('half_b') | fmt }} {{ "(replicated)" if r.get('replicated') else "(not replicated)" }}</td></tr>
-<tr><td>length-controlled</td><td>{{ r.get('length_effect') | fmt }} (p {{ r.get('length_p') | fmt_q }})</td><td>support / pairs</td><td>{{ r.get('support') | fmt(2) }} / {{ r.get('n') | fmt }}</td></tr>
+<tr><td>q length-controlled / raw (p raw)</td><td>{{ r.get('q') | fmt_q }} / {{ r.get('q_raw') | fmt_q }} ({{ r.get('p') | fmt_q }})</td><td>halves A / B</td><td>{{ r.get('half_a') | fmt }} / {{ r.get('half_b') | fmt }} {{ "(replicated)" if r.get('replicated') else "(not replicated)" }}</td></tr>
+<tr><td>length-controlled</td><td>{{ r.get('length_effect') | fmt }} (p {{ r.get('length_p') | fmt_q }}; share of the length gap it carries {{ r.get('length_share') | fmt(2) }})</td><td>support / pairs</td><td>{{ r.get('support') | fmt(2) }} / {{ r.get('n') | fmt }}</td></tr>
 </table>
-{% if r.get('members') %}<p>Latents in this cluster: {% for m in r.members %}<code>{{ m }}</code>{{ ", " if not loop.last }}{% endfor %}</p>{% endif %}
+{% if r.get('members') %}<p>{{ "Near-duplicate latents (same top contexts, firing together), shown as this one row" if r.get('cluster_type') == 'near_duplicate' else "Latents in this cluster" }} ({{ r.members | length }}): {% for m in r.members %}<code>{{ m }}</code>{{ ", " if not loop.last }}{% endfor %}</p>{% endif %}
+{% if r.concept == 'length' and carriers %}<p><b>What carries the length difference:</b> see <a href="#length-carriers">the concepts whose raw effect vanishes at equal length</a>.</p>{% endif %}
 {% if v.label and (v.label.tokens_chosen or v.label.tokens_rejected) %}
 <div class="cols">
 {% for side, toks, ctxs in [("chosen", v.label.tokens_chosen, v.label.contexts_chosen), ("rejected", v.label.tokens_rejected, v.label.contexts_rejected)] %}
@@ -347,8 +373,8 @@ the rejected side in {{ ((r.get('share_rejected_more') or 0) * 100) | round | in
 </div>
 {% endif %}
 {% if v.where %}<p><b>Where it concentrates</b> (data clusters of pairs; mean d inside vs outside):</p>
-<table><thead><tr><th>cluster</th><th>pairs</th><th>mean d in</th><th>mean d out</th><th>Welch z</th><th>Cohen d</th><th>halves agree</th><th>about</th></tr></thead><tbody>
-{% for w in v.where %}<tr><td>{{ w.get('cluster') }}</td><td>{{ w.get('n') }}</td><td>{{ w.get('mean_in') | fmt }}</td><td>{{ w.get('mean_out') | fmt }}</td><td>{{ w.get('welch_z') | fmt }}</td><td>{{ w.get('cohen_d') | fmt }}</td><td>{{ "yes" if w.get('agree_halves') else "no" }}</td><td>{{ w.get('about', '') }}</td></tr>{% endfor %}
+<table><thead><tr><th>cluster</th><th>pairs</th><th>mean d in</th><th>mean d out</th><th>Welch z</th><th>q</th><th>Cohen d</th><th>halves agree</th><th>about</th></tr></thead><tbody>
+{% for w in v.where %}<tr><td>{{ w.get('cluster') }}</td><td>{{ w.get('n') }}</td><td>{{ w.get('mean_in') | fmt }}</td><td>{{ w.get('mean_out') | fmt }}</td><td>{{ w.get('welch_z') | fmt }}</td><td>{{ w.get('q') | fmt_q }}</td><td>{{ w.get('cohen_d') | fmt }}</td><td>{{ "yes" if w.get('agree_halves') else "no" }}</td><td>{{ w.get('about', '') }}</td></tr>{% endfor %}
 </tbody></table>{% endif %}
 {% for e in v.examples %}
 <div class="ex" data-pair="{{ e.pair_id }}">

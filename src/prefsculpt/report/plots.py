@@ -44,36 +44,58 @@ def _short(text: str, n: int = 28) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def volcano(
-    hyp: pd.DataFrame, fdr: float = 0.05, labels: Mapping[str, str] | None = None, annotate: int = 10
-) -> Figure:
-    """Effect (d_z) against -log10 q over every tested concept; significant ones coloured by kind,
-    the ``annotate`` best hypotheses named."""
-    labels = labels or {}
-    t = hyp[hyp["tested"]] if "tested" in hyp else hyp
-    t = t[np.isfinite(t["d_z"].to_numpy(dtype=float))]
-    y = neg_log10(t["q"].to_numpy())
-    x = t["d_z"].to_numpy(dtype=float)
-    sig = t["significant"].to_numpy(dtype=bool) if "significant" in t else np.zeros(len(t), bool)
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    ax.scatter(x[~sig], y[~sig], s=8, c="#a0a7b0", alpha=0.6, label="not significant", linewidths=0)
+def _volcano_panel(ax, t: pd.DataFrame, x: np.ndarray, q: np.ndarray, sig: np.ndarray, fdr: float,
+                   labels: Mapping[str, str], annotate: int, faded: bool = False) -> None:
+    y = neg_log10(q)
+    alpha = 0.55 if faded else 1.0
+    ax.scatter(x[~sig], y[~sig], s=8, c="#a0a7b0", alpha=0.6 * alpha, label="not significant", linewidths=0)
     colors = {"latent": "#2f6fb0", "cluster": "#7b3fb0", "named": "#d9822b", "builtin": "#c23b3b"}
     kinds = t["kind"].to_numpy() if "kind" in t else np.full(len(t), "latent")
     for kind, color in colors.items():
         m = sig & (kinds == kind)
         if m.any():
-            ax.scatter(x[m], y[m], s=22, c=color, label=f"significant {kind}", linewidths=0)
+            ax.scatter(x[m], y[m], s=22, c=color, alpha=alpha, label=f"significant {kind}", linewidths=0)
     ax.axhline(-np.log10(fdr), color="#555", lw=0.8, ls="--")
     ax.text(ax.get_xlim()[0], -np.log10(fdr), f" q = {fdr:g}", va="bottom", fontsize=8, color="#555")
     ax.axvline(0, color="#999", lw=0.6)
-    top = t[sig].head(annotate)
-    for _, r in top.iterrows():
-        ax.annotate(_short(labels.get(r["concept"], r["concept"])), (r["d_z"], neg_log10(np.array([r["q"]]))[0]),
+    for i in np.flatnonzero(sig)[:annotate]:
+        ax.annotate(_short(labels.get(t["concept"].iloc[i], t["concept"].iloc[i])), (x[i], y[i]),
                     fontsize=7, xytext=(4, 2), textcoords="offset points", **PLAIN)
-    ax.set_xlabel("effect d_z (chosen − rejected; > 0: preferred responses have more)", **PLAIN)
     ax.set_ylabel(f"−log10 q (capped at {MAX_NEG_LOG10_Q:g})", **PLAIN)
-    ax.set_title(f"Concept hypotheses: {int(sig.sum())} significant of {len(t)} tested", **PLAIN)
     ax.legend(fontsize=8, loc="upper left", frameon=False)
+
+
+def volcano(
+    hyp: pd.DataFrame, fdr: float = 0.05, labels: Mapping[str, str] | None = None, annotate: int = 10
+) -> Figure:
+    """Effect against -log10 q over every tested concept; significant ones coloured by kind, the
+    ``annotate`` best hypotheses named.
+
+    The first panel is the headline, length-controlled: the effect at equal response length
+    (``length_effect``; ``d_z`` where length control is undefined, e.g. ``length`` itself) against
+    ``q`` and ``significant``. When the table has the raw test (``q_raw``), a second panel beside it
+    shows raw ``d_z`` against ``q_raw`` and ``significant_raw``: points high on the right and low on
+    the left are concepts that only restate "the preferred answer is longer"."""
+    labels = labels or {}
+    t = hyp[hyp["tested"].astype(bool)] if "tested" in hyp else hyp
+    t = t[np.isfinite(t["d_z"].to_numpy(dtype=float))]
+    dz = t["d_z"].to_numpy(dtype=float)
+    le = t["length_effect"].to_numpy(dtype=float) if "length_effect" in t else np.full(len(t), np.nan)
+    x = np.where(np.isfinite(le), le, dz)
+    sig = t["significant"].to_numpy(dtype=bool) if "significant" in t else np.zeros(len(t), bool)
+    raw = "q_raw" in t
+    fig, axes = plt.subplots(1, 2 if raw else 1, figsize=(14 if raw else 8, 5.5), dpi=110, squeeze=False,
+                             sharey=raw)
+    ax = axes[0][0]
+    _volcano_panel(ax, t, x, t["q"].to_numpy(dtype=float), sig, fdr, labels, annotate)
+    ax.set_xlabel("effect d_z at equal length (length-controlled; > 0: preferred responses have more)", **PLAIN)
+    ax.set_title(f"Length-controlled: {int(sig.sum())} significant of {len(t)} tested", **PLAIN)
+    if raw:
+        sig_raw = t["significant_raw"].to_numpy(dtype=bool) if "significant_raw" in t else np.zeros(len(t), bool)
+        ax2 = axes[0][1]
+        _volcano_panel(ax2, t, dz, t["q_raw"].to_numpy(dtype=float), sig_raw, fdr, labels, 0, faded=True)
+        ax2.set_xlabel("raw effect d_z (chosen − rejected, not length-controlled)", **PLAIN)
+        ax2.set_title(f"Raw, for comparison: {int(sig_raw.sum())} significant", **PLAIN)
     fig.tight_layout()
     return fig
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -106,3 +107,46 @@ def test_cluster_scores_and_testing_clusters_like_latents():
     assert df.loc["cluster:0", "d_z"] > df.loc[["latent:2", "latent:5", "latent:7"], "d_z"].max()
     with pytest.raises(ValueError, match="latent cluster 0"):
         cluster_scores(sc, [[3, 99]])
+
+
+def _dup_world(rng, m=600):
+    """Binary firing over m responses: latents 0-2 are one feature learned three times (fire together,
+    same top activations); 3 and 4 fire together but on other tokens; 5 and 6 fire on almost every
+    response, independently, with the same top tokens; 7-9 independent."""
+    f = 10
+    fire = rng.random((m, f)) < 0.15
+    base = rng.random(m) < 0.2
+    for j in (0, 1, 2):
+        fire[:, j] = base ^ (rng.random(m) < 0.02)  # ~2% disagreement
+    other = rng.random(m) < 0.3
+    fire[:, 3], fire[:, 4] = other, other ^ (rng.random(m) < 0.02)
+    fire[:, 5] = rng.random(m) < 0.97
+    fire[:, 6] = rng.random(m) < 0.97
+    names = [f"latent:{j}" for j in range(f)]
+    rows = []
+    for j in range(f):
+        for k in range(8):
+            # the duplicates' top activations sit on the same tokens (0-2: positions 0-7 of p0-p7, half
+            # of them drawn from other occurrences of ' quite' for latent 2); 3 and 4 on different tokens
+            pos = k if j in (0, 1) or (j == 2 and k < 4) else 100 * j + k
+            tok = {0: " quite", 1: " quite", 2: " quite", 3: " very", 4: ".", 5: ".", 6: "."}.get(j, f"t{j}")
+            rows.append(dict(concept=names[j], pair_id=f"p{k}", span="chosen", position=pos, token=tok))
+    rows.append(dict(concept="latent:0", pair_id="p0", span="prompt", position=0, token="x"))
+    return fire, names, pd.DataFrame(rows)
+
+
+def test_near_duplicates_group_latents_that_fire_together_on_the_same_tokens():
+    from prefsculpt.audit.clusters import context_keys, context_overlap, firing_correlation, near_duplicates
+
+    fire, names, top = _dup_world(np.random.default_rng(0))
+    x = fire.astype(np.float64)
+    co, cnt, m = x.T @ x, x.sum(axis=0), len(x)
+    prof = context_keys(top, names)
+    assert context_overlap(prof[0], prof[2]) == 1.0 and context_overlap(prof[3], prof[4]) == 0.0
+    assert near_duplicates(co, cnt, m, prof) == [[0, 1, 2]]  # 2 shares half its positions, all its tokens
+    # firing alone would merge 3 and 4 (the context test keeps them apart); 5 and 6 never: they fire
+    # everywhere but not together (the correlation is ~0 where a Jaccard index would be ~0.94)
+    assert near_duplicates(co, cnt, m, None) == [[0, 1, 2], [3, 4]]
+    phi = firing_correlation(co, cnt, cnt, m)
+    assert phi[0, 1] > 0.9 and abs(phi[5, 6]) < 0.15
+    assert near_duplicates(co, cnt, m, prof, min_corr=0.99) == []

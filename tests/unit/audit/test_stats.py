@@ -109,7 +109,9 @@ def test_support_filter_keeps_rare_concepts_out_of_bh():
     df = test_concepts(_scores(c, r), _keys(n), min_support=0.01, extra={}).set_index("index")
     assert not df.loc[4, "tested"] and np.isnan(df.loc[4, "p"]) and np.isnan(df.loc[4, "q"])
     tested = df[df["tested"]]
-    np.testing.assert_allclose(tested["q"], bh_qvalues(tested["p"].to_numpy()))  # m = 4, not 5
+    np.testing.assert_allclose(tested["q_raw"], bh_qvalues(tested["p"].to_numpy()))  # m = 4, not 5
+    np.testing.assert_allclose(tested["q"], bh_qvalues(tested["length_p"].to_numpy()))  # the headline: controlled
+    assert np.isnan(df.loc[4, "q_raw"])
 
 
 def test_length_control_separates_length_from_content():
@@ -224,3 +226,51 @@ def test_length_itself_has_no_length_controlled_effect_and_ranks_by_its_own_effe
     length = rng.normal(13.0, 18.0, size=1200).round()  # token-length differences, like real data
     eff, p = length_controlled(length[:, None], length)
     assert np.isnan(eff[0]) and np.isnan(p[0])
+
+
+def _length_world(seed=13, n=800):
+    """Chosen responses longer on average; latent 0 is pure length (fires more the longer the response),
+    latent 1 is a real concept unrelated to length, latent 2 a weaker length carrier, 3 null."""
+    rng = np.random.default_rng(seed)
+    len_r = rng.integers(40, 200, size=n).astype(float)
+    len_c = len_r + rng.normal(30.0, 40.0, size=n).round()
+    base_c, base_r = rng.normal(size=(n, 4)), rng.normal(size=(n, 4))
+    c, r = base_c.copy(), base_r.copy()
+    c[:, 0] += 0.03 * len_c
+    r[:, 0] += 0.03 * len_r
+    c[:, 1] += 0.4
+    c[:, 2] += 0.01 * len_c
+    r[:, 2] += 0.01 * len_r
+    return _scores(c, r, len_c=len_c, len_r=len_r, names=["named:len", "named:real", "named:weak", "named:null"]), n
+
+
+def test_q_rests_on_the_length_controlled_test_raw_q_beside_it():
+    sc, n = _length_world()
+    df = test_concepts(sc, _keys(n)).set_index("concept")
+    # pure length: significant on the raw test, not once length is controlled
+    assert df.loc["named:len", "significant_raw"] and df.loc["named:len", "q_raw"] < 1e-10
+    assert not df.loc["named:len", "significant"] and df.loc["named:len", "q"] > 0.05
+    # a real concept: significant both ways
+    assert df.loc["named:real", "significant"] and df.loc["named:real", "significant_raw"]
+    assert df.loc["named:real", "q"] < 1e-6
+    # length itself has no length control: its q is the raw test's
+    assert df.loc["length", "significant"] and df.loc["length", "q"] == df.loc["length", "q_raw"]
+    assert not df.loc["named:null", "significant"]
+    # the headline count is the controlled one
+    assert df["significant"].sum() < df["significant_raw"].sum()
+
+
+def test_length_carried_is_the_share_of_the_length_gap():
+    from prefsculpt.audit.stats import length_carried
+
+    sc, n = _length_world()
+    row = test_concepts(sc, _keys(n)).set_index("concept").loc["named:len"]
+    assert 0.3 < row["length_share"] <= 1.0 and row["length_r2"] > 0.3  # attenuated by the concept's own noise
+    # a concept that is length (or a multiple of it) explains all of the gap, an unrelated one none
+    rng = np.random.default_rng(0)
+    ld = rng.normal(20.0, 30.0, size=2000)
+    share, r2 = length_carried(np.stack([ld, 2 * ld, rng.normal(size=2000)], axis=1), ld)
+    np.testing.assert_allclose(share[:2], 1.0)
+    np.testing.assert_allclose(r2[:2], 1.0)
+    assert abs(share[2]) < 0.05 and r2[2] < 0.01
+    assert np.isnan(length_carried(np.ones((10, 1)), ld[:10])[0]).all()  # a constant concept explains nothing

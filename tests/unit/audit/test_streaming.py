@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from prefsculpt.audit import clusters as C
+from prefsculpt.audit import stats as St
 from prefsculpt.audit import streaming as SS
 from prefsculpt.audit.stats import calibrate, test_concepts
 from prefsculpt.concepts import shards
@@ -119,3 +120,25 @@ def test_store_names_a_bad_cluster_and_missing_files(tmp_path):
     (tmp_path / "shard-00001.npz").write_bytes(b"truncated")
     with pytest.raises(shards.ShardStoreError, match="shard-00001.npz"):
         ScoreStore(tmp_path)
+
+
+def test_latent_structure_and_calibration_cover_every_cluster_family(tmp_path):
+    """One pass of co-firing counts gives the Leiden clusters and the near-duplicate groups, and the
+    swap nulls computed with the table run over exactly its concepts: latent clusters included."""
+    store, dense = _fixture(tmp_path)
+    cols = list(range(38))
+    groups, dups = SS.latent_structure(store, "max", cols, None, top_fraction=0.05, min_size=2, seed=0,
+                                       min_corr=0.3)
+    assert groups == SS.latent_groups(store, "max", cols, 0.05, 2, 0)
+    firing = C.firing_matrix(dense, "max")[:, cols].astype(np.float64)
+    assert dups == C.near_duplicates(firing.T @ firing, firing.sum(axis=0), len(firing), None, 0.3)
+    assert SS.latent_structure(store, "max", cols, None, clusters=False, duplicates=False) == ([], [])
+    every = groups + dups
+    assert every  # the fixture has both kinds or at least one
+    table, nulls = SS.test_store(store, _keys(90), clusters=every, flips=St.swap_flips(90, 3), min_nonzero=5)
+    assert len(nulls) == 3
+    clusters = {f"cluster:{i}" for i in range(len(every))}
+    for null in nulls:
+        assert set(null["concept"]) == set(table["concept"]) and clusters <= set(null["concept"])
+        np.testing.assert_array_equal(null.set_index("concept").loc[sorted(clusters), "tested"],
+                                      table.set_index("concept").loc[sorted(clusters), "tested"])

@@ -121,7 +121,7 @@ def hyp_table():
 
 def test_plots_render(hyp_table):
     fig = volcano(hyp_table, labels={"length": "length"})
-    assert fig.axes[0].get_xlabel().startswith("effect d_z")
+    assert fig.axes[0].get_xlabel().startswith("effect d_z at equal length")
     assert png_bytes(fig)[:4] == b"\x89PNG"
     fig2 = top_effects(hyp_table.sort_values("q"), k=5)
     assert len(fig2.axes[0].patches) == 5
