@@ -3,7 +3,6 @@
 import json
 
 import mlflow
-import pytest
 import torch
 
 from prefsculpt.train.datamodule import BucketBatchSampler, truncate_pair
@@ -99,6 +98,7 @@ def test_folded_trunk_is_the_edited_forward(tiny_model_dir, tiny_tokenizer, tmp_
     """The trunk an edit below the trained layers is folded into equals the output of the last frozen
     layer under that edit (and differs from the reference's unedited trunk)."""
     from omegaconf import OmegaConf
+    from safetensors.torch import save_file
 
     from prefsculpt.data.schema import PreferencePair
     from prefsculpt.data.tokenize import tokenize_pairs
@@ -109,8 +109,6 @@ def test_folded_trunk_is_the_edited_forward(tiny_model_dir, tiny_tokenizer, tmp_
     from prefsculpt.train.forward import pack_pairs
     from prefsculpt.train.module import split_edits
     from prefsculpt.train.precompute import PrecomputeCache, RefContext, run_precompute, trunk_cache
-
-    from safetensors.torch import save_file
 
     v = torch.randn(32)
     save_file({"named:a": v}, str(tmp_path / "dirs.safetensors"))
