@@ -134,14 +134,21 @@ def feasibility(sh: Any, named_concepts: Sequence[Any], sources: dict[str, str |
     dirs = bool(sh.directions_path or sources.get("directions_path"))
     regex = {f"named:{n.name}" for n in named_concepts or [] if n.kind == "regex" and n.pattern}
     instructions = set(dict(sh.instructions or {}))
+    members = {}
+    if "members" in hyp.columns:  # a cluster is shaped through its members: it has what all of them have
+        members = {str(c): [str(x) for x in m] for c, m in zip(hyp["concept"], hyp["members"], strict=True)
+                   if m is not None and not (isinstance(m, float) and pd.isna(m)) and len(m)}
 
-    def ok(concept: str, method: str) -> bool:
-        if method in methods_needing(Source.instruction):
-            return concept in instructions
+    def one(concept: str, method: str) -> bool:
         if method in SCORE_METHODS:
             return concept == "length" or scores or concept in regex
         if method in DIRECTION_METHODS:
             return (concept.startswith("latent:") and sae) or (concept.startswith("named:") and dirs)
         return False
+
+    def ok(concept: str, method: str) -> bool:
+        if method in methods_needing(Source.instruction):
+            return concept in instructions
+        return all(one(m, method) for m in members.get(concept, [concept]))
 
     return ok
