@@ -126,6 +126,25 @@ class Decisions:
         return {"version": FORMAT_VERSION, "concepts": entries}
 
 
+#: Words a decisions file may give for a direction besides the audit's +1 / −1.
+DIRECTION_WORDS = {"chosen_more": 1, "more": 1, "chosen_less": -1, "less": -1}
+
+
+def parse_direction(value: Any) -> int | None:
+    """A hypothesis' direction as +1 (the preferred side has more of the concept) / −1 (less); None for
+    none given or 0 (no direction). The audit writes the sign of the effect (a number); ValueError for
+    anything else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in DIRECTION_WORDS:
+            return DIRECTION_WORDS[value.strip().lower()]
+        raise ValueError(f"direction must be 1 (the preferred side has more of it) or -1 (less), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"direction must be 1 (the preferred side has more of it) or -1 (less), got {value!r}")
+    return None if value == 0 else (1 if value > 0 else -1)
+
+
 def plain_value(v: Any) -> Any:
     """numpy scalars / NaN -> YAML-friendly Python values."""
     if hasattr(v, "item") and not isinstance(v, (str, bytes)):
