@@ -42,7 +42,7 @@ from typing import Any
 
 import pandas as pd
 
-from prefsculpt.audit.decisions import PROPOSED_METHOD, Action
+from prefsculpt.audit.decisions import PROPOSED_METHOD, Action, parse_direction
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.names import Attr
 from prefsculpt.shaping.params import SEARCH, SearchRange, entry_fields, fields
@@ -119,7 +119,8 @@ def _members(value: Any) -> tuple[str, ...]:
 
 
 def _direction(value: Any) -> int | None:
-    return None if value is None or pd.isna(value) else (1 if float(value) >= 0 else -1)
+    """A ``direction`` cell (the sign of the effect; NaN or 0 = none) as +1 / −1 / None."""
+    return None if value is None or pd.isna(value) else parse_direction(float(value))
 
 
 def build_candidates(hypotheses: pd.DataFrame, decisions: Any | None, top_k: int, methods: Sequence[str],
