@@ -168,7 +168,9 @@ def build_candidates(hypotheses: pd.DataFrame, decisions: Any | None, top_k: int
         if kind == "cluster" and not members:
             skipped.append({"concept": c, "reason": "a cluster without its members listed (hypotheses 'members')"})
             continue
-        ok = tuple(m for m in methods if m in kind_methods(kind) and feasible(c, m))
+        # any hypothesis that lists members (a latent cluster, or one the audit forms otherwise) is shaped
+        # through them, whatever its kind is called
+        ok = tuple(m for m in methods if m in kind_methods("cluster" if members else kind) and feasible(c, m))
         if not ok:
             skipped.append({"concept": c, "reason": f"none of the methods {list(methods)} has a source for it"})
             continue

@@ -195,6 +195,9 @@ def test_a_cluster_is_a_candidate_with_its_members_and_unshapeable_hypotheses_ta
     sh = OmegaConf.structured(ShapingConfig)
     ok = feasibility(sh, [], {"sae_path": "/sae", "scores_dir": None, "directions_path": None}, CLUSTERED)
     assert ok("cluster:0", "steer") and ok("cluster:0", "ablate") and not ok("cluster:0", "score")
+    # a hypothesis of another kind that lists members is shaped through them as well
+    other = CLUSTERED.assign(kind=CLUSTERED["kind"].replace("cluster", "data_cluster"))
+    assert build_candidates(other, None, 1, ["steer"], ["suppress"])[0][0].members == ("latent:3", "latent:4")
 
 
 def test_ablate_is_searched_with_suppress_only_and_every_method_by_default():
