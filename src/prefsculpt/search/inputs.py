@@ -20,6 +20,7 @@ import pandas as pd
 from prefsculpt.core.files import publish, tmp_beside
 from prefsculpt.core.names import Attr, Tag
 from prefsculpt.search.errors import SearchInputError
+from prefsculpt.search.space import members_of
 from prefsculpt.shaping.decisions import load_decisions
 from prefsculpt.shaping.registry import Source, methods_needing
 from prefsculpt.tracking.artifacts import resolve_artifact
@@ -134,10 +135,7 @@ def feasibility(sh: Any, named_concepts: Sequence[Any], sources: dict[str, str |
     dirs = bool(sh.directions_path or sources.get("directions_path"))
     regex = {f"named:{n.name}" for n in named_concepts or [] if n.kind == "regex" and n.pattern}
     instructions = set(dict(sh.instructions or {}))
-    members = {}
-    if "members" in hyp.columns:  # a cluster is shaped through its members: it has what all of them have
-        members = {str(c): [str(x) for x in m] for c, m in zip(hyp["concept"], hyp["members"], strict=True)
-                   if m is not None and not (isinstance(m, float) and pd.isna(m)) and len(m)}
+    members = members_of(hyp)  # a cluster is shaped through its members: it has what all of them have
 
     def one(concept: str, method: str) -> bool:
         if method in SCORE_METHODS:
@@ -149,6 +147,6 @@ def feasibility(sh: Any, named_concepts: Sequence[Any], sources: dict[str, str |
     def ok(concept: str, method: str) -> bool:
         if method in methods_needing(Source.instruction):
             return concept in instructions
-        return all(one(m, method) for m in members.get(concept, [concept]))
+        return all(one(m, method) for m in members.get(concept, (concept,)))
 
     return ok

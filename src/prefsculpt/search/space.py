@@ -118,6 +118,14 @@ def _members(value: Any) -> tuple[str, ...]:
     return tuple(str(m) for m in value)
 
 
+def members_of(hypotheses: pd.DataFrame) -> dict[str, tuple[str, ...]]:
+    """Concept -> its members, for the hypotheses that list any (clusters)."""
+    if "members" not in hypotheses.columns:
+        return {}
+    pairs = zip(hypotheses["concept"].astype(str), map(_members, hypotheses["members"]), strict=True)
+    return {c: m for c, m in pairs if m}
+
+
 def _direction(value: Any) -> int | None:
     """A ``direction`` cell (the sign of the effect; NaN or 0 = none) as +1 / −1 / None."""
     return None if value is None or pd.isna(value) else parse_direction(float(value))
