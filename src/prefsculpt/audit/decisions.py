@@ -58,10 +58,14 @@ HEADER = """\
 #             ignored for allow)
 #   note:     free text (why)
 #   optional: the method's own parameters, by name (the same table lists them; absent = the defaults)
-# The other fields (rank, label, direction, effect = paired d_z, mean_diff, q = length-controlled
-# q-value, q_raw = raw q-value, support; for a cluster its members, cluster_type (near_duplicate or
-# cofiring) and cluster_key, an id from its members) are the audit's figures, for reading only. You may add any concept the audit tested (see hypotheses.json;
-# built-ins: length) or delete entries: an unlisted concept is allowed.
+# The audit's hypothesis, which training reads: direction (+1 = the preferred side has more of the
+# concept, -1 = less; suppress removes the learning signal along it, amplify adds to it, for every
+# method) and members (a cluster is shaped through its members' summed scores and directions).
+# The other fields (rank, label, effect = paired d_z, mean_diff, q = length-controlled q-value,
+# q_raw = raw q-value, support; for a cluster its cluster_type (near_duplicate or cofiring) and
+# cluster_key, an id from its members) are the audit's figures, for reading only. You may add any
+# concept the audit tested (see hypotheses.json; built-ins: length; give it a direction) or delete
+# entries: an unlisted concept is allowed.
 """
 
 
@@ -78,6 +82,13 @@ class Decision:
     note: str = ""
     #: Optional method parameters given in the entry (the method's ``Params`` fields).
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    #: The audit's direction of the hypothesis (its ``direction`` field): +1 = the preferred side has
+    #: more of the concept, −1 = less; None when the entry has none (a concept a person added).
+    #: Shaping orients suppress/amplify by it (``shaping.orient=audit``).
+    direction: int | None = None
+    #: The member concepts a cluster hypothesis stands for (its ``members`` field); training shapes it
+    #: through their summed scores and their directions. Empty for a single concept.
+    members: tuple[str, ...] = ()
 
     @property
     def lam(self) -> float:
@@ -111,8 +122,29 @@ class Decisions:
             e = asdict(d)
             e["action"] = str(e["action"])  # plain text for YAML
             e.update(e.pop("params"))
+            e["members"] = list(e["members"]) or None
+            e = {k: v for k, v in e.items() if v is not None or k not in ("direction", "members")}
             entries.append(e)
         return {"version": FORMAT_VERSION, "concepts": entries}
+
+
+#: Words a decisions file may give for a direction besides the audit's +1 / −1.
+DIRECTION_WORDS = {"chosen_more": 1, "more": 1, "chosen_less": -1, "less": -1}
+
+
+def parse_direction(value: Any) -> int | None:
+    """A hypothesis' direction as +1 (the preferred side has more of the concept) / −1 (less); None for
+    none given or 0 (no direction). The audit writes the sign of the effect (a number); ValueError for
+    anything else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in DIRECTION_WORDS:
+            return DIRECTION_WORDS[value.strip().lower()]
+        raise ValueError(f"direction must be 1 (the preferred side has more of it) or -1 (less), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"direction must be 1 (the preferred side has more of it) or -1 (less), got {value!r}")
+    return None if value == 0 else (1 if value > 0 else -1)
 
 
 def plain_value(v: Any) -> Any:

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from prefsculpt.core.errors import UserError
 from prefsculpt.shaping.interventions import SHARE_RANGE
-from prefsculpt.shaping.registry import STRENGTH_RANGE
+from prefsculpt.shaping.registry import STRENGTH_RANGE, method_names
 
 AllowPins = StrEnum("AllowPins", ["edited", "all"])
 
@@ -71,10 +71,13 @@ class SearchConfig:
     #: Which ``allow`` entries pin a concept to "never shape": ``edited`` = only those a person touched
     #: (a note or a strength > 0; the audit proposes every hypothesis as a bare ``allow``), ``all``.
     allow_pins: AllowPins = AllowPins.edited
-    #: Hypotheses (by audit rank) that are candidates.
+    #: The best-ranked hypotheses the search may shape (ranked after clusters are merged: a cluster is one
+    #: candidate; a pinned, fixed or unshapeable hypothesis takes no place, the next one does).
     top_k: int = 4
     #: Methods the search may choose for a free concept (registered interventions; README "Interventions").
-    methods: list[str] = field(default_factory=lambda: ["score", "filter", "steer"])
+    #: All of them by default; a concept is offered those its sources allow (inoculate needs
+    #: ``shaping.instructions``; steer/ablate/prevent a direction), ablate only with ``suppress``.
+    methods: list[str] = field(default_factory=lambda: list(method_names()))
     #: Actions the search may choose for a free concept (suppress | amplify).
     actions: list[str] = field(default_factory=lambda: ["suppress"])
     #: λ is drawn log-uniformly from [lambda_min, lambda_max] (every method with a strength); the

@@ -20,6 +20,7 @@ import pandas as pd
 from prefsculpt.core.files import publish, tmp_beside
 from prefsculpt.core.names import Attr, Tag
 from prefsculpt.search.errors import SearchInputError
+from prefsculpt.search.space import members_of
 from prefsculpt.shaping.decisions import load_decisions
 from prefsculpt.shaping.registry import Source, methods_needing
 from prefsculpt.tracking.artifacts import resolve_artifact
@@ -134,14 +135,18 @@ def feasibility(sh: Any, named_concepts: Sequence[Any], sources: dict[str, str |
     dirs = bool(sh.directions_path or sources.get("directions_path"))
     regex = {f"named:{n.name}" for n in named_concepts or [] if n.kind == "regex" and n.pattern}
     instructions = set(dict(sh.instructions or {}))
+    members = members_of(hyp)  # a cluster is shaped through its members: it has what all of them have
 
-    def ok(concept: str, method: str) -> bool:
-        if method in methods_needing(Source.instruction):
-            return concept in instructions
+    def one(concept: str, method: str) -> bool:
         if method in SCORE_METHODS:
             return concept == "length" or scores or concept in regex
         if method in DIRECTION_METHODS:
             return (concept.startswith("latent:") and sae) or (concept.startswith("named:") and dirs)
         return False
+
+    def ok(concept: str, method: str) -> bool:
+        if method in methods_needing(Source.instruction):
+            return concept in instructions
+        return all(one(m, method) for m in members.get(concept, (concept,)))
 
     return ok

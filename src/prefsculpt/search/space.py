@@ -5,10 +5,13 @@ A candidate concept is one of three things, decided by ``decisions.yaml`` (METHO
   parameter at all;
 - *fixed*: a ``suppress``/``amplify`` entry: always shaped with that action and method; only λ (or
   the filter share) is searched. Such an entry joins the space even when it is outside the top-K;
-- *free*: whether to shape it (``shape/<c>``), the action and method when more than one is allowed
-  (``action/<c>``, ``method/<c>``), and the method's searched parameters, as its registered class
+- *free*: whether to shape it (``shape/<c>``), the method when more than one is allowed
+  (``method/<c>``), then the action when the method can take more than one (``action/<c>``; ablate
+  only suppresses), and the method's searched parameters, as its registered class
   declares them (``Intervention.search_ranges``): λ (``lambda/<c>``, log-uniform) or the filter share
   (``share/<c>``); ``search.lambda_min/max`` and ``search.share_min/max`` override the ranges.
+Each trial's spec carries the hypothesis' audit direction (training orients suppress/amplify by it)
+and, for a cluster, its members (shaped through their summed scores and directions).
 The space is conditional (method and λ exist only when the concept is shaped), so the sampler is
 TPE with ``multivariate=True, group=True`` (STACK §5).
 
@@ -39,7 +42,7 @@ from typing import Any
 
 import pandas as pd
 
-from prefsculpt.audit.decisions import PROPOSED_METHOD, Action
+from prefsculpt.audit.decisions import PROPOSED_METHOD, Action, parse_direction
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.names import Attr
 from prefsculpt.shaping.params import SEARCH, SearchRange, entry_fields, fields
@@ -49,12 +52,13 @@ log = logging.getLogger(__name__)
 
 BASELINE_ATTR = Attr.BASELINE
 #: The sources a concept kind can have (a method applies when it has the one the method needs);
-#: built-ins such as ``length`` are only scores, latent clusters have neither scores nor a direction yet.
+#: built-ins such as ``length`` are only scores; a cluster has its members' (summed scores, summed
+#: directions), so it is shaped as one concept.
 KIND_SOURCES: dict[str, frozenset[Source]] = {
     "latent": frozenset(Source),
     "named": frozenset(Source),
     "builtin": frozenset({Source.scores}),
-    "cluster": frozenset(),
+    "cluster": frozenset(Source),
 }
 #: The actions the search may pick (``allow`` is not shaping); the informed start takes the first.
 SEARCH_ACTIONS = (Action.suppress.value, Action.amplify.value)
@@ -82,6 +86,11 @@ class Candidate:
     fixed: bool = False
     #: The decision's own strength / params, kept for the record.
     decision: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    #: The audit's direction of the hypothesis (+1: the preferred side has more of it, −1 less): every
+    #: method orients suppress/amplify by it (``shaping.orient=audit``).
+    direction: int | None = None
+    #: A cluster's member concepts: training shapes it through their summed scores and directions.
+    members: tuple[str, ...] = ()
 
 
 _UNSAFE = re.compile(r"[^\w.\- :]")
@@ -102,12 +111,37 @@ def _pinned_allow(entry: Any, allow_pins: str) -> bool:
     return bool(entry.note.strip()) or entry.strength > 0
 
 
+def _members(value: Any) -> tuple[str, ...]:
+    """A ``members`` cell of the hypotheses table (None, a list, or parquet's array) as a tuple."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ()
+    return tuple(str(m) for m in value)
+
+
+def members_of(hypotheses: pd.DataFrame) -> dict[str, tuple[str, ...]]:
+    """Concept -> its members, for the hypotheses that list any (clusters)."""
+    if "members" not in hypotheses.columns:
+        return {}
+    pairs = zip(hypotheses["concept"].astype(str), map(_members, hypotheses["members"]), strict=True)
+    return {c: m for c, m in pairs if m}
+
+
+def _direction(value: Any) -> int | None:
+    """A ``direction`` cell (the sign of the effect; NaN or 0 = none) as +1 / −1 / None."""
+    return None if value is None or pd.isna(value) else parse_direction(float(value))
+
+
 def build_candidates(hypotheses: pd.DataFrame, decisions: Any | None, top_k: int, methods: Sequence[str],
                      actions: Sequence[str], allow_pins: str = "edited",
                      feasible: Callable[[str, str], bool] | None = None) -> tuple[list[Candidate], list[dict[str, str]]]:
-    """Candidates (best rank first, then fixed decisions outside the top-K) and the skipped concepts
-    with the reason. ``hypotheses``: the audit's table (``concept``, ``rank``, ``kind``); ``decisions``:
-    a :class:`prefsculpt.audit.decisions.Decisions` or None; ``feasible(concept, method)`` says whether
+    """Candidates (best rank first, then fixed decisions) and the skipped concepts with the reason.
+
+    ``hypotheses``: the audit's table (``concept``, ``rank``, ``kind``, ``direction``, ``members``),
+    ranked after clusters are merged (a latent inside a significant cluster has no rank of its own:
+    it keeps its place through its cluster, which is a candidate like any concept). The free
+    candidates are the ``top_k`` best-ranked hypotheses the search can shape: a pinned, fixed or
+    unshapeable hypothesis takes no place, the next one does. ``decisions``: a
+    :class:`prefsculpt.audit.decisions.Decisions` or None; ``feasible(concept, method)`` says whether
     training has the source a method needs for that concept (default: by kind only)."""
     if allow_pins not in ("edited", "all"):
         raise SearchSpaceError(f"search.allow_pins={allow_pins!r}: use 'edited' or 'all'")
@@ -120,34 +154,44 @@ def build_candidates(hypotheses: pd.DataFrame, decisions: Any | None, top_k: int
     for col in ("concept", "rank"):
         if col not in hypotheses.columns:
             raise SearchSpaceError(f"the audit's hypotheses table has no {col!r} column (columns: {list(hypotheses.columns)})")
-    kind_of = dict(zip(hypotheses["concept"], hypotheses.get("kind", pd.Series(["latent"] * len(hypotheses))),
-                       strict=True))
-    ranked = hypotheses[hypotheses["rank"].notna()].sort_values("rank").head(int(top_k))
+    rows = {str(r["concept"]): r for r in hypotheses.to_dict("records")}
+    ranked = hypotheses[hypotheses["rank"].notna()].sort_values("rank")
     feasible = feasible or (lambda c, m: True)
     by_concept = {d.concept: d for d in decisions.entries} if decisions is not None else {}
+    # only methods that can take one of the searched actions (ablate cannot amplify)
+    methods = [m for m in methods if set(INTERVENTIONS[m].actions) & set(actions)]
     out: list[Candidate] = []
     skipped: list[dict[str, str]] = []
     for rec in ranked.to_dict("records"):
-        c, kind = str(rec["concept"]), str(kind_of.get(rec["concept"], "latent"))
+        if len(out) >= int(top_k):
+            break
+        c, kind = str(rec["concept"]), str(rec.get("kind") or "latent")
         d = by_concept.get(c)
         if d is not None and d.action != "allow":
             continue  # fixed decisions are added below, in file order
         if d is not None and _pinned_allow(d, allow_pins):
             skipped.append({"concept": c, "reason": f"decisions: allow ({d.note or 'strength ' + str(d.strength)})"})
             continue
-        ok = tuple(m for m in methods if m in kind_methods(kind) and feasible(c, m))
-        if not ok:
-            why = ("training cannot shape latent clusters yet" if kind == "cluster"
-                   else f"none of the methods {list(methods)} has a source for it")
-            skipped.append({"concept": c, "reason": why})
+        members = _members(rec.get("members"))
+        if kind == "cluster" and not members:
+            skipped.append({"concept": c, "reason": "a cluster without its members listed (hypotheses 'members')"})
             continue
-        out.append(Candidate(c, int(rec["rank"]), ok, tuple(actions)))
-    rank_of = dict(zip(hypotheses["concept"], hypotheses["rank"], strict=True))
+        # any hypothesis that lists members (a latent cluster, or one the audit forms otherwise) is shaped
+        # through them, whatever its kind is called
+        ok = tuple(m for m in methods if m in kind_methods("cluster" if members else kind) and feasible(c, m))
+        if not ok:
+            skipped.append({"concept": c, "reason": f"none of the methods {list(methods)} has a source for it"})
+            continue
+        out.append(Candidate(c, int(rec["rank"]), ok, tuple(actions), direction=_direction(rec.get("direction")),
+                             members=members))
     for d in by_concept.values():
         if d.action in SEARCH_ACTIONS:
-            r = rank_of.get(d.concept)
+            row = rows.get(d.concept, {})
+            r = row.get("rank")
+            direction = d.direction if d.direction is not None else _direction(row.get("direction"))
             out.append(Candidate(d.concept, None if r is None or pd.isna(r) else int(r), (d.method,), (str(d.action),),
-                                 fixed=True, decision={"strength": d.strength, **dict(d.params)}))
+                                 fixed=True, decision={"strength": d.strength, **dict(d.params)}, direction=direction,
+                                 members=tuple(d.members) or _members(row.get("members"))))
     for s in skipped:
         log.info("search: %s not searched: %s", s["concept"], s["reason"])
     return out, skipped
@@ -206,15 +250,21 @@ def suggest_concepts(trial: Any, candidates: Sequence[Candidate], b: SpaceBounds
             forced = c is free[-1] and not specs and len(free) == len(candidates)
             if not forced and not trial.suggest_categorical(param_key("shape", c.concept), [False, True]):
                 continue
-        action = c.actions[0] if len(c.actions) == 1 else trial.suggest_categorical(param_key("action", c.concept),
-                                                                                     list(c.actions))
         method = c.methods[0] if len(c.methods) == 1 else trial.suggest_categorical(param_key("method", c.concept),
                                                                                      list(c.methods))
+        # the actions this method can take (ablate only suppresses); drawn from all of them when it has a choice
+        can = [a for a in c.actions if a in INTERVENTIONS[method].actions]
+        action = can[0] if len(can) == 1 else trial.suggest_categorical(param_key("action", c.concept),
+                                                                        list(c.actions))
         # strength 1.0 where it is not drawn (filter in drop mode; ablate has none)
         spec: dict[str, Any] = {"concept": c.concept, "method": method, "action": action, "strength": 1.0}
         for name, r in b.ranges(method).items():
             spec[name] = trial.suggest_float(param_key(r.key, c.concept), r.low, r.high, log=r.log)
         spec.update(_kept_params(method, c.decision))
+        if c.direction is not None:
+            spec["direction"] = c.direction
+        if c.members:
+            spec["members"] = list(c.members)
         specs.append(spec)
     return specs
 

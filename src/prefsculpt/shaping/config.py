@@ -25,6 +25,13 @@ class ConceptSpec:
     instruction: str | None = None
     #: steer: multiplier m of the direction added to the reference's residual (null = ``shaping.steer_multiplier``).
     multiplier: float | None = None
+    #: The audit's direction of the hypothesis: 1 = the preferred side has more of the concept, −1 = less
+    #: (``hypotheses.json``'s ``direction``; the search fills it in). Suppress removes the learning signal
+    #: along it, amplify adds to it (``shaping.orient``). Null: estimated from the training pairs (logged).
+    direction: int | None = None
+    #: A cluster hypothesis' member concepts (``hypotheses.json``'s ``members``): it is shaped through their
+    #: summed span scores and their directions. Null: a single concept.
+    members: list[str] | None = None
     note: str = ""
 
 
@@ -55,13 +62,15 @@ class ShapingConfig:
     filter_share: float = FilterParams.share
     #: inoculate: concept name -> instruction C_u ("Agree with the user's opinion.").
     instructions: dict[str, str] = field(default_factory=dict)
-    #: Sign of ΔA_u (the methods that precompute one: loss terms and filter). ``data``: ΔA_u is oriented so that its mean over
-    #: the training pairs is >= 0, i.e. along the way the data prefers the concept; suppress then means
-    #: "learn less of what the data teaches about u" whichever side carries it (a concept the preferred
-    #: side has *less* of, like a correction the sycophantic data rejects, is explained away too).
-    #: ``formula``: METHOD §5's raw ΔA_u = A(y⁺) − A(y⁻), so suppress only makes sense for concepts the
-    #: preferred side has more of. The sign used is logged per concept (``shaping/<name>/orientation``).
-    orient: str = "data"
+    #: The sign s_u every method orients a concept by (ΔA_u -> s_u·ΔA_u for the loss terms and filter; the
+    #: added direction s_u·v_u for prevent; ablate needs none). ``audit``: s_u = the direction the audit
+    #: measured for the hypothesis a person decided on (the entry's ``direction``), so suppress removes the
+    #: learning signal along what the audit found whichever side carries it, and amplify adds to it (an
+    #: entry without a direction falls back to ``data``, with a warning). ``data``: s_u = the sign of ΔA_u's
+    #: mean over the training pairs (re-estimated per split: for a weak concept it can disagree with the
+    #: audit). ``formula``: s_u = +1, METHOD §5's raw ΔA_u = A(y⁺) − A(y⁻). Logged per intervention as
+    #: ``shaping/<name>/orientation`` and ``shaping/<name>/orientation_from``.
+    orient: str = "audit"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from prefsculpt.audit.decisions import (
     Decisions,
     DecisionsError,
     decisions_hash,
+    parse_direction,
     read_yaml,
 )
 from prefsculpt.shaping.params import entry_fields
@@ -79,9 +80,17 @@ def _check_entry(i: int, e: Any, known: set[str] | None) -> tuple[list[str], Dec
     params = {k: e[k] for k in params_known if e.get(k) is not None}
     if method in INTERVENTIONS:
         errs.extend(f"{where}: {p}" for p in INTERVENTIONS[method].validate_params(params))
+    members, direction = e.get("members"), None
+    try:
+        direction = parse_direction(e.get("direction"))
+    except ValueError as exc:
+        errs.append(f"{where}: {exc}")
+    if members is not None and (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
+        errs.append(f"{where}: members must be a list of concept names such as ['latent:3', 'latent:7'], got {members!r}")
     if errs:
         return errs, None
-    return [], Decision(concept, Action(action), method, float(strength), note or "", params)
+    return [], Decision(concept, Action(action), method, float(strength), note or "", params, direction,
+                        tuple(members or ()))
 
 
 def load_decisions(path: str | Path | Mapping[str, Any], known_concepts: Iterable[str] | None) -> Decisions:

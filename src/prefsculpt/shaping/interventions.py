@@ -62,10 +62,13 @@ def _zscored_diff(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
 
 
 class _MarginTerm(Intervention):
-    """A method whose λ_u·ΔA_u enters the DPO margin (METHOD §5's reward-shaping form)."""
+    """A method whose λ_u·s_u·ΔA_u enters the DPO margin (METHOD §5's reward-shaping form)."""
 
     in_loss = True
     strength_doc = "λ ≥ 0: weight of ΔA_u in the margin"
+    suppress_doc = ("+λ·s_u·ΔA_u in the margin: u, the way the audit found it, already explains part of each "
+                    "pair's preference, so the policy learns less along u")
+    amplify_doc = "−λ·s_u·ΔA_u: the pairs that teach u count as less won, so the policy learns more along u"
 
 
 @register_intervention("score")
@@ -73,8 +76,7 @@ class ScoreShaping(_MarginTerm):
     """Reward shaping r' = r − λ·s_u: A_u = the concept's response span score, z-scored over the data."""
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
-        c, r = ctx.concept_score(self.concepts[0])
-        return _zscored_diff(c, r)
+        return _zscored_diff(*self.score(ctx, self.concepts[0]))
 
 
 @register_intervention("steer")
@@ -89,7 +91,7 @@ class SteerShaping(_MarginTerm):
             raise ShapingError(f"{self.concepts[0]}: steer needs a layer (shaping.layer or sae.layer)")
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
-        v = ctx.direction(self.concepts[0])  # (d,)
+        v = self.direction_of(ctx, self.concepts[0])  # (d,)
         m = self.args.multiplier
         steered_c, steered_r = ctx.logps(hooks=lambda model: add_to_residual(model, self.layer, v, m))
         ref_c, ref_r = ctx.ref_logps()
@@ -124,6 +126,9 @@ class FilterShaping(Intervention):
     Params = FilterParams
     strength_doc = "κ ≥ 0 in weight mode; unused in drop mode"
     role = Role.data
+    suppress_doc = ("drops the top ρ of pairs by s_u·ΔA_u (those teaching u most, the way the audit found it), or "
+                    "weights them down by σ(−κ·s_u·ΔA_u)")
+    amplify_doc = "drops the top ρ by −s_u·ΔA_u (those teaching against u), or weights by σ(+κ·s_u·ΔA_u)"
 
     @classmethod
     def search_ranges(cls, fixed: Mapping[str, Any]) -> dict[str, SearchRange]:
@@ -133,10 +138,10 @@ class FilterShaping(Intervention):
         return {"share": super().search_ranges(fixed)["share"]}
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray:
-        c, r = ctx.concept_score(self.concepts[0])
-        return _zscored_diff(c, r)
+        return _zscored_diff(*self.score(ctx, self.concepts[0]))
 
     def weights(self, delta_a: np.ndarray) -> np.ndarray:
+        """Weights from the oriented s_u·ΔA_u (n,)."""
         w = filter_weights(torch.as_tensor(delta_a), self.lam, self.args.mode, self.args.share)
         return w.numpy()
 
@@ -154,7 +159,7 @@ class _ResidualEdit(Intervention):
 
     def bind(self, ctx: PrecomputeContext) -> None:
         """Fetch the directions once (in the precompute pass, where the context is)."""
-        self._dirs = torch.stack([ctx.direction(c) for c in self.concepts])  # (K, d)
+        self._dirs = torch.stack([self.direction_of(ctx, c) for c in self.concepts])  # (K, d)
 
     def precompute(self, ctx: PrecomputeContext) -> None:
         self.bind(ctx)
@@ -170,6 +175,14 @@ class AblateShaping(_ResidualEdit):
     strength_range = None
     actions = (Action.suppress,)
     groups = True
+    oriented = False  # a projection removes both signs of a direction alike
+    suppress_doc = ("projects the directions out while training, whichever side carries u: the policy cannot use "
+                    "u to win pairs, so it learns less along it")
+    amplify_doc = "— (no amplifying ablation; use prevent or a loss term)"
+
+    def bind(self, ctx: PrecomputeContext) -> None:
+        """Every member's direction: a cluster's whole span is projected out."""
+        self._dirs = torch.stack([ctx.direction(m) for c in self.concepts for m in self.parts(c)])  # (K, d)
 
     @contextlib.contextmanager
     def train_hooks(self, model: Any) -> Iterator[None]:
@@ -181,14 +194,17 @@ class AblateShaping(_ResidualEdit):
 
 @register_intervention("prevent")
 class PreventShaping(_ResidualEdit):
-    """Preventative steering: add α·v_u to the policy's residual at ℓ while training only. Adding
-    the concept for free means the weights need not learn it (suppress, α = +λ); subtracting it
-    (amplify, α = −λ) makes them learn more of it."""
+    """Preventative steering: add α·s_u·v_u to the policy's residual at ℓ while training only.
+    Supplying the concept the way the data teaches it means the weights need not learn it (suppress,
+    α = +λ); supplying its opposite (amplify, α = −λ) makes them learn more of it."""
 
     strength_doc = "α ≥ 0: multiple of the concept direction added (signed by the action)"
+    suppress_doc = ("adds +λ·s_u·v_u while training: u (or its absence, for s_u = −1) comes for free, so the "
+                    "weights learn less along it")
+    amplify_doc = "adds −λ·s_u·v_u: the weights must make up for it, so they learn more along u"
 
     @contextlib.contextmanager
     def train_hooks(self, model: Any) -> Iterator[None]:
         p = next(model.parameters())
-        with add_to_residual(model, int(self.layer), self._dirs[0].to(p.dtype), self.lam):
+        with add_to_residual(model, int(self.layer), self._dirs[0].to(p.dtype), self.lam * self.sign):
             yield

@@ -61,7 +61,8 @@ def filter_weights(delta_a: torch.Tensor, signed_strength: float, mode: str, sha
     """Per-pair weights of the ``filter`` intervention, (n,) from ΔA_u (n,).
 
     drop: w = 0 for the top ``share`` of pairs by sign(λ)·ΔA_u (suppress drops the pairs whose chosen
-    side carries the concept most; amplify those whose rejected side does), exactly ⌊share·n⌉ of them.
+    side carries the concept most; amplify those whose rejected side does), ⌊share·n⌉ of them, but only
+    pairs with sign(λ)·ΔA_u > 0: a pair that does not teach the concept that way is never dropped for it.
     weight: w = σ(−λ·ΔA_u) (METHOD §5: σ(−κ·ΔA_u) with κ = the signed strength).
     """
     if mode == "drop":
@@ -71,7 +72,7 @@ def filter_weights(delta_a: torch.Tensor, signed_strength: float, mode: str, sha
         if k > 0:
             key = delta_a.double() * (1.0 if signed_strength >= 0 else -1.0)
             # Stable tie-break by index so the same data always drops the same pairs.
-            order = sorted(range(n), key=lambda i: (-float(key[i]), i))
+            order = [i for i in sorted(range(n), key=lambda i: (-float(key[i]), i)) if float(key[i]) > 0]
             w[order[:k]] = 0.0
         return w
     if mode == "weight":

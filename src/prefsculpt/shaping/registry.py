@@ -124,6 +124,8 @@ class PrecomputeContext(Protocol):
 
     n: int
     layer: int | None
+    #: Directions are scaled to unit norm (``shaping.unit_directions``).
+    unit_directions: bool
 
     def concept_score(self, concept: str) -> tuple[np.ndarray, np.ndarray]:
         """Span score of ``concept`` on the chosen and rejected responses, each (n,)."""
@@ -138,6 +140,25 @@ class PrecomputeContext(Protocol):
         self, hooks: Callable[[Any], contextlib.AbstractContextManager] | None = None, prompt_suffix: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs under ``hooks(model)`` and/or with ``prompt_suffix`` appended to the prompt."""
+
+
+#: ``shaping.orient`` (``ShapingConfig.orient`` says what each means).
+ORIENT_MODES = ("audit", "data", "formula")
+
+
+def orientation(direction: int | None, delta_a: np.ndarray | None, mode: str) -> tuple[int, str]:
+    """The sign s_u a concept is oriented by, and where it came from (``audit`` | ``data`` | ``formula``
+    | ``assumed``). delta_a: the raw ΔA_u = A(y⁺) − A(y⁻) over the training pairs (n,), or None for a
+    method that computes none (prevent: without the audit's direction it assumes +1)."""
+    if mode not in ORIENT_MODES:
+        raise ShapingError(f"shaping.orient={mode!r}: use one of {list(ORIENT_MODES)}")
+    if mode == "formula":
+        return 1, "formula"
+    if mode == "audit" and direction is not None:
+        return int(direction), "audit"
+    if delta_a is None:
+        return (1, "assumed") if direction is None else (int(direction), "audit")
+    return (-1 if float(np.mean(delta_a, dtype=np.float64)) < 0 else 1), "data"
 
 
 @dataclass
@@ -155,8 +176,15 @@ class Intervention:
     #: Parameter values (plain, for cache keys and logs); ``args`` holds them typed.
     params: dict[str, Any] = field(default_factory=dict)
     layer: int | None = None
+    #: The audit's direction of the (first) concept: +1 the preferred side has more of it, −1 less, None unknown.
+    direction: int | None = None
+    #: Concept -> its member concepts (a cluster hypothesis: shaped through their summed scores and directions).
+    members: dict[str, list[str]] = field(default_factory=dict)
     #: ``params`` as the typed ``Params`` instance (set from ``params``).
     args: Any = field(init=False, repr=False, compare=False)
+    #: The orientation s_u (set by :meth:`orient` in the precompute pass) and where it came from.
+    sign: int = field(default=1, init=False, compare=False)
+    sign_from: str = field(default="", init=False, compare=False)
 
     method: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
@@ -170,6 +198,11 @@ class Intervention:
     actions: ClassVar[tuple[Action, ...]] = (Action.suppress, Action.amplify)
     #: Entries of this method at one layer form a single intervention.
     groups: ClassVar[bool] = False
+    #: Whether suppress/amplify depend on which side carries the concept (ablate's projection does not).
+    oriented: ClassVar[bool] = True
+    #: What suppress and amplify do with this method (README's "Suppress and amplify" table).
+    suppress_doc: ClassVar[str] = ""
+    amplify_doc: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.args = coerce(self.Params, self.params)
@@ -210,8 +243,34 @@ class Intervention:
 
     # ------------------------------------------------------------ what it does to training
     def cache_key(self) -> dict[str, Any]:
-        """Everything ``precompute`` depends on besides the model and the pairs."""
-        return {"method": self.method, "concepts": self.concepts, "params": self.params, "layer": self.layer}
+        """Everything ``precompute`` depends on besides the model and the pairs (not the orientation:
+        the cache keeps the raw ΔA_u)."""
+        key = {"method": self.method, "concepts": self.concepts, "params": self.params, "layer": self.layer}
+        return {**key, "members": self.members} if self.members else key
+
+    def parts(self, concept: str) -> list[str]:
+        """The concepts that stand for ``concept``: its members (a cluster), else itself."""
+        return list(self.members.get(concept) or [concept])
+
+    def score(self, ctx: PrecomputeContext, concept: str) -> tuple[np.ndarray, np.ndarray]:
+        """Span score (chosen, rejected), each (n,): a cluster's is the sum of its members'."""
+        got = [ctx.concept_score(m) for m in self.parts(concept)]
+        return (np.sum([c for c, _ in got], axis=0, dtype=np.float64).astype(np.float32),
+                np.sum([r for _, r in got], axis=0, dtype=np.float64).astype(np.float32))
+
+    def direction_of(self, ctx: PrecomputeContext, concept: str) -> torch.Tensor:
+        """The concept's residual direction (d,): a cluster's is the sum of its members' (unit) directions,
+        rescaled to unit norm when ``ctx`` scales directions so."""
+        parts = self.parts(concept)
+        if len(parts) == 1:
+            return ctx.direction(parts[0])
+        v = torch.stack([ctx.direction(m) for m in parts]).sum(0)
+        return v / v.norm().clamp_min(1e-8) if ctx.unit_directions else v
+
+    def orient(self, delta_a: np.ndarray | None, mode: str) -> int:
+        """Set and return the sign s_u (:func:`orientation`); +1 for a method that needs none."""
+        self.sign, self.sign_from = orientation(self.direction, delta_a, mode) if self.oriented else (1, "")
+        return self.sign
 
     def precompute(self, ctx: PrecomputeContext) -> np.ndarray | None:
         return None
@@ -250,6 +309,10 @@ class Spec:
     action: str
     strength: float
     params: dict[str, Any] = field(default_factory=dict)
+    #: The audit's direction (+1 / −1) of the hypothesis, None when the entry gives none.
+    direction: int | None = None
+    #: A cluster hypothesis' members (empty: a single concept).
+    members: Sequence[str] = ()
 
 
 def _check_spec(cls: type[Intervention], s: Spec) -> None:
@@ -277,10 +340,13 @@ def build_interventions(specs: Sequence[Spec], layer: int | None) -> list[Interv
         seen.add((s.concept, s.method))
         lam = signed_lambda(s.action, s.strength, s.concept)
         _check_spec(cls, s)
+        members = {s.concept: list(s.members)} if s.members else {}
         if cls.groups and s.method in grouped:
             grouped[s.method].concepts.append(s.concept)
+            grouped[s.method].members.update(members)
             continue
-        iv = cls(concepts=[s.concept], lam=lam, params=dict(s.params), layer=layer)
+        iv = cls(concepts=[s.concept], lam=lam, params=dict(s.params), layer=layer, direction=s.direction,
+                 members=members)
         if cls.groups:
             grouped[s.method] = iv
         iv.validate()

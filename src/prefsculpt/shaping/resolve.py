@@ -36,7 +36,8 @@ class ResolvedShaping:
         return [iv for iv in self.interventions if iv.in_loss]
 
     def summary(self) -> list[dict[str, Any]]:
-        return [{"name": iv.name, "lambda": iv.lam, "layer": iv.layer, **iv.params} for iv in self.interventions]
+        return [{"name": iv.name, "lambda": iv.lam, "layer": iv.layer, "direction": iv.direction, **iv.params,
+                 **({"members": iv.members} if iv.members else {})} for iv in self.interventions]
 
 
 def _params(method: str, entry: Mapping[str, Any], shaping: DictConfig) -> dict[str, Any]:
@@ -58,7 +59,8 @@ def resolve_shaping(shaping: DictConfig, layer: int | None, known_concepts: list
         dhash = dec.hash
         for d in dec.active():
             entry = {"concept": d.concept, **d.params}
-            specs.append(Spec(d.concept, d.method, d.action, d.strength, _params(d.method, entry, shaping)))
+            specs.append(Spec(d.concept, d.method, d.action, d.strength, _params(d.method, entry, shaping),
+                              d.direction, d.members))
     for i, c in enumerate(shaping.get("concepts") or []):
         c = OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else dict(c)
         spec = ConceptSpec(**{k: v for k, v in c.items() if k in _SPEC_FIELDS})  # the dataclass defaults
@@ -66,8 +68,11 @@ def resolve_shaping(shaping: DictConfig, layer: int | None, known_concepts: list
             raise ShapingError(f"shaping.concepts[{i}] has no concept; give e.g. concept: latent:12")
         if spec.action == Action.allow:
             continue
+        if spec.direction is not None and spec.direction not in (1, -1):
+            raise ShapingError(f"shaping.concepts[{i}] ({spec.concept}): direction must be 1 (the preferred side has "
+                               f"more of it) or -1 (less), got {spec.direction!r}")
         specs.append(Spec(spec.concept, spec.method, spec.action, float(spec.strength),
-                          _params(spec.method, c, shaping)))
+                          _params(spec.method, c, shaping), spec.direction, tuple(spec.members or ())))
     lay = shaping.get("layer")
     lay = layer if lay is None else int(lay)
     return ResolvedShaping(build_interventions(specs, lay), dhash, dpath)

@@ -19,6 +19,8 @@ from prefsculpt.shaping.params import CONFIG, DOC, PER_ENTRY, SearchRange, choic
 from prefsculpt.shaping.registry import INTERVENTIONS, Intervention, Source
 
 BEGIN, END = "<!-- interventions:begin (python -m prefsculpt.shaping.table README.md) -->", "<!-- interventions:end -->"
+ACTIONS_BEGIN = "<!-- actions:begin (python -m prefsculpt.shaping.table README.md) -->"
+ACTIONS_END = "<!-- actions:end -->"
 NEEDS = {Source.scores: "span scores", Source.direction: "a residual direction at ℓ",
          Source.instruction: "an instruction C_u"}
 
@@ -63,17 +65,33 @@ def method_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def actions_table() -> str:
+    """Per method, what suppress and amplify do, with s_u the audit's direction of the concept (+1: the
+    preferred side has more of it, −1: less; ``shaping.orient``)."""
+    rows = ["| method | suppress | amplify |", "|---|---|---|"]
+    for name, cls in INTERVENTIONS.items():
+        cells = [f"`{name}`", cls.suppress_doc, cls.amplify_doc]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def decisions_help() -> str:
     """Comment lines for the ``method:`` field of a decisions file header, one per method."""
     return "".join(f"#             {name:<10}{summary(cls)}\n" for name, cls in INTERVENTIONS.items())
 
 
 def replace_table(text: str) -> str:
-    """``text`` with the block between the markers replaced by the current table."""
-    pat = re.compile(re.escape(BEGIN) + r"\n.*?" + re.escape(END), re.S)
-    if not pat.search(text):
-        raise ValueError(f"no block between {BEGIN!r} and {END!r}; add both markers where the table goes")
-    return pat.sub(lambda _: f"{BEGIN}\n{method_table()}{END}", text)
+    """``text`` with the blocks between the markers replaced by the current tables (the actions table's
+    markers are optional)."""
+    for begin, end, render, required in ((BEGIN, END, method_table, True),
+                                         (ACTIONS_BEGIN, ACTIONS_END, actions_table, False)):
+        pat = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end), re.S)
+        if not pat.search(text):
+            if required:
+                raise ValueError(f"no block between {begin!r} and {end!r}; add both markers where the table goes")
+            continue
+        text = pat.sub(lambda _, b=begin, e=end, r=render: f"{b}\n{r()}{e}", text)
+    return text
 
 
 def main(argv: list[str]) -> int:

@@ -48,7 +48,7 @@ from prefsculpt.tracking.artifacts import local_decisions
 from prefsculpt.tracking.models import PolicyMeta, log_policy
 from prefsculpt.tracking.runs import log_pairs_input, resolve_tracking_uri, stage_run
 from prefsculpt.train.datamodule import PreferenceDataModule, truncate_pair
-from prefsculpt.train.module import PreferenceModule, check_hooks_trainable, freeze_below
+from prefsculpt.train.module import PreferenceModule, freeze_below, split_edits
 from prefsculpt.train.precompute import (
     PrecomputeCache,
     RefContext,
@@ -100,7 +100,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     layer = concept_layer(cfg.sae.layer, cfg.shaping.get("sae_path"), model_dir) if "sae" in cfg else None
     # local_decisions: shaping.decisions may be runs:/<audit run>/decisions/v<N>.yaml (`prefsculpt review`)
     shaping = resolve_shaping(local_decisions(cfg), layer)  # validates the specs before any model is loaded
-    check_layers(model_dir, shaping, tc.train_top_layers)
+    check_layers(model_dir, shaping)
     prepared = None if tc.pairs_path else prepared_data(cfg)[0]
     pairs = load_train_pairs(OmegaConf.to_object(tc), prepared)
     tok = load_tokenizer(model_dir)
@@ -163,29 +163,32 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     L.seed_everything(tc.seed, workers=False, verbose=False)
     model = load_model(model_dir, load_dtype).to(device)
     start = freeze_below(model, tc.train_top_layers)
-    check_hooks_trainable(shaping.interventions, start)  # refuse before the (long) precompute
+    live, folded = split_edits(shaping.interventions, start)  # edits below the trained layers: into the trunk
     model.eval()
     cache = PrecomputeCache(cache_root)
     ctx = RefContext(model, tok, pairs, tokenized, cfg.shaping, cfg.get("named_concepts") or [], shaping.interventions[0].layer
                      if shaping.interventions else layer, cfg.data.tokenize.max_prompt_tokens,
                      tc.precompute_batch_tokens)
-    ctx.trunk_layer = start - 1 if start > 0 else None  # captured in the same forward as the reference
+    # captured in the same forward as the reference, unless edits must be folded into it
+    ctx.trunk_layer = start - 1 if start > 0 and not folded else None
     # Under a bf16 precision the reference pass runs under the same autocast as training (its own
     # cache entries, per device type); fp32 on the CPU keeps the model fingerprint as the key.
     bf16 = precision.startswith("bf16")
     pre_fp = model_fp + (f":{device.type}" if device.type != "cpu" else "") + (":bf16-autocast" if bf16 else "")
     with autocast(device, bf16):
-        pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, str(cfg.shaping.get("orient", "data")))
+        pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, str(cfg.shaping.get("orient", "audit")))
         trunk_dtype = ("bfloat16" if bf16 else "float32") if tc.trunk_dtype == "auto" else tc.trunk_dtype
-        trunk = trunk_cache(ctx, start, cache, pre_fp, trunk_dtype) if start > 0 else None
+        trunk = trunk_cache(ctx, start, cache, pre_fp, trunk_dtype, folded) if start > 0 else None
     if pre.orientation:
-        mlflow.log_params(mlflow_params({f"shaping/{k}/orientation": v for k, v in pre.orientation.items()}))
+        mlflow.log_params(mlflow_params({**{f"shaping/{k}/orientation": v for k, v in pre.orientation.items()},
+                                         **{f"shaping/{k}/orientation_from": v
+                                            for k, v in pre.orientation_from.items()}}))
     t_pre = time.perf_counter() - t0
     data = {"tokenized": tokenized, "pre": pre, "batch_size": tc.batch_size, "pad_id": tok.pad_token_id or 0,
             "seed": tc.seed, "bucket_batches": tc.bucket_batches, "trunk": trunk}
     dm = PreferenceDataModule(**data)
     margs = {"beta": tc.beta, "lr": tc.lr, "term_names": pre.term_names, "lambdas": pre.lambdas,
-             "hooks": [iv for iv in shaping.interventions if iv.touches_layers()], "start_layer": start,
+             "hooks": live, "start_layer": start,
              "weight_decay": tc.weight_decay, "warmup_steps": tc.warmup_steps}
     mlflow.log_metrics({"train/pairs_total": len(pairs), "train/pairs_dropped": dm.n_dropped,
                         "train/pairs_weighted": int(((pre.weights > 0) & (pre.weights < 1)).sum()),

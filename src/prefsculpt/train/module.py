@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from prefsculpt.shaping.losses import shaped_dpo_loss
-from prefsculpt.shaping.registry import INTERVENTIONS, Intervention, Role, ShapingError
+from prefsculpt.shaping.registry import Intervention, ShapingError
 from prefsculpt.train.forward import packed_logps
 
 
@@ -39,21 +39,14 @@ def freeze_below(model: Any, top_layers: int | None) -> int:
     return start
 
 
-def _loss_side() -> list[str]:
-    """Methods that shape through the loss or the data, not by editing the policy's residual."""
-    return [m for m, cls in INTERVENTIONS.items() if cls.role is not Role.edit]
-
-
-def check_hooks_trainable(interventions: Sequence[Intervention], start_layer: int) -> None:
-    for iv in interventions:
-        low = [ell for ell in iv.touches_layers() if ell < start_layer]
-        if low:
-            raise ShapingError(
-                f"{iv.name} edits the residual after layer {low[0]}, but with train.train_top_layers only layers "
-                f"{start_layer}.. run during training (the layers below come from a cached trunk). Train from "
-                f"layer {low[0]} up (raise train_top_layers by {start_layer - low[0]} or more), use a "
-                f"higher shaping.layer, or a method that does not edit the policy ({', '.join(_loss_side())})."
-            )
+def split_edits(interventions: Sequence[Intervention], start_layer: int) -> tuple[list[Intervention], list[Intervention]]:
+    """Training-time edits (ablate, prevent) as (live, folded): an edit at a layer the policy trains
+    (ℓ ≥ ``start_layer``) runs as a hook in every training forward; one below it acts on frozen layers
+    only, so its effect on their output is fixed and is folded into the cached trunk
+    (``precompute.trunk_cache(edits=…)``), which is exactly the edited policy's forward."""
+    edits = [iv for iv in interventions if iv.touches_layers()]
+    live = [iv for iv in edits if min(iv.touches_layers()) >= start_layer]
+    return live, [iv for iv in edits if iv not in live]
 
 
 class PreferenceModule(L.LightningModule):
@@ -66,9 +59,12 @@ class PreferenceModule(L.LightningModule):
         self.term_names = list(term_names)
         self.register_buffer("lambdas", torch.as_tensor(lambdas if lambdas is not None else [], dtype=torch.float32),
                              persistent=False)
-        self.hooks = [iv for iv in hooks if iv.touches_layers()]
+        live, folded = split_edits(hooks, start_layer)
+        if folded:  # they belong in the trunk; a hook on a layer the trunk skips would never run
+            raise ShapingError(f"{', '.join(iv.name for iv in folded)}: edits below the trained layers "
+                               f"(from {start_layer}) must be folded into the trunk (train.precompute.trunk_cache)")
+        self.hooks = live
         self.start_layer = start_layer
-        check_hooks_trainable(self.hooks, start_layer)
 
     def policy_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected summed response log-probs, each (B,), from ONE forward over the packed pairs."""

@@ -102,6 +102,7 @@ class RefContext:
         self.pairs, self.tokenized = list(pairs), list(tokenized)
         self.shaping, self.named = shaping, {c.name: c for c in named_concepts}
         self.layer, self.max_prompt_tokens, self.batch_tokens = layer, max_prompt_tokens, batch_tokens
+        self.unit_directions = bool(shaping.get("unit_directions", True))
         self.n = len(self.pairs)
         self._ref: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scores = None
@@ -147,20 +148,27 @@ class RefContext:
         return self._ref
 
     @torch.no_grad()
-    def trunk(self) -> dict[str, torch.Tensor]:
-        """The trunk captured by the reference pass, or computed alone (stopping at its layer)."""
-        if self._trunk is None:
+    def trunk(self, edits: Sequence[Intervention] = ()) -> dict[str, torch.Tensor]:
+        """The trunk captured by the reference pass, or computed alone (stopping at its layer). With
+        ``edits`` (training-time edits at or below the trunk's layer) it is computed under their hooks:
+        the frozen layers below the trained ones then carry the edit, exactly as a full forward of
+        the edited policy would (the reference pass stays unedited)."""
+        if self._trunk is None or edits:
             if self.trunk_layer is None:
                 raise ValueError("RefContext.trunk_layer is not set")
             pad = self.tokenizer.pad_token_id or 0
             rows: list[torch.Tensor | None] = [None] * len(self.tokenized)
             lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in self.tokenized]
             dev = model_device(self.model)
-            for idx in track(length_batches(lengths, self.batch_tokens), f"precompute: trunk (layer {self.trunk_layer})",
-                             "pairs", total=len(self.tokenized), size=len):
+            what = f"precompute: trunk (layer {self.trunk_layer}{', edited' if edits else ''})"
+            for idx in track(length_batches(lengths, self.batch_tokens), what, "pairs", total=len(self.tokenized),
+                             size=len):
                 b = to_device(pack_pairs([self.tokenized[i] for i in idx], pad), dev)
-                h = truncated_forward(self.model, b["input_ids"], b["attention_mask"], self.trunk_layer,
-                                      position_ids=b["position_ids"])
+                with contextlib.ExitStack() as stack:
+                    for iv in edits:  # registered before truncated_forward's stop hook: it sees the edit
+                        stack.enter_context(iv.train_hooks(self.model))
+                    h = truncated_forward(self.model, b["input_ids"], b["attention_mask"], self.trunk_layer,
+                                          position_ids=b["position_ids"])
                 for j, i in enumerate(idx):
                     rows[i] = h[j, : lengths[i]].cpu().clone()
             self._trunk = _flat_trunk(rows, self.tokenized)
@@ -219,7 +227,7 @@ class RefContext:
 
     def direction(self, concept: str) -> torch.Tensor:
         v = self._direction(concept).float()
-        if self.shaping.get("unit_directions", True):
+        if self.unit_directions:
             v = v / v.norm().clamp_min(1e-8)
         return v
 
@@ -260,46 +268,51 @@ class Precomputed:
     term_names: list[str]
     lambdas: np.ndarray  # (U,)
     weights: np.ndarray  # (n,) product of filter weights; 0 = dropped
-    #: Intervention name -> the sign ΔA_u was multiplied by (``shaping.orient``; +1 under ``formula``).
+    #: Intervention name -> its orientation s_u (``shaping.orient``; +1 under ``formula``): ΔA_u was
+    #: multiplied by it (prevent adds s_u·v_u); ablate has none.
     orientation: dict[str, int] = field(default_factory=dict)
-
-
-ORIENT_MODES = ("data", "formula")
-
-
-def orient_delta(da: np.ndarray, mode: str) -> tuple[np.ndarray, int]:
-    """ΔA_u and its sign under ``shaping.orient``: ``data`` flips it when its mean over the training
-    pairs is negative (the preferred side has less of the concept), ``formula`` keeps it."""
-    if mode not in ORIENT_MODES:
-        raise ValueError(f"shaping.orient={mode!r}: use one of {list(ORIENT_MODES)}")
-    sign = -1 if mode == "data" and float(np.mean(da, dtype=np.float64)) < 0 else 1
-    return (da * sign).astype(np.float32), sign
+    #: Intervention name -> where s_u came from: audit | data | formula | assumed.
+    orientation_from: dict[str, str] = field(default_factory=dict)
 
 
 def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache: PrecomputeCache,
-                   model_fp: str, orient: str = "data") -> Precomputed:
+                   model_fp: str, orient: str = "audit") -> Precomputed:
+    """Reference log-probs, then per intervention its raw ΔA_u (cached), its orientation s_u
+    (``Intervention.orient``: the audit's direction under ``shaping.orient=audit``) and what it puts
+    in the loss (s_u·ΔA_u) or the pair weights."""
     base = {"model": model_fp, "tokens": tokens_fingerprint(ctx.tokenized)}
     ref = cache.get_or_compute(sha({**base, "what": "ref"}), lambda: dict(zip(("c", "r"), ctx.ref_logps(), strict=True)))
     cols, names, lams = [], [], []
     signs: dict[str, int] = {}
+    sources: dict[str, str] = {}
     weights = np.ones(ctx.n, np.float32)
     src = ctx.source_key()
     for iv in interventions:
         key = sha({**base, "what": iv.cache_key(), "src": src})
         res = iv.precompute(ctx) if not (cache.dir / f"{key}.safetensors").exists() else None
-        if res is None and iv.touches_layers():
-            continue  # training-time edit: nothing to cache (precompute bound its directions)
-        da = cache.get_or_compute(key, lambda res=res: {"delta_a": torch.as_tensor(res)})["delta_a"].numpy()
-        da, signs[iv.name] = orient_delta(da, orient)  # the cache keeps the raw ΔA_u
+        raw = None
+        if res is not None or not iv.touches_layers():  # a training-time edit caches nothing (precompute bound it)
+            raw = cache.get_or_compute(key, lambda res=res: {"delta_a": torch.as_tensor(res)})["delta_a"].numpy()
+        iv.orient(raw, orient)
+        if iv.oriented:
+            signs[iv.name], sources[iv.name] = iv.sign, iv.sign_from
+            if iv.sign_from in ("data", "assumed") and orient == "audit":
+                log.warning("%s: no audit direction given (decisions `direction`, or shaping.concepts[].direction); "
+                            "oriented by %s: s = %+d", iv.name,
+                            "the training pairs' mean ΔA" if iv.sign_from == "data" else "assumption", iv.sign)
+        if raw is None:
+            continue
+        da = (raw * iv.sign).astype(np.float32)  # the cache keeps the raw ΔA_u
         if iv.in_loss:
-            cols.append(da.astype(np.float32))
+            cols.append(da)
             names.append(iv.name)
             lams.append(iv.lam)
         w = iv.weights(da)
         if w is not None:
             weights = weights * w.astype(np.float32)
     delta = np.stack(cols, 1) if cols else np.zeros((ctx.n, 0), np.float32)
-    return Precomputed(ref["c"].numpy(), ref["r"].numpy(), delta, names, np.array(lams, np.float32), weights, signs)
+    return Precomputed(ref["c"].numpy(), ref["r"].numpy(), delta, names, np.array(lams, np.float32), weights, signs,
+                       sources)
 
 
 def _flat_trunk(rows: Sequence[torch.Tensor | None], tokenized: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
@@ -312,18 +325,21 @@ def _flat_trunk(rows: Sequence[torch.Tensor | None], tokenized: Sequence[Tokeniz
 
 
 def trunk_cache(ctx: RefContext, start_layer: int, cache: PrecomputeCache, model_fp: str,
-                dtype: str = "float32") -> dict[str, torch.Tensor]:
+                dtype: str = "float32", edits: Sequence[Intervention] = ()) -> dict[str, torch.Tensor]:
     """Input of decoder layer ``start_layer`` (= output of ``start_layer − 1``) per pair, stored flat:
     ``data`` (Σ tokens, d) holding prompt, chosen response, rejected response of each pair (the prompt
     once), and ``offsets`` (n, 3) of (start, len(prompt), len(chosen)); the rejected response follows
     the chosen one. Set ``ctx.trunk_layer`` before ``run_precompute`` to get it from the same forward
-    as the reference log-probs."""
+    as the reference log-probs (not with ``edits``: training-time edits below ``start_layer``, folded
+    into the trunk; ``run_precompute`` must have bound and oriented them)."""
     key = sha({"model": model_fp, "tokens": tokens_fingerprint(ctx.tokenized), "what": "trunk",
-               "layer": start_layer, "dtype": dtype})
+               "layer": start_layer, "dtype": dtype,
+               **({"edits": [{**iv.cache_key(), "sign": iv.sign, "lam": iv.lam} for iv in edits],
+                   "src": ctx.source_key()} if edits else {})})
     ctx.trunk_layer = start_layer - 1
 
     def compute() -> dict[str, torch.Tensor]:
-        t = ctx.trunk()
+        t = ctx.trunk(edits)
         return {"data": t["data"].to(getattr(torch, dtype)), "offsets": t["offsets"]}
 
     out = cache.get_or_compute(key, compute)

@@ -15,7 +15,7 @@ from prefsculpt.data.prepare import read_split
 from prefsculpt.data.prepared import Prepared
 from prefsculpt.data.schema import PreferencePair
 from prefsculpt.shaping.config import TrainConfig
-from prefsculpt.train.module import check_hooks_trainable
+from prefsculpt.shaping.registry import ShapingError
 
 
 def load_train_pairs(tc: TrainConfig, prepared: Prepared | None) -> list[PreferencePair]:
@@ -32,10 +32,16 @@ def load_train_pairs(tc: TrainConfig, prepared: Prepared | None) -> list[Prefere
     return pairs
 
 
-def check_layers(model_dir: Path, shaping: Any, top: int | None) -> None:
-    """Refuse a residual edit below the trained layers before opening a run or loading weights."""
+def check_layers(model_dir: Path, shaping: Any) -> None:
+    """Refuse a concept layer ℓ the model does not have, before opening a run or loading weights. Any
+    ℓ in range trains: an edit below the trained top layers is folded into the cached trunk
+    (``train.module.split_edits``)."""
     n = int(AutoConfig.from_pretrained(str(model_dir)).num_hidden_layers)
-    check_hooks_trainable(shaping.interventions, 0 if top is None or top >= n else n - top)
+    for iv in shaping.interventions:
+        bad = [ell for ell in iv.touches_layers() if not 0 <= ell < n]
+        if bad:
+            raise ShapingError(f"{iv.name}: layer {bad[0]} is out of range: the model has {n} decoder layers "
+                               f"(0..{n - 1}); set shaping.layer or sae.layer")
 
 
 

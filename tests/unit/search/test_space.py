@@ -1,7 +1,9 @@
 """The search space honours the decisions file, and the plain-DPO baseline is enqueued exactly once."""
 
 import optuna
+import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from prefsculpt.search.space import (
     BASELINE_ATTR,
@@ -157,3 +159,60 @@ def test_space_bounds_override_the_registry_ranges():
     assert [(r.low, r.high) for r in b.ranges("filter").values()] == [(0.1, 0.2)]
     with pytest.raises(SearchSpaceError, match=r"search.methods: unknown \['nudge'\].*'prevent'"):
         build_candidates(HYPOTHESES, None, 4, ["nudge"], ["suppress"])
+
+
+CLUSTERED = pd.DataFrame({
+    # ranked after merging: latent:3 and latent:4 are members of cluster:0 and have no rank of their own
+    "concept": ["cluster:0", "length", "latent:5", "latent:3", "latent:4", "latent:8"],
+    "kind": ["cluster", "builtin", "latent", "latent", "latent", "latent"],
+    "rank": [1.0, 2.0, 3.0, None, None, 4.0],
+    "direction": [-1, 1, 1, -1, -1, 1],
+    "members": [["latent:3", "latent:4"], None, None, None, None, None],
+})
+
+
+def test_a_cluster_is_a_candidate_with_its_members_and_unshapeable_hypotheses_take_no_place():
+    # steer only: the built-in `length` (scores only) cannot be shaped, so latent:8 moves up into the top 3
+    cands, skipped = build_candidates(CLUSTERED, None, 3, ["steer"], ["suppress"])
+    assert [c.concept for c in cands] == ["cluster:0", "latent:5", "latent:8"]
+    assert cands[0].members == ("latent:3", "latent:4") and cands[0].direction == -1
+    assert [s["concept"] for s in skipped] == ["length"]
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = False
+    for _ in range(10):
+        t = study.ask()
+        for s in suggest_concepts(t, cands, BOUNDS):
+            assert s["direction"] == {"cluster:0": -1, "latent:5": 1, "latent:8": 1}[s["concept"]]
+            if s["concept"] == "cluster:0":
+                assert s["members"] == ["latent:3", "latent:4"]
+                seen = True
+        study.tell(t, [0.0, 0.0])
+    assert seen
+    # feasibility by members: a cluster has a source when every member has it
+    from prefsculpt.search.inputs import feasibility
+    from prefsculpt.shaping.config import ShapingConfig
+
+    sh = OmegaConf.structured(ShapingConfig)
+    ok = feasibility(sh, [], {"sae_path": "/sae", "scores_dir": None, "directions_path": None}, CLUSTERED)
+    assert ok("cluster:0", "steer") and ok("cluster:0", "ablate") and not ok("cluster:0", "score")
+    # a hypothesis of another kind that lists members is shaped through them as well
+    other = CLUSTERED.assign(kind=CLUSTERED["kind"].replace("cluster", "data_cluster"))
+    assert build_candidates(other, None, 1, ["steer"], ["suppress"])[0][0].members == ("latent:3", "latent:4")
+
+
+def test_ablate_is_searched_with_suppress_only_and_every_method_by_default():
+    from prefsculpt.search.config import SearchConfig
+    from prefsculpt.shaping.registry import method_names
+
+    assert SearchConfig().methods == list(method_names())
+    cands, _ = build_candidates(HYPOTHESES, None, 4, ["ablate", "prevent"], ["suppress", "amplify"])
+    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    got = set()
+    for _ in range(30):
+        t = study.ask()
+        got |= {(s["method"], s["action"]) for s in suggest_concepts(t, cands, BOUNDS)}
+        study.tell(t, [0.0, 0.0])
+    assert got == {("ablate", "suppress"), ("prevent", "suppress"), ("prevent", "amplify")}
+    # amplify only: ablate is not offered at all
+    cands, _ = build_candidates(HYPOTHESES, None, 4, ["ablate", "prevent"], ["amplify"])
+    assert all(c.methods == ("prevent",) for c in cands)

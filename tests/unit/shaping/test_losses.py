@@ -63,6 +63,9 @@ def test_filter_drop_removes_exactly_the_share_by_signed_delta():
     w_amp = filter_weights(da, -1.0, "drop", 0.2)  # amplify drops the pairs whose rejected side has it
     assert set(torch.nonzero(w_amp == 0).flatten().tolist()) == {7, 2}
     assert int((filter_weights(da, 1.0, "drop", 0.0) == 0).sum()) == 0
+    # never a pair that does not teach the concept that way: of the 8 asked for, only 3 have ΔA < 0
+    w_most = filter_weights(da, -1.0, "drop", 0.8)
+    assert set(torch.nonzero(w_most == 0).flatten().tolist()) == {2, 5, 7}
 
 
 def test_filter_weight_mode_is_sigmoid_of_minus_kappa_delta():

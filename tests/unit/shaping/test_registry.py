@@ -152,3 +152,48 @@ def test_search_range_checks_itself_and_finds_fractions():
     assert SearchRange("share", 0.05, 0.3).at(0.25) == pytest.approx(0.1125)
     with pytest.raises(ValueError, match="low > 0 on a log scale"):
         SearchRange("lambda", 0.0, 1.0, log=True)
+
+
+def test_a_decision_carries_the_audits_direction_and_a_clusters_members():
+    dec = load_decisions({"version": 1, "concepts": [
+        {"concept": "cluster:0", "action": "suppress", "method": "score", "strength": 1.0, "direction": -1,
+         "members": ["latent:3", "latent:4"], "effect": -0.4},
+        {"concept": "latent:9", "action": "amplify", "method": "steer", "strength": 1.0}]}, None)
+    assert dec.entries[0].direction == -1 and dec.entries[0].members == ("latent:3", "latent:4")
+    assert dec.entries[1].direction is None and dec.entries[1].members == ()
+    assert dec.to_dict()["concepts"][0]["members"] == ["latent:3", "latent:4"]
+    assert "direction" not in dec.to_dict()["concepts"][1]
+    with pytest.raises(DecisionsError, match="direction must be 1.*got .sideways."):
+        load_decisions({"version": 1, "concepts": [
+            {"concept": "latent:1", "action": "suppress", "method": "score", "strength": 1.0, "direction": "sideways"}]}, None)
+
+
+def test_a_cluster_is_shaped_through_its_members_summed_scores_and_directions():
+    import numpy as np
+    import torch
+
+    from prefsculpt.shaping.registry import Spec, build_interventions
+
+    class Ctx:
+        n, layer, unit_directions = 2, 1, True
+        scores = {"latent:3": (np.array([1.0, 0.0]), np.array([0.0, 2.0])),
+                  "latent:4": (np.array([3.0, 1.0]), np.array([1.0, 0.0]))}
+        dirs = {"latent:3": torch.tensor([1.0, 0.0]), "latent:4": torch.tensor([0.0, 1.0])}
+
+        def concept_score(self, c):
+            return self.scores[c]
+
+        def direction(self, c):
+            return self.dirs[c]
+
+    ivs = build_interventions([Spec("cluster:0", m, "suppress", 1.0, {}, -1, ("latent:3", "latent:4"))
+                               for m in ("score", "ablate", "prevent")], layer=1)
+    score, ablate, prevent = ivs
+    c, r = score.score(Ctx(), "cluster:0")
+    assert c.tolist() == [4.0, 1.0] and r.tolist() == [1.0, 2.0]
+    torch.testing.assert_close(score.direction_of(Ctx(), "cluster:0"), torch.tensor([1.0, 1.0]) / 2 ** 0.5)
+    ablate.bind(Ctx())
+    assert ablate._dirs.shape == (2, 2)  # every member's direction is projected out
+    assert score.cache_key()["members"] == {"cluster:0": ["latent:3", "latent:4"]}
+    assert prevent.orient(None, "audit") == -1 and prevent.sign_from == "audit"
+    assert ablate.orient(None, "audit") == 1 and not ablate.oriented

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from prefsculpt.shaping.table import BEGIN, END, decisions_help, method_table, replace_table
+from prefsculpt.shaping.table import (
+    ACTIONS_BEGIN,
+    ACTIONS_END,
+    BEGIN,
+    END,
+    actions_table,
+    decisions_help,
+    method_table,
+    replace_table,
+)
 
 README = Path(__file__).resolve().parents[3] / "README.md"
 
@@ -14,6 +23,15 @@ def test_readme_table_is_the_rendered_one():
     text = README.read_text(encoding="utf-8")
     block = text.split(BEGIN + "\n", 1)[1].split(END, 1)[0]
     assert block == method_table(), "README.md's method table is stale: run python -m prefsculpt.shaping.table README.md"
+    block = text.split(ACTIONS_BEGIN + "\n", 1)[1].split(ACTIONS_END, 1)[0]
+    assert block == actions_table(), "README.md's suppress/amplify table is stale: run the same command"
+
+
+def test_actions_table_says_what_suppress_and_amplify_do_for_every_method():
+    rows = actions_table().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in rows] == ["`score`", "`steer`", "`inoculate`", "`filter`", "`ablate`",
+                                                      "`prevent`"]
+    assert all(len([c for c in r.split("|")[2:4] if c.strip()]) == 2 for r in rows)
 
 
 def test_table_has_one_row_per_method_with_its_search_range():

@@ -3,7 +3,6 @@
 import json
 
 import mlflow
-import pytest
 import torch
 
 from prefsculpt.train.datamodule import BucketBatchSampler, truncate_pair
@@ -72,16 +71,74 @@ def test_truncate_pair_keeps_start_like_trl(tiny_tokenizer):
     assert truncate_pair(t, len(t.prompt_ids)) is None
 
 
-def test_hook_below_trained_layers_is_refused(tiny_model_dir, tmp_path, mlflow_uri):
-    from prefsculpt.shaping.registry import ShapingError
+def test_edits_below_the_trained_layers_train_with_the_edit_folded_into_the_trunk(tiny_model_dir, tmp_path, mlflow_uri):
+    """ablate / prevent at ℓ = 1 while only the top layer (3) trains: the default layout (sae.layer below
+    train.train_top_layers) used to be refused."""
+    import mlflow
+    from safetensors.torch import save_file
+
     from prefsculpt.stages.train import run_train
     from tests.unit.train.helpers import train_cfg
 
-    cfg = train_cfg(tiny_model_dir, tmp_path, train={"train_top_layers": 1},
-                    shaping={"concepts": [{"concept": "latent:0", "method": "ablate"}], "layer": 1})
-    with pytest.raises(ShapingError, match="layer 1.*train_top_layers") as ei:
-        run_train(cfg)
-    assert "does not edit the policy (score, steer, inoculate, filter)" in str(ei.value)
+    d = tmp_path / "dirs.safetensors"
+    save_file({"named:a": torch.randn(32), "named:b": torch.randn(32)}, str(d))
+    cfg = train_cfg(tiny_model_dir, tmp_path, train={"train_top_layers": 1, "max_pairs": 8},
+                    shaping={"concepts": [{"concept": "named:a", "method": "ablate"},
+                                          {"concept": "named:b", "method": "prevent", "strength": 2.0,
+                                           "direction": -1}],
+                             "layer": 1, "directions_path": str(d)})
+    out = run_train(cfg)
+    assert out["optimizer_steps"] == 2
+    params = mlflow.get_run(out["run_id"]).data.params
+    assert params["shaping/prevent/named_b/orientation"] == "-1"
+    assert params["shaping/prevent/named_b/orientation_from"] == "audit"
+
+
+def test_folded_trunk_is_the_edited_forward(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The trunk an edit below the trained layers is folded into equals the output of the last frozen
+    layer under that edit (and differs from the reference's unedited trunk)."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from prefsculpt.data.schema import PreferencePair
+    from prefsculpt.data.tokenize import tokenize_pairs
+    from prefsculpt.models.hooks import add_to_residual, truncated_forward
+    from prefsculpt.models.loading import load_model
+    from prefsculpt.shaping.config import ShapingConfig
+    from prefsculpt.shaping.resolve import resolve_shaping
+    from prefsculpt.train.forward import pack_pairs
+    from prefsculpt.train.module import split_edits
+    from prefsculpt.train.precompute import PrecomputeCache, RefContext, run_precompute, trunk_cache
+
+    v = torch.randn(32)
+    save_file({"named:a": v}, str(tmp_path / "dirs.safetensors"))
+    sc = OmegaConf.merge(OmegaConf.structured(ShapingConfig), {"directions_path": str(tmp_path / "dirs.safetensors"),
+                                                                "concepts": [
+        {"concept": "named:a", "method": "prevent", "strength": 3.0, "direction": -1, "action": "amplify"}]})
+    shaping = resolve_shaping(sc, layer=0)
+    live, folded = split_edits(shaping.interventions, 2)
+    assert not live and folded == shaping.interventions
+    pairs = [PreferencePair("p0", "What is 7 times 8?", "56.", "54."), PreferencePair("p1", "Paris?", "Yes.", "No.")]
+    tok = tiny_tokenizer
+    toks = tokenize_pairs(pairs, tok, 64, 32)
+    model = load_model(tiny_model_dir).eval()
+    ctx = RefContext(model, tok, pairs, toks, sc, [], 0, 64)
+    cache = PrecomputeCache(tmp_path / "cache")
+    pre = run_precompute(ctx, shaping.interventions, cache, "m", "audit")
+    assert pre.orientation == {"prevent/named:a": -1}
+    trunk = trunk_cache(ctx, 2, cache, "m", edits=folded)
+    b = pack_pairs(toks, tok.pad_token_id)
+    unit = v / v.norm()
+    with torch.no_grad(), add_to_residual(model, 0, unit, -3.0 * -1):  # amplify (α = −λ) times s = −1
+        want = truncated_forward(model, b["input_ids"], b["attention_mask"], 1, position_ids=b["position_ids"])
+    with torch.no_grad():
+        plain = truncated_forward(model, b["input_ids"], b["attention_mask"], 1, position_ids=b["position_ids"])
+    for i, (s0, p, c) in enumerate(trunk["offsets"].tolist()):
+        n = p + c + len(toks[i].rejected_ids)
+        torch.testing.assert_close(trunk["data"][s0 : s0 + n], want[i, :n])
+        assert not torch.allclose(trunk["data"][s0 : s0 + n], plain[i, :n])
+    unedited = trunk_cache(ctx, 2, cache, "m")["data"]  # its own cache key: not the edited one
+    assert not torch.allclose(unedited, trunk["data"])
 
 
 def test_run_train_plain_dpo_logs_one_run_and_saves_policy(tiny_model_dir, tmp_path, mlflow_uri):
