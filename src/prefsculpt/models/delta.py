@@ -85,14 +85,15 @@ def changed_parameters(model: Any, base_dir: str | os.PathLike | None = None) ->
     if base_dir is not None:
         where = _base_tensors(Path(base_dir))
         moved = []
-        for n, p in params.items():
-            if n in out or n not in where:
-                continue
-            with safe_open(str(where[n]), framework="pt") as st:
-                ref = st.get_tensor(n)
-            if ref.shape != p.shape or not torch.equal(p.detach().cpu(), ref.to(p.dtype)):
-                out[n] = p
-                moved.append(n)
+        for f in sorted(set(where.values())):
+            with safe_open(str(f), framework="pt") as st:
+                for n, p in params.items():
+                    if n in out or where.get(n) != f:
+                        continue
+                    ref = st.get_tensor(n)
+                    if ref.shape != p.shape or not torch.equal(p.detach().cpu(), ref.to(p.dtype)):
+                        out[n] = p
+                        moved.append(n)
         if moved:
             log.warning("delta: %d frozen parameter(s) differ from the base and are kept too: %s", len(moved),
                         ", ".join(moved[:5]))
