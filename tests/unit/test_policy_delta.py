@@ -152,3 +152,21 @@ def test_the_search_logs_full_models_for_its_pareto_front_only(tiny_model_dir, t
     client = mlflow.MlflowClient()
     assert client.get_run(trial_ids[0]).data.tags[Tag.MODEL_URI] == got[0]
     assert Tag.MODEL_URI not in client.get_run(trial_ids[1]).data.tags  # off the front: its delta only
+
+
+def test_search_trials_default_to_delta_and_the_train_stage_keeps_full(monkeypatch):
+    import prefsculpt.stages.search as S
+    from prefsculpt.config import compose, policy_log_mode
+
+    seen = []
+    monkeypatch.setattr(S, "run_train", lambda c: seen.append(policy_log_mode(c.train)) or {"run_id": "r"})
+    monkeypatch.setattr(S, "run_evaluate", lambda c: {"run_id": "e", "metrics": {}})
+    cfg = compose("experiment=tiny")
+    assert policy_log_mode(cfg.train) == "full"  # the standalone train stage
+    for key, val in ((None, None), ("train.log_model", False), ("train.log_policy", "full")):
+        c = cfg.copy()
+        if key:
+            OmegaConf.update(c, key, val)
+        S.train_and_evaluate(c)
+    assert seen == ["delta", "none", "full"]
+    assert cfg.train.log_policy is None  # the caller's config is left as it was
