@@ -159,6 +159,34 @@ class PipelineConfig:
     reuse: bool = True
 
 
+#: What a train run logs as its policy (``train.log_policy``).
+PolicyLog = StrEnum("PolicyLog", ["full", "delta", "none"])
+
+
+@dataclass
+class TrainStageConfig(TrainConfig):
+    """:class:`prefsculpt.shaping.config.TrainConfig` (every other ``train.*`` field and its doc) plus
+    how the policy is stored."""
+
+    #: What the train run logs as its policy. ``full``: an MLflow transformers chat model the registry
+    #: can serve (the whole model, ~540 MB for SmolLM2-135M). ``delta``: only the trained parameters
+    #: (the top ``train_top_layers`` layers + final norm, safetensors) and a manifest naming the base by
+    #: content fingerprint, as the run's ``policy_delta/`` artifact; ``eval.policy=<run id>`` assembles
+    #: the full policy from it into the cache. ``none``: nothing (the local policy folder only).
+    #: null = ``full`` when ``log_model`` is true, else ``none``; search trials default to ``delta``
+    #: (the search logs full models only for its Pareto front and promote for its pick).
+    log_policy: PolicyLog | None = None
+
+
+def policy_log_mode(tc: Any, default_full: str = "full") -> str:
+    """``train.log_policy`` resolved: the explicit value, else ``default_full`` when ``train.log_model``
+    (the older switch) is true, else ``none``."""
+    mode = tc.get("log_policy") if hasattr(tc, "get") else getattr(tc, "log_policy", None)
+    if mode is not None:
+        return str(getattr(mode, "value", mode))
+    return default_full if bool(tc.get("log_model", True)) else "none"
+
+
 @dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -168,7 +196,7 @@ class RootConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainStageConfig = field(default_factory=TrainStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)

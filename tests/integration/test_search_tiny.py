@@ -54,7 +54,12 @@ def test_search_real_trials_then_promote(mlflow_uri, tmp_path, monkeypatch):
         assert {"search/off_target", "search/on_target"} <= set(run.data.metrics)
         kids = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
         assert sorted(k.data.tags["prefsculpt.stage"] for k in kids) == ["evaluate", "train"]
-        assert t.user_attrs["model_uri"].startswith("models:/")
+        # a trial logs its trained layers only (issue 17.4); the Pareto front gets full models afterwards
+        tr = client.get_run(run.data.tags["prefsculpt.train_run_id"])
+        assert tr.data.tags["prefsculpt.log_policy"] == "delta" and not t.user_attrs.get("model_uri")
+        on_front = t.number in {int(r["trial"]) for r in out["pareto"]}
+        assert run.data.tags.get("prefsculpt.model_uri") == out["front_models"].get(t.number)
+        assert run.data.tags.get("prefsculpt.model_uri", "").startswith("models:/") == on_front
         # the trial carries its evaluation's metrics: one key set for the UI's compare view
         ev = client.get_run(run.data.tags["prefsculpt.eval_run_id"]).data.metrics
         assert set(run.data.metrics) == set(ev) and run.data.metrics["search/off_target"] == ev["search/off_target"]

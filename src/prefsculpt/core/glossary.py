@@ -109,6 +109,9 @@ ENTRIES: tuple[Entry, ...] = (
     _E("train/fit_s", INFO, "seconds of DPO training", "train"),
     _E("train/optimizer_steps", INFO, "optimizer steps taken", "train"),
     _E("train/pairs_per_s", HIGHER, "training throughput (0 on a resumed run)", "train"),
+    _E("train/policy_delta_mb", INFO, "MB of the policy delta the run logged (train.log_policy=delta: the "
+       "trained layers only, instead of a whole model)", "train"),
+    _E("train/policy_delta_params", INFO, "parameters in the policy delta (the trained ones)", "train"),
     _E("epoch", INFO, "training epoch (Lightning)", "train"),
     # evaluate: sycophancy
     _E("syc/planted/shift", LOWER, "sycophancy: agreement with the user's wrong belief minus agreement with the "

@@ -46,6 +46,8 @@ class Tag:
     #: ``ddp x2``: the strategy and number of devices of a multi-device fit.
     STRATEGY = "prefsculpt.strategy"
     SHAPING = "prefsculpt.shaping"
+    #: On a train run: what it logged as its policy (full | delta | none; ``train.log_policy``).
+    POLICY_LOG = "prefsculpt.log_policy"
     # evaluation
     POLICY = "prefsculpt.policy"
     POLICY_SOURCE = "prefsculpt.policy_source"
@@ -145,3 +147,5 @@ class Artifact:
     DECISIONS = "audit/decisions.yaml"
     REPORT = "audit/report.html"
     POLICY_DIR = "policy"
+    #: A train run's trained parameters + manifest (``train.log_policy=delta``; models/delta.py).
+    POLICY_DELTA = "policy_delta"

@@ -42,6 +42,7 @@ from prefsculpt.search.promote import (
     register,
     skipped_gates,
 )
+from prefsculpt.tracking.models import trial_model_uri
 from prefsculpt.tracking.runs import stage_run
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,11 @@ def run_promote(cfg: DictConfig) -> dict[str, Any]:
             skipped = skipped_gates(cand, base)  # a metric the data cannot produce: recorded, never a pass
             bgates = [g for g in baseline_gates(cand, base, pc.syc_ratio_max, pc.on_target_tolerance)
                       if g.name not in skipped]
+        # A trial that logged only its trained layers (a policy delta, issue 17.4): its full model is
+        # assembled and logged here, before the lock, so register() has a model to register.
+        pick = pick.copy()
+        pick["model_uri"] = trial_model_uri(pick.run_id, pick.get("train_run_id"), pick.get("model_uri"),
+                                            cfg.get("model"), paths.cache_root(cfg.get("cache_dir")))
         spec = resolve_lock(pc.get("lock"), mlflow.get_tracking_uri(), cfg.get("search", {}).get("storage"), name,
                             paths.cache_root(cfg.get("cache_dir")) / "locks")
         mlflow.set_tag(Tag.PROMOTE_LOCK, spec.describe())

@@ -14,6 +14,7 @@ import mlflow
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from prefsculpt.config import policy_log_mode
 from prefsculpt.core import paths
 from prefsculpt.core.faults import fault_point
 from prefsculpt.core.names import Attr, Tag
@@ -33,6 +34,7 @@ from prefsculpt.search.study import (
 from prefsculpt.stages.evaluate import run_evaluate
 from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.stages.train import run_train
+from prefsculpt.tracking.models import trial_model_uri
 from prefsculpt.tracking.runs import stage_run
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,43 @@ log = logging.getLogger(__name__)
 
 def train_and_evaluate(cfg: DictConfig) -> O.Outcome:
     """The trial's runner: the train stage on ``cfg`` (nested under the active trial run), then the
-    evaluate stage on its policy."""
+    evaluate stage on its policy. A trial logs only its trained layers (``train.log_policy`` unset:
+    ``delta``; ``train.log_model=false``: nothing); :func:`log_front_policies` logs full models later."""
+    if cfg.train.get("log_policy") is None:
+        cfg = copy.deepcopy(cfg)
+        OmegaConf.update(cfg, "train.log_policy", policy_log_mode(cfg.train, default_full="delta"))
     tr = run_train(cfg)
     ecfg = copy.deepcopy(cfg)
     OmegaConf.update(ecfg, "eval.policy", tr["run_id"])
     ev = run_evaluate(ecfg)
     return O.Outcome(tr["run_id"], ev["run_id"], tr.get("model_uri"), dict(ev["metrics"]))
+
+
+def log_front_policies(df: pd.DataFrame, cfg: DictConfig, cache_root: Any) -> dict[int, str]:
+    """Full models for the complete Pareto-front trials that logged only a policy delta: assembled
+    from base + delta, logged on this search run and tagged on the trial run (``prefsculpt.model_uri``),
+    so promote can register any of them and the registry serve it. The other trials keep only their
+    trained layers in the artifact store. A failure is logged and skipped: promote assembles its pick
+    itself. Returns {trial number: model URI} of the trials this call gave a full model."""
+    if df.empty:
+        return {}
+    front = df[df["pareto"] & (df["state"] == "COMPLETE")]
+    out = {}
+    for r in front.itertuples():
+        if r.model_uri or not r.train_run_id or not r.mlflow_run_id:
+            continue
+        try:
+            uri = trial_model_uri(r.mlflow_run_id, r.train_run_id, None, cfg.get("model"), cache_root)
+        except Exception as exc:  # noqa: BLE001 - the search's result stands; promote retries its pick
+            log.warning("search: could not log the full policy of Pareto trial %d (train run %s): %s: %s",
+                        r.trial, r.train_run_id, type(exc).__name__, exc)
+            continue
+        if uri:
+            out[int(r.trial)] = uri
+    if out:
+        mlflow.log_dict({str(k): v for k, v in out.items()}, "search/front_policies.json")
+        log.info("search: full policies logged for Pareto trials %s", sorted(out))
+    return out
 
 
 def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any]:
@@ -98,9 +131,11 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
         df = trials_table(study)
         metrics = log_results(df, tol)
         log_parallel(study, df)
+        front_models = log_front_policies(df, cfg, cache_root)
         mlflow.log_metric("search/n_ran_here", float(len(ran)))
     log.info("search: this worker ran trials %s; study %r has %d complete, %d failed, %d on the Pareto front",
              ran, sc.study_name, metrics["search/n_complete"], metrics["search/n_fail"], metrics["search/n_pareto"])
     return {"run_id": run.info.run_id, "study_name": sc.study_name, "study_uid": uid, "storage": url,
             "audit_run_id": audit_id, "decisions_hash": dhash, "trials_ran": ran, "metrics": metrics,
-            "pareto": df[df["pareto"]].to_dict("records"), "candidates": [c.concept for c in candidates]}
+            "pareto": df[df["pareto"]].to_dict("records"), "candidates": [c.concept for c in candidates],
+            "front_models": front_models}

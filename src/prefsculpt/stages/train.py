@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from prefsculpt.concepts.sae_model import concept_layer
+from prefsculpt.config import policy_log_mode
 from prefsculpt.core.device import (
     HOST,
     accelerator,
@@ -40,12 +41,13 @@ from prefsculpt.core.paths import cache_root
 from prefsculpt.core.progress_bar import StepProgress
 from prefsculpt.core.redact import mlflow_params
 from prefsculpt.data.tokenize import tokenize_pairs
+from prefsculpt.models.delta import save_delta
 from prefsculpt.models.loading import load_model, load_tokenizer, resolve_model_dir, tokenizer_fingerprint
 from prefsculpt.shaping.resolve import resolve_shaping
 from prefsculpt.stages.prepare import prepared_data
 from prefsculpt.stages.train_ddp import FitSpec, check_strategy, fit_distributed
 from prefsculpt.tracking.artifacts import local_decisions
-from prefsculpt.tracking.models import PolicyMeta, log_policy
+from prefsculpt.tracking.models import PolicyMeta, delta_extra, log_policy, log_policy_delta
 from prefsculpt.tracking.runs import log_pairs_input, resolve_tracking_uri, stage_run
 from prefsculpt.train.datamodule import PreferenceDataModule, truncate_pair
 from prefsculpt.train.module import PreferenceModule, freeze_below, split_edits
@@ -235,16 +237,26 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     metrics = {"train/optimizer_steps": float(steps), "train/fit_s": fit_s,
                "train/pairs_per_s": len(dm.dataset) * tc.epochs / max(fit_s, 1e-9) if not resume else 0.0}
     mlflow.log_metrics(metrics)
-    model_uri = None
-    if tc.log_model:
+    model_uri = delta_uri = None
+    mode = policy_log_mode(tc)  # full | delta | none (train.log_policy, else train.log_model)
+    mlflow.set_tag(Tag.POLICY_LOG, mode)
+    if mode != "none":
         meta = PolicyMeta(cfg.model.name_or_path, run_id, shaping.decisions_hash, _audit_run_id(cfg, run_id),
                           shaping.summary())
+    if mode == "full":
         model_uri = log_policy(policy_dir, meta).model_uri
+    elif mode == "delta":  # only what training changed; the full model is assembled on demand
+        with atomic_dir(work / "policy_delta") as tmp:
+            man = save_delta(model, tmp, model_dir, cfg.model.name_or_path, extra=delta_extra(meta))
+        delta_uri = log_policy_delta(work / "policy_delta")
+        mlflow.log_metrics({"train/policy_delta_mb": man["bytes"] / 1e6,
+                            "train/policy_delta_params": float(man["n_parameters"])})
     atomic_write_json(work / "done.json", {"run_id": run_id, "optimizer_steps": steps})
     if not tc.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.info("train: %d optimizer steps in %.1f s (precompute %.1f s); policy at %s", steps, fit_s,
              t_pre, policy_dir)
-    return {"run_id": run_id, "metrics": metrics, "model_uri": model_uri, "policy_dir": str(policy_dir),
+    return {"run_id": run_id, "metrics": metrics, "model_uri": model_uri, "delta_uri": delta_uri,
+            "policy_dir": str(policy_dir),
             "optimizer_steps": int(steps), "pairs_dropped": dm.n_dropped,
             "term_names": pre.term_names}

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ import mlflow
 import torch
 from transformers import AutoModelForCausalLM
 
-from prefsculpt.core.names import Tag
-from prefsculpt.models.loading import load_tokenizer
+from prefsculpt.core.names import Artifact, Tag
+from prefsculpt.models.delta import MANIFEST, read_manifest
+from prefsculpt.models.loading import load_tokenizer, resolve_model_dir
+from prefsculpt.tracking.policies import resolve_policy, run_has_delta
 
 log = logging.getLogger(__name__)
 
@@ -140,3 +143,86 @@ def log_policy(policy_dir: str | Path, meta: PolicyMeta | None = None, name: str
         tags=meta.tags(), params=meta.params())
     log.info("policy logged as %s (%s, transformers flavor)", info.model_uri, TASK)
     return info
+
+
+# ---------------------------------------------------------------- policy deltas (train.log_policy=delta)
+def delta_extra(meta: PolicyMeta) -> dict[str, Any]:
+    """What a delta's manifest carries so its full model can be logged later with the same provenance."""
+    return {"policy_meta": asdict(meta)}
+
+
+def meta_from_manifest(manifest: dict[str, Any], train_run_id: str = "") -> PolicyMeta:
+    got = (manifest.get("extra") or {}).get("policy_meta") or {}
+    known = {f.name for f in fields(PolicyMeta)}
+    meta = {k: v for k, v in got.items() if k in known}
+    meta.setdefault("base_model", str(manifest.get("base", {}).get("name_or_path") or ""))
+    if train_run_id:
+        meta["train_run_id"] = meta.get("train_run_id") or train_run_id
+    return PolicyMeta(**meta)
+
+
+def log_policy_delta(delta_dir: str | Path) -> str:
+    """Log the delta folder (``delta.safetensors`` + ``delta.json``) as the active run's
+    ``policy_delta/`` artifact; returns its ``runs:/`` URI (what :func:`resolve_policy` assembles)."""
+    man = read_manifest(delta_dir)
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_policy_delta needs an active MLflow run")
+    mlflow.log_artifacts(str(delta_dir), Artifact.POLICY_DELTA)
+    log.info("policy delta logged: layers %s + %s, %.2f MB (%d of %d parameters) against base %s (%s)",
+             man["layers"], man["others"], man["bytes"] / 1e6, man["n_parameters"], man["n_base_parameters"],
+             man["base"]["name_or_path"], man["base"]["fingerprint"])
+    return f"runs:/{run.info.run_id}/{Artifact.POLICY_DELTA}"
+
+
+def logged_full_policy(train_run_id: str) -> str | None:
+    """``models:/m-<id>`` of a full policy logged for ``train_run_id`` (by the train run itself, or
+    assembled later by the search or promote for it); None if there is none."""
+    client = mlflow.MlflowClient()
+    exps = {client.get_run(train_run_id).info.experiment_id}
+    if (active := mlflow.active_run()) is not None:
+        exps.add(active.info.experiment_id)
+    for flt in (f"source_run_id = '{train_run_id}'", f"tags.`{Tag.TRAIN_RUN}` = '{train_run_id}'"):
+        found = mlflow.search_logged_models(experiment_ids=sorted(exps), filter_string=flt, output_format="list")
+        if found:
+            return f"models:/{found[0].model_id}"
+    return None
+
+
+def full_policy_uri(train_run_id: str, base_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> str:
+    """A full, servable model of ``train_run_id``'s policy: the one already logged for it, else its
+    delta assembled on ``base_dir`` (verified by fingerprint) and logged with :func:`log_policy` on the
+    active run (tagged with the train run, so a second call finds it). Returns ``models:/m-<id>``."""
+    found = logged_full_policy(train_run_id)
+    if found:
+        return found
+    path = resolve_policy(train_run_id, base_dir, cache_dir).path
+    try:
+        man = mlflow.artifacts.load_dict(f"runs:/{train_run_id}/{Artifact.POLICY_DELTA}/{MANIFEST}")
+    except Exception as exc:  # a run trained here with log_policy=none: its local folder, plain provenance
+        log.warning("no delta manifest on run %s (%s); logging its policy with the run id as provenance",
+                    train_run_id, type(exc).__name__)
+        man = {}
+    info = log_policy(path, meta_from_manifest(man, train_run_id))
+    log.info("full policy of train run %s assembled and logged as %s", train_run_id, info.model_uri)
+    return str(info.model_uri)
+
+
+def trial_model_uri(trial_run_id: str, train_run_id: str | None, model_uri: str | None, model_cfg: Any,
+                    cache_dir: str | os.PathLike) -> str | None:
+    """A search trial's full, registrable model: ``model_uri`` when the trial logged one; else, when
+    its train run logged only a delta (search trials do by default), the full policy assembled on the
+    configured base (``model_cfg``: ``model.name_or_path``, ``model.cache_dir``), logged with
+    :func:`log_policy` on the active run and tagged on the trial run as ``prefsculpt.model_uri``;
+    else None. Used after the search (Pareto front) and by promote (the pick)."""
+    if isinstance(model_uri, str) and model_uri:
+        return model_uri
+    if not (isinstance(train_run_id, str) and train_run_id) or not run_has_delta(train_run_id):
+        return None
+    if model_cfg is None:
+        raise ValueError(f"train run {train_run_id} logged only a policy delta: assembling it needs the base "
+                         "model (config section model)")
+    base_dir = resolve_model_dir(model_cfg.name_or_path, model_cfg.get("cache_dir"))
+    uri = full_policy_uri(train_run_id, base_dir, cache_dir)
+    mlflow.MlflowClient().set_tag(trial_run_id, Tag.MODEL_URI, uri)
+    return uri

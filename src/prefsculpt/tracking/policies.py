@@ -7,7 +7,9 @@ Accepted forms:
   in ``components/tokenizer/`` (put back together here, see :func:`tokenizer_beside`); older
   pyfunc models kept both in ``artifacts/policy``;
 - an MLflow run id of a ``train`` run: its local policy folder when this machine trained it,
-  else the model the run logged;
+  else the model the run logged, else its ``policy_delta/`` (``train.log_policy=delta``: the trained
+  layers only), assembled once with the base into the cache (:func:`assemble_delta`);
+- a folder or ``runs:/`` URI holding a policy delta (``delta.json`` + ``delta.safetensors``): the same;
 - an MLflow model URI: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/m-<id>``
   or ``runs:/<run id>/<path>``, downloaded into the cache.
 Anything that does not resolve raises :class:`PolicySourceError` naming it (the CLI prints it and
@@ -26,13 +28,14 @@ from pathlib import Path
 
 import mlflow
 
-from prefsculpt.core.files import atomic_dir, model_fingerprint
-from prefsculpt.core.names import Tag
+from prefsculpt.core.files import atomic_dir, json_digest, model_fingerprint
+from prefsculpt.core.names import Artifact, Tag
+from prefsculpt.models.delta import DeltaError, assemble_policy, find_delta_dir, read_manifest
 from prefsculpt.models.loading import ModelSourceError
 
 log = logging.getLogger(__name__)
 
-FORMS = ("base", "a local model folder", "an MLflow run id of a train run", "models:/<name>@<alias>",
+FORMS = ("base", "a local model folder (or policy delta)", "an MLflow run id of a train run", "models:/<name>@<alias>",
          "models:/<name>/<version>", "runs:/<run id>/<path>")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -97,9 +100,27 @@ def _local_mlflow_model(hf: Path, tok: Path, cache: Path) -> Path:
     return target
 
 
-def _download(spec: str, cache: Path) -> Path:
-    """Download an MLflow model/artifact URI into ``cache`` atomically; returns the HF folder inside."""
+def assemble_delta(delta_dir: Path, base_dir: str | os.PathLike, cache: Path, spec: str | None = None) -> Path:
+    """The full policy of the delta at ``delta_dir`` on ``base_dir``: assembled once into
+    ``<cache>/evals/policies/delta-<key>``, keyed by the delta's content and the base's fingerprint
+    (atomic; a later call reuses it). A base that is not the delta's raises naming both fingerprints."""
+    try:
+        man = read_manifest(delta_dir)
+        target = cache / "evals" / "policies" / f"delta-{json_digest(man.get('sha256'), model_fingerprint(base_dir), length=16)}"
+        if (target / "config.json").is_file():
+            return target
+        return assemble_policy(delta_dir, base_dir, target)
+    except DeltaError as exc:
+        if spec is None:
+            raise
+        raise _fail(spec, str(exc)) from exc
+
+
+def _download(spec: str, cache: Path, base_dir: str | os.PathLike | None = None) -> Path:
+    """Download an MLflow model/artifact URI into ``cache`` atomically; returns the HF folder inside
+    (a policy delta in it: the full policy assembled on ``base_dir``)."""
     key = hashlib.sha1(spec.encode()).hexdigest()[:12]
+    delta = None
     with atomic_dir(cache / "evals" / "policies" / key) as tmp:
         try:
             got = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=str(tmp)))
@@ -107,15 +128,30 @@ def _download(spec: str, cache: Path) -> Path:
             raise _fail(spec, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         hf = find_hf_folder(got)
         if hf is None:
-            raise _fail(spec, "it downloaded, but holds no Hugging Face model folder (config.json + *.safetensors)")
-        tok = tokenizer_beside(hf)
-        if tok is not None:
-            _add_tokenizer(hf, tok, link=False)
-        rel = hf.relative_to(tmp)
+            delta = find_delta_dir(got)
+            if delta is None or base_dir is None:
+                raise _fail(spec, "it downloaded, but holds no Hugging Face model folder (config.json + *.safetensors)")
+            rel = delta.relative_to(tmp)
+        else:
+            tok = tokenizer_beside(hf)
+            if tok is not None:
+                _add_tokenizer(hf, tok, link=False)
+            rel = hf.relative_to(tmp)
+    if delta is not None:
+        return assemble_delta(cache / "evals" / "policies" / key / rel, base_dir, cache, spec)
     return cache / "evals" / "policies" / key / rel
 
 
-def _from_run(run_id: str, cache: Path) -> Path:
+def run_has_delta(run_id: str) -> bool:
+    """The run logged a policy delta (``train.log_policy=delta``)."""
+    try:
+        names = {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, Artifact.POLICY_DELTA)}
+    except Exception:
+        return False
+    return "delta.json" in names
+
+
+def _from_run(run_id: str, cache: Path, base_dir: str | os.PathLike) -> Path:
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -128,9 +164,12 @@ def _from_run(run_id: str, cache: Path) -> Path:
             return local
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run_id}'", output_format="list")
-    if not models:
-        raise _fail(run_id, "the run logged no model (is it a train run that finished with train.log_model=true?)")
-    return _download(f"models:/{models[0].model_id}", cache)
+    if models:
+        return _download(f"models:/{models[0].model_id}", cache)
+    if run_has_delta(run_id):  # train.log_policy=delta: the trained layers against the base
+        return _download(f"runs:/{run_id}/{Artifact.POLICY_DELTA}", cache, base_dir)
+    raise _fail(run_id, "the run logged no model and no policy delta (is it a train run that finished with "
+                "train.log_policy=full or delta?)")
 
 
 def resolve_policy(spec: str | None, base_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> ResolvedPolicy:
@@ -140,15 +179,19 @@ def resolve_policy(spec: str | None, base_dir: str | os.PathLike, cache_dir: str
     if spec == "base":
         path, source, run_id = Path(base_dir), "base", None
     elif spec.startswith(("models:/", "runs:/")):
-        path, source, run_id = _download(spec, cache), "uri", None
+        path, source, run_id = _download(spec, cache, base_dir), "uri", None
     elif Path(spec).expanduser().is_dir():
         found = find_hf_folder(Path(spec).expanduser())
-        if found is None:
+        delta = find_delta_dir(Path(spec).expanduser()) if found is None else None
+        if delta is not None:
+            found, tok = assemble_delta(delta, base_dir, cache, spec), None
+        elif found is None:
             raise _fail(spec, "the folder holds no Hugging Face model (config.json + *.safetensors)")
-        tok = tokenizer_beside(found)
+        else:
+            tok = tokenizer_beside(found)
         path, source, run_id = (found if tok is None else _local_mlflow_model(found, tok, cache)), "folder", None
     elif _RUN_ID.match(spec):
-        path, source, run_id = _from_run(spec, cache), "run", spec
+        path, source, run_id = _from_run(spec, cache, base_dir), "run", spec
     else:
         raise _fail(spec, "not a folder, a run id or an MLflow model URI")
     log.info("evaluate: policy %s -> %s", spec, path)

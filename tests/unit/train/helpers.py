@@ -6,18 +6,18 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from prefsculpt.shaping.config import ShapingConfig, TrainConfig
+from prefsculpt.shaping.config import ShapingConfig
 
 
 def train_cfg(model_dir, tmp_path, train: dict[str, Any] | None = None, shaping: dict[str, Any] | None = None,
               extra: dict[str, Any] | None = None):
-    from prefsculpt.config import compose
+    from prefsculpt.config import TrainStageConfig, compose
 
     base = compose("experiment=tiny")
     OmegaConf.set_struct(base, False)
     # Pinned here, not taken from TrainConfig's defaults (which are sized for SmolLM2 on a CPU):
     # the tests count optimizer steps of one epoch of full fine-tuning on the tiny model.
-    t = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"lr": 1e-3, "batch_size": 4, "max_length": 96,
+    t = OmegaConf.merge(OmegaConf.structured(TrainStageConfig), {"lr": 1e-3, "batch_size": 4, "max_length": 96,
                                                             "epochs": 1, "train_top_layers": None,
                                                             "checkpoint_every_n_steps": 2, "log_model": False,
                                                             **(train or {})})
