@@ -49,7 +49,8 @@ class SAEConfig:
     #: Share of the steps at the end over which the learning rate decays linearly to 0.
     lr_decay_fraction: float = 0.2
     batch_size_tokens: int = 4096
-    #: bfloat16 autocast for the SAE's matmuls (about 1.5x faster on this CPU; STACK.md §7).
+    #: bfloat16 autocast for the SAE's matmuls where the device has fast bf16 (about 1.5x faster on a
+    #: CPU with AVX-512/AMX; STACK.md §7); ignored on an AVX2-only CPU, where emulated bf16 is ~60x slower.
     autocast: bool = True
     #: Steps a latent may stay silent before it counts as dead and gets the TopK auxiliary loss.
     dead_feature_window: int = 50

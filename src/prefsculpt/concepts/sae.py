@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from prefsculpt.concepts.config import SAEConfig
 from prefsculpt.concepts.diskrows import row_norms, take_rows
-from prefsculpt.core.device import HOST
+from prefsculpt.core.device import HOST, bf16_autocast_fast
 from prefsculpt.core.errors import UserError
 from prefsculpt.core.files import atomic_dir
 from prefsculpt.core.progress import progress
@@ -226,13 +226,16 @@ def train_sae(
     sae = get_sae_training_class(sae_cfg.architecture())[0](sae_cfg)
     batch = min(cfg.batch_size_tokens, x.shape[0])
     steps = max(1, cfg.training_tokens // batch)
+    use_autocast = bool(cfg.autocast) and bf16_autocast_fast(torch.device(device))
+    if cfg.autocast and not use_autocast:
+        log.info("sae.autocast: off, %s has no fast bf16 matmuls (emulated bf16 is far slower than fp32)", device)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * batch, train_batch_size_samples=batch, lr=cfg.lr, lr_end=cfg.lr,
         lr_warm_up_steps=min(10, steps // 10), lr_decay_steps=int(steps * cfg.lr_decay_fraction),
         # A latent silent this many steps counts as dead and gets the TopK auxiliary loss. The sae-lens
         # default (1000 steps) exceeds a whole CPU-sized run, where the aux loss would never act.
         dead_feature_window=cfg.dead_feature_window, feature_sampling_window=max(steps, 1), device=device,
-        autocast=cfg.autocast,
+        autocast=use_autocast,
     )
     # Every training step draws exactly one batch (the scale is set below, so sae-lens draws none to
     # estimate it): counting the draws counts the steps.

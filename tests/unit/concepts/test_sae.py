@@ -57,6 +57,24 @@ def test_train_reduces_reconstruction_error(tiny_cache):
     assert S.sae_quality(sae, x)["explained_variance"] == pytest.approx(m["sae/explained_variance"], abs=1e-4)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_autocast_only_where_bf16_is_fast(tiny_cache, monkeypatch, fast):
+    """sae.autocast is dropped on a device without fast bf16 (an AVX2-only CPU emulates it, ~60x slower)."""
+    import sae_lens.config
+
+    seen = {}
+    real = sae_lens.config.SAETrainerConfig
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(sae_lens.config, "SAETrainerConfig", spy)
+    monkeypatch.setattr(S, "bf16_autocast_fast", lambda device: fast)
+    S.train_sae(tiny_cache, tiny_cfg(autocast=True, training_tokens=512))
+    assert seen["autocast"] is fast
+
+
 @pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "standard"])
 def test_other_architectures_train_and_encode(tiny_cache, arch):
     sae, m = S.train_sae(tiny_cache, tiny_cfg(architecture=arch, training_tokens=4_096, sparsity_coefficient=1.0))
