@@ -53,3 +53,9 @@ def test_a_model_field_gets_the_hf_folder_inside_the_download(mlflow_uri, tmp_pa
     with pytest.raises(I.InputSourceError, match="holds no Hugging Face model folder"):
         I.resolve_config_inputs(compose([f"model.name_or_path=runs:/{run.info.run_id}/empty"]), tmp_path / "in",
                                 mlflow_uri)
+
+
+def test_a_null_optional_list_holds_no_uri():
+    cfg = compose(["shaping=tiny"])  # its concept leaves the optional `members` list null
+    assert cfg.shaping.concepts[0].members is None
+    assert I.uri_fields(cfg) == []

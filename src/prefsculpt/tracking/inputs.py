@@ -80,7 +80,8 @@ def uri_fields(cfg: DictConfig, prefix: str = "") -> list[str]:
     for k, v in items:
         key = f"{prefix}{k}"
         if isinstance(v, DictConfig | ListConfig):
-            found += uri_fields(v, f"{key}.")
+            if not v._is_none():  # an optional list or section set to null holds nothing to resolve
+                found += uri_fields(v, f"{key}.")
         elif is_mlflow_uri(v) and str(k) not in SELF_RESOLVED:
             found.append(key)
     return found
