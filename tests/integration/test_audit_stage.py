@@ -19,7 +19,7 @@ from prefsculpt.audit.analysis import AuditInputError
 from prefsculpt.cli import run_stage
 from prefsculpt.concepts import shards
 from prefsculpt.config import compose
-from prefsculpt.data.source import load_source
+from prefsculpt.data.prepared import split_source
 from prefsculpt.shaping.decisions import load_decisions
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,7 @@ def _fake_store(pairs, out: Path, evil_pair: str | None = None) -> None:
 @pytest.fixture
 def sae_run(mlflow_uri, tmp_path):
     cfg = compose("experiment=tiny")
-    pairs = load_source(cfg.data).pairs
+    pairs = split_source(cfg.data)[0].all_pairs()  # what the sae stage scores: train + validation
     evil = next(p for p in pairs if p.chosen_tags.get("flattery"))  # its context shows in a label
     _fake_store(pairs, tmp_path / "scores", evil_pair=evil.id)
     mlflow.set_experiment(cfg.tracking.experiment)
@@ -105,7 +105,12 @@ def test_audit_finds_planted_latents_and_writes_everything(sae_run):
     assert len(dup) == res["n_duplicate_groups"] >= 3
     groups = [sorted(m) for m in dup["members"]]
     assert all(sorted(f"latent:{c}" for c in cols) in groups for cols in TRACKS.values())
-    assert not hyp["concept"].isin([f"latent:{i}" for i in range(12)]).any()
+    # each planted group reaches the reader once: as its group row, or (when only one member passes BH
+    # and the group sits just above q = 0.05) as that member alone, never as several member rows
+    shown = hyp["concept"].map(lambda c: next((g for g, m in zip(dup["concept"], groups, strict=True)
+                                               if c in m), c))
+    assert not shown.duplicated().any(), hyp[["concept", "q"]].to_string()
+    assert hyp["concept"].isin([f"latent:{i}" for i in range(12)]).sum() <= 1
     records = json.loads((out / "hypotheses.json").read_text())
     by = {r["concept"]: r for r in records}
     assert all(len(by[c]["members"]) == 4 for c in dup["concept"] if c in by)

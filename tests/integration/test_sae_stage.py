@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from prefsculpt.concepts.shards import load_scores
 from prefsculpt.config import compose
+from prefsculpt.data.prepared import split_source
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,9 @@ def test_sae_stage_tiny_on_smollm2(smollm2_dir, mlflow_uri, tmp_path):
     assert (dst / "scores" / "top_contexts.parquet").exists()
 
     scores = load_scores(dst / "scores")
-    assert scores.n_pairs == 120
+    # the train + validation pairs only: select and test stay out of everything learnt
+    learn = split_source(cfg.data)[0].all_pairs()
+    assert 0 < len(learn) < 120 and scores.pair_ids == [p.id for p in learn]
     named = [n for n in scores.concept_names if n.startswith("named:")]
     assert named == [f"named:{c.name}" for c in cfg.named_concepts]
     assert len(scores.concept_names) == 2 * 576 + len(named)
