@@ -69,10 +69,10 @@ def test_to_device_moves_tensors_only():
 def test_bf16_autocast_only_where_bf16_is_fast(monkeypatch):
     """On an AVX2-only CPU bf16 matmuls are emulated (an SAE-sized one: 38 s against 0.6 s in fp32)."""
     cpu = torch.device("cpu")
-    assert isinstance(D._cpu_bf16_native(), bool)  # the real probe answers on this machine
-    monkeypatch.setattr(D, "_cpu_bf16_native", lambda: False)
+    assert isinstance(D.cpu_bf16_native(), bool)  # the real probe answers on this machine
+    monkeypatch.setattr(D, "cpu_bf16_native", lambda: False)
     assert not bf16_autocast_fast(cpu)
-    monkeypatch.setattr(D, "_cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(D, "cpu_bf16_native", lambda: True)
     assert bf16_autocast_fast(cpu)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert not bf16_autocast_fast(torch.device("cuda"))

@@ -353,10 +353,11 @@ def hypervolume_figure(hv: pd.DataFrame):
     return fig
 
 
-def log_hypervolume(df: pd.DataFrame, tolerance: float) -> float | None:
+def log_hypervolume(df: pd.DataFrame, tolerance: float, hv: pd.DataFrame | None = None) -> float | None:
     """Log ``search/hypervolume`` on the active run at step = complete trials, once per step (a failed
-    trial adds no point); returns the latest value (None before the baseline has finished)."""
-    hv = hypervolume_history(df, tolerance)
+    trial adds no point); returns the latest value (None before the baseline has finished).
+    ``hv``: the history when the caller already has it."""
+    hv = hypervolume_history(df, tolerance) if hv is None else hv
     if hv.empty:
         return None
     value, step = float(hv["hypervolume"].iloc[-1]), int(hv["n_complete"].iloc[-1])
@@ -384,7 +385,7 @@ def log_results(df: pd.DataFrame, tolerance: float = 0.0) -> dict[str, float]:
         mlflow.log_figure(fig, "search/hypervolume.png")
         plt.close(fig)
     mlflow.log_metrics(metrics)
-    hv_last = log_hypervolume(df, tolerance)  # a worker that ran nothing still shows the study's figure
+    hv_last = log_hypervolume(df, tolerance, hv)  # a worker that ran nothing still shows the study's figure
     if hv_last is not None:
         metrics["search/hypervolume"] = hv_last
     return metrics
