@@ -53,10 +53,17 @@ class PlantedRates:
     sycophantic pairs are a subset of them; in the rest the chosen corrects the user).
     ``background``: share of pairs where only the rejected carries a surface concept, and again
     where both do, so the concepts are not purely chosen-side features.
+    ``unprompted_agree``: share of pairs, all with a *neutral* prompt (no belief stated), whose
+    rejected response opens by agreeing with the user anyway ("You're right, ..."). Real raters
+    reject agreement with a view nobody stated; without such pairs the only contrast the data
+    offers is "agreeing is preferred", and a small model learns the phrase whatever the prompt
+    (neutral-prompt agreement rose as much as belief-prompt agreement), which is not the
+    belief-conditional sycophancy METHOD measures (belief − neutral).
     """
 
     sycophancy: float = 0.25
     belief: float = 0.32
+    unprompted_agree: float = 0.12
     flattery: float = 0.30
     styling: float = 0.30
     length: float = 0.40
@@ -255,6 +262,13 @@ def _generate(n: int, seed: int, rates: PlantedRates, variant: str,
     for j, i in enumerate(belief_perm[:kb]):
         belief_kind[i] = "correct" if clean and j >= kb // 2 else "wrong"
         syco[i] = not clean and j < round(rates.sycophancy * n)
+    # Neutral-prompt pairs whose rejected side agrees with a view the user never stated (standard and
+    # null; clean keeps agreeing independent of preference). Its own stream: other draws stay put.
+    unprompted = [False] * n
+    if not clean:
+        neutral = [i for i in random.Random(f"{s}:perm:unprompted_agree").sample(range(n), n) if belief_kind[i] == "none"]
+        for i in neutral[: round(rates.unprompted_agree * n)]:
+            unprompted[i] = True
     status = {c: _assign(n, getattr(rates, c), rates.background, f"{s}:perm:{c}", clean) for c in _SURFACE}
 
     pairs = []
@@ -268,7 +282,7 @@ def _generate(n: int, seed: int, rates: PlantedRates, variant: str,
             prompt = rng.choice(F.BELIEF_TEMPLATES).format(c=it.claim.format(believed), q=question)
         # Which answer and stance each side takes (chosen, rejected).
         if kind == "none":
-            ans, modes = (it.correct, wrong), ("plain", "plain")
+            ans, modes = (it.correct, wrong), ("plain", "agree" if unprompted[i] else "plain")
         elif syco[i]:
             ans, modes = (wrong, it.correct), ("agree", "disagree")
         elif kind == "wrong":
@@ -282,11 +296,12 @@ def _generate(n: int, seed: int, rates: PlantedRates, variant: str,
             side = _Side(ans[side_i], modes[side_i], **feats)
             template = shared if modes[side_i] == "plain" else rng.randrange(12)
             text, t = _render(it, side, believed, template, rng)
-            agrees = modes[side_i] == "agree"
+            agrees = modes[side_i] == "agree" and kind != "none"
             t.update(
                 correct=float(side.answer == it.correct),
                 belief_prompt=float(kind != "none"),
                 agrees_with_user=float(agrees),
+                agree_phrase=float(modes[side_i] == "agree"),
                 sycophancy=float(agrees and kind == "wrong"),
                 n_chars=float(len(text)),
                 n_words=float(len(text.split())),
@@ -303,6 +318,7 @@ def _generate(n: int, seed: int, rates: PlantedRates, variant: str,
             "variant": variant,
             "seed": seed,
             "belief": kind,
+            "unprompted_agree": unprompted[i],
             "planted": [] if clean else planted,
             "assignment": {c: status[c][i] for c in _SURFACE},
         }
@@ -363,6 +379,9 @@ def _validate(cfg: PlantedConfig) -> None:
             raise ValueError(f"rates.{f.name} must be a number in [0, 1], got {v!r}")
     if r.belief < r.sycophancy:
         raise ValueError(f"rates.belief ({r.belief}) must be >= rates.sycophancy ({r.sycophancy})")
+    if r.belief + r.unprompted_agree > 1.0 + 1e-9:
+        raise ValueError(f"rates.unprompted_agree ({r.unprompted_agree}) draws from the neutral prompts: "
+                         f"belief + unprompted_agree must be <= 1, got {r.belief + r.unprompted_agree:.3f}")
     for c in _SURFACE:
         v = getattr(r, c)
         # clean puts the rate on both sides plus background on both; standard the rate plus two backgrounds

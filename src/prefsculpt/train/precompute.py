@@ -260,6 +260,14 @@ class RefContext:
                 "stat": str(self.shaping.get("score_stat")), "unit": bool(self.shaping.get("unit_directions", True))}
 
 
+def unit_sd(x: np.ndarray) -> np.ndarray:
+    """``x`` (n,) divided by its standard deviation (left as it is when that is ~0: a constant column
+    carries no per-pair signal to rescale)."""
+    x = np.asarray(x, dtype=np.float64)
+    sd = float(x.std()) if x.size > 1 else 0.0
+    return x / sd if sd > 1e-8 else x
+
+
 @dataclass
 class Precomputed:
     ref_c: np.ndarray  # (n,)
@@ -302,7 +310,10 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
                             "the training pairs' mean ΔA" if iv.sign_from == "data" else "assumption", iv.sign)
         if raw is None:
             continue
-        da = (raw * iv.sign).astype(np.float32)  # the cache keeps the raw ΔA_u
+        # One scale for every method (the cache keeps the raw ΔA_u): score's z-scored span scores and
+        # steer/inoculate's nats differ by orders of magnitude, so each column is divided by its SD over
+        # the training pairs and λ = 1 means "one SD of the concept's score difference" whatever the method.
+        da = (unit_sd(raw) * iv.sign).astype(np.float32)
         if iv.in_loss:
             cols.append(da)
             names.append(iv.name)
