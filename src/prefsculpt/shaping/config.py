@@ -119,6 +119,15 @@ class TrainConfig:
     split: str = "train"
     #: Use at most this many pairs (null = all); for quick runs.
     max_pairs: int | None = None
+    #: Validation pairs (the prepared ``validation`` split, never trained, selected or reported on) whose
+    #: loss decides early stopping and which weights are kept; at most this many (0 = no validation).
+    val_pairs: int = 128
+    #: Validation checks per epoch.
+    val_checks_per_epoch: int = 2
+    #: Stop after this many validation checks without a lower validation loss (0 = never stop early).
+    early_stopping_patience: int = 2
+    #: Keep the weights of the check with the lowest validation loss (else the last step's).
+    restore_best: bool = True
     #: Log the final policy as an MLflow transformers chat model (llm/v1/chat) the registry can serve.
     log_model: bool = True
     log_every_n_steps: int = 1

@@ -59,7 +59,14 @@ from prefsculpt.train.precompute import (
     tokens_fingerprint,
     trunk_cache,
 )
-from prefsculpt.train.setup import AtomicCheckpoint, check_layers, load_train_pairs
+from prefsculpt.train.setup import (
+    AtomicCheckpoint,
+    check_layers,
+    load_train_pairs,
+    load_val_pairs,
+    validation_setup,
+    validation_summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +113,15 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     prepared = None if tc.pairs_path else prepared_data(cfg)[0]
     pairs = load_train_pairs(OmegaConf.to_object(tc), prepared)
     tok = load_tokenizer(model_dir)
-    tcfg = cfg.data.tokenize
-    tokenized = (prepared and prepared.tokens_for(pairs, tokenizer_fingerprint(model_dir), tcfg.max_prompt_tokens,
-                                                  tcfg.max_response_tokens)) or tokenize_pairs(
-        pairs, tok, tcfg.max_prompt_tokens, tcfg.max_response_tokens)
-    kept = [(p, t2) for p, t in zip(pairs, tokenized, strict=True) if (t2 := truncate_pair(t, tc.max_length))]
-    if len(kept) < len(pairs):
-        log.warning("train: %d pairs dropped: their prompt alone fills train.max_length=%s", len(pairs) - len(kept), tc.max_length)
-    pairs, tokenized = [p for p, _ in kept], [t for _, t in kept]
+    pairs, tokenized = _tokenized(cfg, prepared, pairs, tok, model_dir, "train")
+    val_pairs, val_tokenized = _tokenized(cfg, prepared, load_val_pairs(OmegaConf.to_object(tc), prepared), tok,
+                                          model_dir, "validation")
 
     model_fp = model_fingerprint(model_dir)
     root = cache_root(cfg.cache_dir)
     key = sha({"cfg": OmegaConf.to_container(cfg, resolve=True), "model": model_fp,
-               "tokens": tokens_fingerprint(tokenized), "decisions": shaping.decisions_hash})
+               "tokens": tokens_fingerprint(tokenized), "val_tokens": tokens_fingerprint(val_tokenized),
+               "decisions": shaping.decisions_hash})
     work = root / "train" / key
     ckpt_dir, run_file, done_file = work / "ckpt", work / "run.json", work / "done.json"
     mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking.uri))
@@ -142,10 +145,27 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         run_id = run.info.run_id
         atomic_write_json(run_file, {"run_id": run_id})
         return _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, layer, work,
-                      root, resume=resume_id is not None)
+                      root, resume=resume_id is not None, val=(val_pairs, val_tokenized))
 
 
-def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, layer, work, cache_root, resume):
+def _tokenized(cfg: DictConfig, prepared: Any, pairs: list, tok: Any, model_dir: Any, what: str) -> tuple[list, list]:
+    """``pairs`` tokenized (the prepared tokens when they match) and cut to ``train.max_length``; a pair
+    whose prompt alone fills it is dropped, with a warning."""
+    if not pairs:
+        return [], []
+    tcfg, tc = cfg.data.tokenize, cfg.train
+    tokenized = (prepared and prepared.tokens_for(pairs, tokenizer_fingerprint(model_dir), tcfg.max_prompt_tokens,
+                                                  tcfg.max_response_tokens)) or tokenize_pairs(
+        pairs, tok, tcfg.max_prompt_tokens, tcfg.max_response_tokens)
+    kept = [(p, t2) for p, t in zip(pairs, tokenized, strict=True) if (t2 := truncate_pair(t, tc.max_length))]
+    if len(kept) < len(pairs):
+        log.warning("train: %d %s pairs dropped: their prompt alone fills train.max_length=%s", len(pairs) - len(kept),
+                    what, tc.max_length)
+    return [p for p, _ in kept], [t for _, t in kept]
+
+
+def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, layer, work, cache_root, resume,
+           val=((), ())):
     tc = cfg.train
     t0 = time.perf_counter()
     mlflow.set_tags({Tag.RESUMED: str(resume).lower(), Tag.TRAIN_KEY: work.name})
@@ -177,29 +197,43 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     # cache entries, per device type); fp32 on the CPU keeps the model fingerprint as the key.
     bf16 = precision.startswith("bf16")
     pre_fp = model_fp + (f":{device.type}" if device.type != "cpu" else "") + (":bf16-autocast" if bf16 else "")
+    val_pairs, val_tokenized = val
+    vctx = None
+    if val_pairs:  # the same objective on the validation pairs: their own reference, ΔA and trunk
+        vctx = RefContext(model, tok, list(val_pairs), list(val_tokenized), cfg.shaping, cfg.get("named_concepts") or [],
+                          ctx.layer, cfg.data.tokenize.max_prompt_tokens, tc.precompute_batch_tokens)
+        vctx.trunk_layer = ctx.trunk_layer
+    orient = str(cfg.shaping.get("orient", "audit"))
     with autocast(device, bf16):
-        pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, str(cfg.shaping.get("orient", "audit")))
+        pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, orient)
         trunk_dtype = ("bfloat16" if bf16 else "float32") if tc.trunk_dtype == "auto" else tc.trunk_dtype
         trunk = trunk_cache(ctx, start, cache, pre_fp, trunk_dtype, folded) if start > 0 else None
+        val_data = None
+        if vctx is not None:
+            vpre = run_precompute(vctx, shaping.interventions, cache, pre_fp, orient, like=pre)
+            vtrunk = trunk_cache(vctx, start, cache, pre_fp, trunk_dtype, folded) if start > 0 else None
+            val_data = (list(val_tokenized), vpre, vtrunk)
     if pre.orientation:
         mlflow.log_params(mlflow_params({**{f"shaping/{k}/orientation": v for k, v in pre.orientation.items()},
                                          **{f"shaping/{k}/orientation_from": v
                                             for k, v in pre.orientation_from.items()}}))
     t_pre = time.perf_counter() - t0
     data = {"tokenized": tokenized, "pre": pre, "batch_size": tc.batch_size, "pad_id": tok.pad_token_id or 0,
-            "seed": tc.seed, "bucket_batches": tc.bucket_batches, "trunk": trunk}
+            "seed": tc.seed, "bucket_batches": tc.bucket_batches, "trunk": trunk, "val": val_data}
     dm = PreferenceDataModule(**data)
     margs = {"beta": tc.beta, "lr": tc.lr, "term_names": pre.term_names, "lambdas": pre.lambdas,
              "hooks": live, "start_layer": start,
              "weight_decay": tc.weight_decay, "warmup_steps": tc.warmup_steps}
     mlflow.log_metrics({"train/pairs_total": len(pairs), "train/pairs_dropped": dm.n_dropped,
+                        "train/val_pairs": len(val_pairs),
                         "train/pairs_weighted": int(((pre.weights > 0) & (pre.weights < 1)).sum()),
                         "train/precompute_s": t_pre})
     mlflow.set_tags({Tag.DEVICE: str(device), Tag.PRECISION: precision,
                      **({Tag.STRATEGY: f"{strategy} x{n_dev}"} if n_dev > 1 else {})})
     ckpt_dir = work / "ckpt"
+    val_args, _ = validation_setup(OmegaConf.to_object(tc), val_data is not None, dm.batches_per_epoch(n_dev))
     targs = {"max_epochs": tc.epochs, "accumulate_grad_batches": tc.grad_accum, "precision": precision,
-             "limit_val_batches": 0, "num_sanity_val_steps": 0, "log_every_n_steps": tc.log_every_n_steps,
+             "log_every_n_steps": tc.log_every_n_steps, **val_args,
              "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(work)}
     last = ckpt_dir / "last.ckpt"
     resume_from = str(last) if resume and last.exists() else None
@@ -210,10 +244,11 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
         spec = FitSpec(str(model_dir), load_dtype, accelerator(device), strategy, n_dev,
                        {**margs, "top_layers": tc.train_top_layers}, data, targs, str(ckpt_dir),
                        tc.checkpoint_every_n_steps, resume_from, resolve_tracking_uri(cfg.tracking.uri), run_id,
-                       tc.seed)
+                       tc.seed, OmegaConf.to_object(tc))
         res = fit_distributed(spec, work)
         model.load_state_dict(torch.load(work / "dist" / "state.pt", weights_only=True))
         steps, fit_s = int(res["optimizer_steps"]), float(res["fit_s"])
+        val_metrics = res.get("validation", {})
     else:
         module = PreferenceModule(model, **margs)
         ckpt = AtomicCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
@@ -221,13 +256,15 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
         logger = MLFlowLogger(tracking_uri=resolve_tracking_uri(cfg.tracking.uri), run_id=run_id)
         bar = StepProgress("DPO", "pairs", size_of=lambda b: int(b["weight"].shape[0]),
                            total=len(dm.dataset) * tc.epochs, show=("train/loss",))
+        _, val_cbs = validation_setup(OmegaConf.to_object(tc), val_data is not None, dm.batches_per_epoch(1))
         trainer = L.Trainer(accelerator=accelerator(device), devices=[device.index] if device.index is not None else 1,
-                            logger=logger, callbacks=[ckpt, bar], use_distributed_sampler=False,
+                            logger=logger, callbacks=[ckpt, bar, *val_cbs], use_distributed_sampler=False,
                             **{**targs, "enable_progress_bar": True})
         t1 = time.perf_counter()
         model.train()
         trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
         fit_s, steps = time.perf_counter() - t1, int(trainer.global_step)
+        val_metrics = validation_summary(trainer, val_cbs)
     model.eval()
 
     policy_dir = work / "policy"
@@ -235,7 +272,10 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
     metrics = {"train/optimizer_steps": float(steps), "train/fit_s": fit_s,
-               "train/pairs_per_s": len(dm.dataset) * tc.epochs / max(fit_s, 1e-9) if not resume else 0.0}
+               # pairs actually trained on (early stopping can end the fit before the last epoch)
+               "train/pairs_per_s": min(len(dm.dataset) * tc.epochs, steps * tc.grad_accum * tc.batch_size * n_dev)
+               / max(fit_s, 1e-9) if not resume else 0.0,
+               **val_metrics}
     mlflow.log_metrics(metrics)
     model_uri = delta_uri = None
     mode = policy_log_mode(tc)  # full | delta | none (train.log_policy, else train.log_model)

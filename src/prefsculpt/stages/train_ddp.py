@@ -70,6 +70,8 @@ class FitSpec:
     tracking_uri: str
     run_id: str
     seed: int
+    #: The train config (validation: early stopping and the kept weights, ``train.setup.validation_setup``).
+    train: Any = None
 
 
 def fit_distributed(spec: FitSpec, work: Path) -> dict[str, Any]:
@@ -104,7 +106,7 @@ def _worker(spec_path: str) -> None:
     from prefsculpt.models.loading import load_model
     from prefsculpt.train.datamodule import PreferenceDataModule
     from prefsculpt.train.module import PreferenceModule, freeze_below
-    from prefsculpt.train.setup import AtomicCheckpoint
+    from prefsculpt.train.setup import AtomicCheckpoint, validation_setup, validation_summary
 
     spec: FitSpec = torch.load(spec_path, weights_only=False)
     L.seed_everything(spec.seed, workers=False, verbose=False)
@@ -120,9 +122,12 @@ def _worker(spec_path: str) -> None:
         strategy = FSDPStrategy(auto_wrap_policy={type(model.model.layers[0])}, use_orig_params=True)
     ckpt = AtomicCheckpoint(dirpath=spec.ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=spec.ckpt_every,
                             enable_version_counter=False)
+    val_cbs = []
+    if spec.train is not None:
+        _, val_cbs = validation_setup(spec.train, dm.val_dataset is not None, dm.batches_per_epoch(spec.devices))
     trainer = L.Trainer(accelerator=spec.accelerator, devices=spec.devices, num_nodes=1, strategy=strategy,
-                        logger=MLFlowLogger(tracking_uri=spec.tracking_uri, run_id=spec.run_id), callbacks=[ckpt],
-                        use_distributed_sampler=False, **spec.trainer)
+                        logger=MLFlowLogger(tracking_uri=spec.tracking_uri, run_id=spec.run_id),
+                        callbacks=[ckpt, *val_cbs], use_distributed_sampler=False, **spec.trainer)
     t0 = time.perf_counter()
     model.train()
     trainer.fit(module, datamodule=dm, ckpt_path=spec.resume_from)
@@ -134,7 +139,8 @@ def _worker(spec_path: str) -> None:
         with atomic_path(d / "state.pt", suffix=".pt") as tmp:
             torch.save(weights, tmp)
         atomic_write_json(d / "result.json", {"optimizer_steps": int(trainer.global_step), "fit_s": fit_s,
-                                              "world_size": int(trainer.world_size)})
+                                              "world_size": int(trainer.world_size),
+                                              "validation": validation_summary(trainer, val_cbs)})
 
 
 if __name__ == "__main__":

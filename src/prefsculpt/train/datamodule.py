@@ -170,14 +170,40 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
 
 
 class PreferenceDataModule(L.LightningDataModule):
+    """Training batches, and validation batches when ``val`` = (tokenized, precomputed, trunk) of the
+    held-out validation pairs is given (``run_precompute(..., like=<training result>)``)."""
+
     def __init__(self, tokenized: Sequence[TokenizedPair], pre: Precomputed, batch_size: int, pad_id: int,
-                 seed: int = 0, bucket_batches: int = 32, trunk: dict[str, torch.Tensor] | None = None):
+                 seed: int = 0, bucket_batches: int = 32, trunk: dict[str, torch.Tensor] | None = None,
+                 val: tuple[Sequence[TokenizedPair], Precomputed, dict[str, torch.Tensor] | None] | None = None):
         super().__init__()
         # Pairs whose weight is 0 were dropped by a filter: they are not batched at all.
         self.keep = pre.weights > 0
         self.dataset = PairDataset(tokenized, pre, self.keep, trunk)
+        self.val_dataset = None
+        if val is not None:
+            vt, vpre, vtrunk = val
+            self.val_dataset = PairDataset(vt, vpre, vpre.weights > 0, vtrunk)
         self.batch_size, self.pad_id, self.seed, self.bucket_batches = batch_size, pad_id, seed, bucket_batches
         self._loader: ResumableLoader | None = None
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer  # set by Lightning; None when the loader is built by hand
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation pairs in fixed length-sorted batches (epoch 0's order every time), each rank its
+        slice of each global batch as in training, so the ranks' mean is the one-device loss."""
+        if self.val_dataset is None or len(self.val_dataset) == 0:
+            return []  # type: ignore[return-value]  # Lightning skips validation on an empty loader
+        ds = self.val_dataset
+        rank, world = self._rank_world()
+        sampler = BucketBatchSampler([ds.length(i) for i in range(len(ds))], self.batch_size, self.seed,
+                                     self.bucket_batches, rank, world)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=0, collate_fn=lambda items: collate(items, self.pad_id))
+
+    def batches_per_epoch(self, world: int = 1) -> int:
+        return len(BucketBatchSampler([0] * len(self.dataset), self.batch_size, self.seed, self.bucket_batches, 0, world))
 
     @property
     def n_dropped(self) -> int:
@@ -186,8 +212,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         if self._loader is None:
             lengths = [self.dataset.length(i) for i in range(len(self.dataset))]
-            trainer = self.trainer  # set by Lightning; None when the loader is built by hand
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            rank, world = self._rank_world()
             sampler = BucketBatchSampler(lengths, self.batch_size, self.seed, self.bucket_batches, rank, world)
             self._loader = ResumableLoader(self.dataset, batch_sampler=sampler, num_workers=0,
                                            collate_fn=lambda items: collate(items, self.pad_id))

@@ -69,7 +69,9 @@ class PreferenceModule(L.LightningModule):
     def policy_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected summed response log-probs, each (B,), from ONE forward over the packed pairs."""
         with contextlib.ExitStack() as stack:
-            if self.training:  # ablate / prevent act on the policy while training only
+            # ablate / prevent act on the policy while training and in the validation of that training
+            # objective (early stopping compares like with like); never on the saved policy
+            if self.training or self._trainer is not None and self.trainer.validating:
                 for iv in self.hooks:
                     stack.enter_context(iv.train_hooks(self.model))
             lp = packed_logps(self.model, batch, trunk=batch.get("trunk"), start_layer=self.start_layer)  # (2B,)
@@ -102,6 +104,19 @@ class PreferenceModule(L.LightningModule):
         # global batch's value, the same as one device would log.
         many = self._trainer is not None and self._trainer.world_size > 1
         self.log_dict({k: v.float() for k, v in m.items()}, on_step=True, on_epoch=False, batch_size=b, sync_dist=many)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The shaped loss (what training minimises; ``val/loss``, early stopping's monitor) and plain
+        DPO's loss and accuracy on the same validation pairs."""
+        loss, parts = self.step(batch)
+        b = batch["weight"].shape[0]
+        m = {"val/loss": loss.detach(),
+             "val/dpo_loss": -torch.nn.functional.logsigmoid(parts["margin"]).mean(),
+             "val/rewards/accuracies": (parts["margin"] > 0).float().mean(),
+             "val/rewards/margins": parts["margin"].mean()}
+        many = self._trainer is not None and self._trainer.world_size > 1
+        self.log_dict({k: v.float() for k, v in m.items()}, on_step=False, on_epoch=True, batch_size=b, sync_dist=many)
         return loss
 
     def configure_optimizers(self) -> Any:

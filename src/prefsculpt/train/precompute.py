@@ -260,12 +260,12 @@ class RefContext:
                 "stat": str(self.shaping.get("score_stat")), "unit": bool(self.shaping.get("unit_directions", True))}
 
 
-def unit_sd(x: np.ndarray) -> np.ndarray:
-    """``x`` (n,) divided by its standard deviation (left as it is when that is ~0: a constant column
-    carries no per-pair signal to rescale)."""
+def unit_scale(x: np.ndarray) -> float:
+    """The standard deviation of ``x`` (n,), or 1 when it is ~0 (a constant column carries no per-pair
+    signal to rescale)."""
     x = np.asarray(x, dtype=np.float64)
     sd = float(x.std()) if x.size > 1 else 0.0
-    return x / sd if sd > 1e-8 else x
+    return sd if sd > 1e-8 else 1.0
 
 
 @dataclass
@@ -281,18 +281,25 @@ class Precomputed:
     orientation: dict[str, int] = field(default_factory=dict)
     #: Intervention name -> where s_u came from: audit | data | formula | assumed.
     orientation_from: dict[str, str] = field(default_factory=dict)
+    #: Intervention name -> the SD of its raw ΔA_u over these pairs that the column was divided by.
+    scales: dict[str, float] = field(default_factory=dict)
 
 
 def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache: PrecomputeCache,
-                   model_fp: str, orient: str = "audit") -> Precomputed:
+                   model_fp: str, orient: str = "audit", like: Precomputed | None = None) -> Precomputed:
     """Reference log-probs, then per intervention its raw ΔA_u (cached), its orientation s_u
     (``Intervention.orient``: the audit's direction under ``shaping.orient=audit``) and what it puts
-    in the loss (s_u·ΔA_u) or the pair weights."""
+    in the loss (s_u·ΔA_u) or the pair weights.
+
+    ``like``: the training pairs' result, for held-out pairs (validation): each intervention keeps
+    the orientation it took there and ΔA_u is divided by the training pairs' SD, so a held-out loss
+    is the training objective on other pairs."""
     base = {"model": model_fp, "tokens": tokens_fingerprint(ctx.tokenized)}
     ref = cache.get_or_compute(sha({**base, "what": "ref"}), lambda: dict(zip(("c", "r"), ctx.ref_logps(), strict=True)))
     cols, names, lams = [], [], []
-    signs: dict[str, int] = {}
-    sources: dict[str, str] = {}
+    signs: dict[str, int] = dict(like.orientation) if like is not None else {}
+    sources: dict[str, str] = dict(like.orientation_from) if like is not None else {}
+    scales: dict[str, float] = {}
     weights = np.ones(ctx.n, np.float32)
     src = ctx.source_key()
     for iv in interventions:
@@ -301,8 +308,9 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
         raw = None
         if res is not None or not iv.touches_layers():  # a training-time edit caches nothing (precompute bound it)
             raw = cache.get_or_compute(key, lambda res=res: {"delta_a": torch.as_tensor(res)})["delta_a"].numpy()
-        iv.orient(raw, orient)
-        if iv.oriented:
+        if like is None:
+            iv.orient(raw, orient)
+        if iv.oriented and like is None:
             signs[iv.name], sources[iv.name] = iv.sign, iv.sign_from
             if iv.sign_from in ("data", "assumed") and orient == "audit":
                 log.warning("%s: no audit direction given (decisions `direction`, or shaping.concepts[].direction); "
@@ -313,7 +321,9 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
         # One scale for every method (the cache keeps the raw ΔA_u): score's z-scored span scores and
         # steer/inoculate's nats differ by orders of magnitude, so each column is divided by its SD over
         # the training pairs and λ = 1 means "one SD of the concept's score difference" whatever the method.
-        da = (unit_sd(raw) * iv.sign).astype(np.float32)
+        scale = like.scales.get(iv.name, 1.0) if like is not None else unit_scale(raw)
+        scales[iv.name] = scale
+        da = (np.asarray(raw, np.float64) / scale * iv.sign).astype(np.float32)
         if iv.in_loss:
             cols.append(da)
             names.append(iv.name)
@@ -323,7 +333,7 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
             weights = weights * w.astype(np.float32)
     delta = np.stack(cols, 1) if cols else np.zeros((ctx.n, 0), np.float32)
     return Precomputed(ref["c"].numpy(), ref["r"].numpy(), delta, names, np.array(lams, np.float32), weights, signs,
-                       sources)
+                       sources, scales)
 
 
 def _flat_trunk(rows: Sequence[torch.Tensor | None], tokenized: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
