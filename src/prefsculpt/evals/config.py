@@ -95,6 +95,10 @@ class EvalConfig:
     compare_base: bool = True
     #: Token budget per scoring batch (prompt computed once per item).
     batch_tokens: int = 4096
+    #: A policy whose lower decoder layers equal the base's (trained on the top layers) is scored from
+    #: the base's cached input to its first changed layer (computed once per item set, on disk): the
+    #: same log-probs, only the changed layers run per policy.
+    shared_trunk: bool = True
     #: Bootstrap resamples and confidence level of every CI.
     bootstrap: int = 1000
     ci: float = 0.95

@@ -15,18 +15,28 @@ turn shared by all candidates. Responses are tokenised on their own and appended
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+import contextvars
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from prefsculpt.concepts.activations import length_buckets
 from prefsculpt.core.device import model_device, to_device
+from prefsculpt.core.files import atomic_path
 from prefsculpt.core.progress import track
-from prefsculpt.models.hooks import _mask_for_backend
+from prefsculpt.models.hooks import _mask_for_backend, truncated_forward
 from prefsculpt.models.loading import ensure_chat_template
+
+log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[dict[str, str]]
 PAD_SEG = -1
@@ -108,11 +118,100 @@ def choice_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     return (allowed | ((q == PAD_SEG) & eye)).unsqueeze(1)
 
 
-def _final_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _final_hidden(model: Any, batch: dict[str, torch.Tensor], trunk: torch.Tensor | None = None,
+                  start: int = 0) -> torch.Tensor:
+    """(B, T, d) after the final norm: the whole backbone, or layers ``start..`` from ``trunk`` (the
+    input of layer ``start``, computed by a model whose layers below ``start`` are this one's)."""
     base = model.model
     mask = _mask_for_backend(model, choice_attention_mask(batch["segment"]), base.embed_tokens.weight.dtype)
-    out = base(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False)
-    return out.last_hidden_state  # (B, T, d), after the final norm
+    if trunk is None:
+        out = base(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                   use_cache=False)
+        return out.last_hidden_state
+    hidden, pos = trunk.to(base.norm.weight.dtype), batch["position_ids"]
+    pe = base.rotary_emb(hidden, position_ids=pos)
+    for layer in base.layers[start:]:
+        o = layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        hidden = o[0] if isinstance(o, tuple) else o
+    return base.norm(hidden)
+
+
+@dataclass
+class SharedTrunk:
+    """Scoring a policy that differs from the base only in its layers ``start..`` (and the final norm),
+    e.g. one trained on the top layers: the input of layer ``start`` is the base's, computed once per
+    item set and kept on disk (``<dir>/<key>.safetensors``, keyed by the base's digest, the items and
+    the batching), so each further policy runs only its top layers. ``policy`` is the model this
+    applies to (and ``also``: the base itself, whose own scoring then reuses the trunk); ``base``
+    loads the base model when a trunk must be computed."""
+
+    policy: Any
+    start: int
+    base: Callable[[], Any]
+    base_digest: str
+    dir: Path
+    also: tuple[Any, ...] = ()
+
+    def covers(self, model: Any) -> bool:
+        return model is self.policy or any(model is m for m in self.also)
+
+    def key(self, items: Sequence[ChoiceItem], batch_tokens: int) -> str:
+        h = hashlib.sha256(json.dumps({"base": self.base_digest, "start": self.start, "batch_tokens": batch_tokens,
+                                       "v": 1}).encode())
+        for it in items:
+            h.update(json.dumps([it.prompt_ids, it.choice_ids]).encode())
+        return h.hexdigest()[:32]
+
+    def load_or_compute(self, items: Sequence[ChoiceItem], batches: list[list[int]], pad_id: int,
+                        batch_tokens: int) -> list[torch.Tensor]:
+        path = self.dir / f"{self.key(items, batch_tokens)}.safetensors"
+        if path.exists():
+            try:
+                got = load_file(str(path))
+                return [got[f"b{j}"] for j in range(len(batches))]
+            except Exception as exc:  # noqa: BLE001 - a damaged cache entry is recomputed, not fatal
+                log.warning("eval trunk cache %s unreadable (%s: %s); recomputing it", path, type(exc).__name__, exc)
+        model = self.base()
+        dev = model_device(model)
+        out = []
+        for idx in track(batches, "trunk (base, once)", "batches", total=len(batches)):
+            batch = to_device(pack_choices([items[i] for i in idx], pad_id), dev)
+            with torch.no_grad():
+                out.append(truncated_forward(model, batch["input_ids"], choice_attention_mask(batch["segment"]),
+                                             self.start - 1, batch["position_ids"]).float().cpu())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".safetensors") as tmp:
+            save_file({f"b{j}": t.contiguous() for j, t in enumerate(out)}, str(tmp))
+        return out
+
+
+_SHARED: contextvars.ContextVar[SharedTrunk | None] = contextvars.ContextVar("prefsculpt_shared_trunk", default=None)
+
+
+@contextlib.contextmanager
+def shared_trunk(src: SharedTrunk | None) -> Iterator[None]:
+    """Inside: scoring ``src.policy`` runs from the cached base trunk (no-op for None or start 0)."""
+    token = _SHARED.set(src if src is not None and src.start > 0 else None)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def first_changed_layer(policy: Any, base: Any) -> int:
+    """The first decoder layer whose weights differ between ``policy`` and ``base`` (their number when
+    only the final norm or head differ); 0 when the embeddings differ or the shapes do not match."""
+    pe, be = policy.get_input_embeddings().weight, base.get_input_embeddings().weight
+    if pe.shape != be.shape or not torch.equal(pe.detach().cpu(), be.detach().cpu()):
+        return 0
+    layers_p, layers_b = policy.model.layers, base.model.layers
+    if len(layers_p) != len(layers_b):
+        return 0
+    for i, (lp, lb) in enumerate(zip(layers_p, layers_b, strict=True)):
+        sp, sb = lp.state_dict(), lb.state_dict()
+        if sp.keys() != sb.keys() or any(not torch.equal(sp[k].detach().cpu(), sb[k].detach().cpu()) for k in sp):
+            return i
+    return len(layers_p)
 
 
 def iter_response_logits(
@@ -124,11 +223,16 @@ def iter_response_logits(
     lengths = [len(it) for it in items]
     head = model.get_output_embeddings()
     dev = model_device(model)
-    for idx in length_buckets(lengths, range(len(items)), batch_tokens):
+    batches = length_buckets(lengths, range(len(items)), batch_tokens)
+    src = _SHARED.get()
+    trunks = src.load_or_compute(items, batches, pad_id, batch_tokens) if src is not None and src.covers(model) else None
+    for j, idx in enumerate(batches):
         batch = pack_choices([items[i] for i in idx], pad_id)
         on = to_device(batch, dev)
         with torch.no_grad():
-            h = _final_hidden(model, on)[on["rows"], on["cols"]]  # (N, d)
+            hidden = _final_hidden(model, on, None if trunks is None else trunks[j].to(dev),
+                                   src.start if trunks is not None else 0)
+            h = hidden[on["rows"], on["cols"]]  # (N, d)
             logits = torch.cat([head(h[s : s + chunk]).float() for s in range(0, h.shape[0], chunk)])  # (N, V)
         yield idx, batch, logits
 

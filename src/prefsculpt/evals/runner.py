@@ -33,6 +33,7 @@ from prefsculpt.evals import capability as cap
 from prefsculpt.evals import style as sty
 from prefsculpt.evals import sycophancy as syc
 from prefsculpt.evals.inputs import IN_DOMAIN, EvalInputs
+from prefsculpt.evals.logprobs import SharedTrunk, first_changed_layer, shared_trunk
 from prefsculpt.evals.summary import Row, summarise
 from prefsculpt.models.loading import load_model, load_tokenizer
 
@@ -67,8 +68,10 @@ class Evaluator:
     """Lazily loaded models and memoised per-item tables of ``policy`` and ``base``."""
 
     def __init__(self, cfg: DictConfig, inputs: EvalInputs, base_dir: Path, policy_dir: Path, same: bool,
-                 cache: BaseCache):
+                 cache: BaseCache, trunk_dir: Path | None = None, base_digest: str = ""):
         self.cfg, self.ec, self.inp, self.cache = cfg, cfg.eval, inputs, cache
+        self.trunk_dir, self.base_digest = trunk_dir, base_digest
+        self._trunk: SharedTrunk | None | bool = False  # False = not decided yet
         self.paths = {"policy": Path(policy_dir), "base": Path(base_dir)}
         self.same = same  # the policy is the base model: evaluate once
         self.tok = load_tokenizer(policy_dir)
@@ -88,12 +91,26 @@ class Evaluator:
         if (name, which) not in self._tables:
             got = self.cache.get(name) if which == "base" else None
             if got is None:
-                with scope(f"eval {name} ({which})"):
+                with scope(f"eval {name} ({which})"), shared_trunk(self.trunk()):
                     got = COMPUTE[name](self, which)
                 if which == "base":
                     self.cache.put(name, got)
             self._tables[(name, which)] = got
         return self._tables[(name, which)]
+
+    def trunk(self) -> SharedTrunk | None:
+        """How the policy's log-prob scoring may start from the base's cached trunk (``eval.shared_trunk``):
+        decided once, by comparing the policy's weights with the base's."""
+        if self._trunk is False:
+            self._trunk = None
+            if not self.same and self.trunk_dir is not None and self.ec.get("shared_trunk", True):
+                start = first_changed_layer(self.model("policy"), self.model("base"))
+                if start > 0:
+                    self._trunk = SharedTrunk(self.model("policy"), start, lambda: self.model("base"),
+                                              self.base_digest, self.trunk_dir, also=(self.model("base"),))
+                    log.info("evaluate: the policy's layers below %d are the base's: log-probs are scored from "
+                             "the base's cached input to layer %d", start, start)
+        return self._trunk  # type: ignore[return-value]
 
     def rollouts(self, which: str) -> list[sty.Rollout]:
         df = self.tables("style", which)["responses"]

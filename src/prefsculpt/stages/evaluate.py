@@ -170,7 +170,7 @@ def run_evaluate(cfg: DictConfig, keep_tables: bool = False,
                          Tag.PREPARE_RUN: prepare_run, Tag.EVAL_SPLIT: split,
                          **({Tag.POLICY_RUN: policy.run_id} if policy.run_id else {})})
         same = policy.source == "base" or policy.digest == base_digest
-        ev = Evaluator(cfg, inputs, base_dir, policy.path, same, cache)
+        ev = Evaluator(cfg, inputs, base_dir, policy.path, same, cache, root / "evals" / "trunk", base_digest)
         metrics: dict[str, float] = {}
         summary: list[dict] = []
         kept: dict[str, dict[str, pd.DataFrame]] = {}
