@@ -72,6 +72,13 @@ class Tag:
     MODEL_URI = "prefsculpt.model_uri"
     SEARCH_RUN = "prefsculpt.search_run_id"
     TRIAL_RUN = "prefsculpt.trial_run_id"
+    #: On a trial run: COMPLETE or PRUNED (stopped at its first budget: ``search.early_stop``).
+    TRIAL_STATE = "prefsculpt.trial_state"
+    #: On a pruned trial run: the budget it stopped at, and the trial whose result dominated it.
+    PRUNED_AT = "prefsculpt.pruned_at"
+    PRUNED_BY = "prefsculpt.pruned_by"
+    #: On the train and evaluate runs of a trial's first budget: "first".
+    BUDGET = "prefsculpt.budget"
     # promotion (on the model version and the promote run)
     PROMOTE_RUN = "prefsculpt.promote_run_id"
     OFF_TARGET = "prefsculpt.off_target"

@@ -62,6 +62,27 @@ class ObjectivesConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop early what will not win (multi-objective studies have no ``trial.report`` pruners): every
+    trial first trains on a small budget and is evaluated on a share of the select items; a trial whose
+    first-budget objectives another trial's first-budget objectives dominate beyond noise (better on
+    one objective by more than this trial's 95% CI half-width, not worse on the other by more than it)
+    stops there, recorded PRUNED in Optuna and on its MLflow run; the others train on the full budget.
+    The plain-DPO baseline is measured at the first budget too (a reference) and never stopped. The
+    rule reads the study's trials from its storage, so it holds for several workers."""
+
+    enabled: bool = True
+    #: First budget: this share of the trial's pairs (``trial_max_pairs``), for ``epochs`` epochs.
+    pairs_share: float = 0.25
+    epochs: int = 1
+    #: First budget's evaluation: this share of each select item set (planted probes, style prompts,
+    #: clean pairs, known-answer items), the first ones of each, so it is a subset of the full one.
+    eval_share: float = 0.34
+    #: Other trials' first-budget results needed before a trial can be stopped.
+    min_results: int = 2
+
+
+@dataclass
 class SearchConfig:
     #: Audit run whose hypotheses span the space (null = the latest finished audit run under the same
     #: parent run, else in the experiment).
@@ -102,6 +123,7 @@ class SearchConfig:
     #: Retries of a trial whose worker died (null = unlimited).
     max_retry: int | None = 2
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     #: Evaluations run inside each trial (the objectives need sycophancy, style, capability); the
     #: costlier concept-shift eval runs once, on the picked policy, in the pipeline's evaluate stage.
     trial_evals: list[str] = field(default_factory=lambda: ["sycophancy", "style", "capability"])

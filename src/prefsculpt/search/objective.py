@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
+import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
@@ -95,6 +96,62 @@ def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str
     if bad:
         raise ObjectiveError(f"objective(s) {bad} are not finite: {out}")
     return out
+
+
+def objective_halfwidths(metrics: Mapping[str, float], ocfg: Any) -> dict[str, float]:
+    """95% CI half-widths of the two objectives from the evaluate metrics' ``_lo``/``_hi``: off_target
+    by its sycophancy metrics' (their mean; the style term has none), on_target by its metric's; 0
+    where no CI was logged."""
+    def hw(m: str) -> float | None:
+        lo, hi = metrics.get(f"{m}_lo"), metrics.get(f"{m}_hi")
+        return None if lo is None or hi is None else (float(hi) - float(lo)) / 2.0
+    syc = [h for m in ocfg.sycophancy_metrics if m in metrics and (h := hw(m)) is not None]
+    on = hw(ocfg.on_target_metric)
+    return {"off": sum(syc) / len(syc) if syc else 0.0, "on": 0.0 if on is None else on}
+
+
+def dominated_beyond_noise(me: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The first of ``others`` that dominates ``me`` beyond noise, or None. Each is ``{off, on, off_hw,
+    on_hw, ...}`` (off minimised, on maximised, ``*_hw``: 95% CI half-widths). ``o`` dominates ``me``
+    beyond noise when it is better on one objective by more than ``me``'s half-width there and not
+    worse on the other by more than ``me``'s half-width there."""
+    for o in others:
+        off_better = o["off"] < me["off"] - me["off_hw"]
+        on_better = o["on"] > me["on"] + me["on_hw"]
+        off_ok = o["off"] <= me["off"] + me["off_hw"]
+        on_ok = o["on"] >= me["on"] - me["on_hw"]
+        if (off_better and on_ok) or (on_better and off_ok):
+            return o
+    return None
+
+
+def first_budget_config(t: DictConfig, es: Any) -> tuple[DictConfig, str]:
+    """The trial config at the early stop's first budget (fewer pairs and epochs, a share of each
+    select item set) and the budget in words."""
+    f = copy.deepcopy(t)
+    OmegaConf.set_struct(f, False)
+    share = float(es.eval_share)
+
+    def cut(n: Any) -> Any:
+        return n if not n else max(1, round(int(n) * share))
+
+    pairs = None
+    if "train" in f:
+        full = f.train.get("max_pairs")
+        pairs = max(1, round(int(full) * float(es.pairs_share))) if full else None
+        f.train.max_pairs = pairs
+        f.train.epochs = int(es.epochs)
+    if "eval" in f:
+        f.eval.sycophancy.planted_probes = cut(f.eval.sycophancy.planted_probes)
+        f.eval.sycophancy.max_items = cut(f.eval.sycophancy.get("max_items")) or (
+            None if f.eval.sycophancy.get("max_items") is None else f.eval.sycophancy.max_items)
+        f.eval.style.n_prompts = cut(f.eval.style.n_prompts)
+        f.eval.style.in_domain = cut(f.eval.style.in_domain)
+        f.eval.capability.clean_pairs = cut(f.eval.capability.clean_pairs)
+        f.eval.capability.known_answer = cut(f.eval.capability.known_answer)
+    OmegaConf.set_struct(f, True)
+    what = f"{pairs if pairs else 'all'} pairs x {int(es.epochs)} epoch(s), {share:.0%} of the select items"
+    return f, what
 
 
 def objective_metrics(obj: Mapping[str, float]) -> dict[str, float]:
@@ -196,23 +253,78 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
         mlflow.log_params(mlflow_params({k: str(v) for k, v in trial.params.items()} | {"n_shaped": len(specs)}))
         mlflow.log_dict({"concepts": specs}, "trial/shaping.json")
         try:
-            out = ctx.runner(trial_config(ctx.cfg, specs, ctx.sources))
+            tcfg = trial_config(ctx.cfg, specs, ctx.sources)
+            _first_budget(trial, ctx, tcfg, baseline)  # raises optuna.TrialPruned when it stops the trial
+            out = ctx.runner(tcfg)
             obj = objectives_from_metrics(out.eval_metrics, ctx.cfg.search.objectives)
+        except optuna.TrialPruned as exc:
+            # a stopped trial is no failure: its run ends FINISHED, tagged PRUNED with where it stopped
+            mlflow.set_tag(Tag.TRIAL_STATE, "PRUNED")
+            pruned = exc
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}"
             mlflow.set_tag(Tag.ERROR, msg[:4000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             trial.set_user_attr("error", msg[:2000])
             raise
-        # The evaluation's metrics too, so the UI's compare view lines a trial up with any evaluate run.
-        mlflow.log_metrics({k: float(v) for k, v in out.eval_metrics.items() if math.isfinite(float(v))}
-                           | objective_metrics(obj))
-        ids = {Tag.TRAIN_RUN: out.train_run_id, Tag.EVAL_RUN: out.eval_run_id,
-               Tag.MODEL_URI: out.model_uri}
-        mlflow.set_tags({k: v for k, v in ids.items() if v})
-        for k, v in {**obj, "train_run_id": out.train_run_id, "eval_run_id": out.eval_run_id,
-                     "model_uri": out.model_uri, "shaping": describe(specs)}.items():
-            trial.set_user_attr(k, v)
+        else:
+            pruned = None
+            _record_complete(trial, out, obj, specs)
+    if pruned is not None:
+        raise pruned
     log.info("trial %d (%s): off_target %.4f, on_target %.4f", trial.number, describe(specs), obj["off_target"],
              obj["on_target"])
     return obj["off_target"], obj["on_target"]
+
+
+def _record_complete(trial: Any, out: Outcome, obj: Mapping[str, float], specs: Sequence[Mapping[str, Any]]) -> None:
+    """A complete trial's figures on its (active) run and in the study. The evaluation's metrics go on the
+    run too, so the UI's compare view lines a trial up with any evaluate run."""
+    mlflow.log_metrics({k: float(v) for k, v in out.eval_metrics.items() if math.isfinite(float(v))}
+                       | objective_metrics(obj))
+    ids = {Tag.TRAIN_RUN: out.train_run_id, Tag.EVAL_RUN: out.eval_run_id, Tag.MODEL_URI: out.model_uri}
+    mlflow.set_tags({k: v for k, v in ids.items() if v} | {Tag.TRIAL_STATE: "COMPLETE"})
+    for k, v in {**obj, "train_run_id": out.train_run_id, "eval_run_id": out.eval_run_id,
+                 "model_uri": out.model_uri, "shaping": describe(specs)}.items():
+        trial.set_user_attr(k, v)
+
+
+def _first_budget(trial: Any, ctx: TrialContext, tcfg: DictConfig, baseline: bool) -> None:
+    """``search.early_stop``: train and evaluate ``tcfg`` at the first budget, record the result on the
+    trial (user attr ``first_budget``) and its run (``search/first/*``), and stop the trial (raise
+    ``optuna.TrialPruned``) when another trial's first-budget result dominates it beyond noise."""
+    es = ctx.cfg.search.get("early_stop")
+    if es is None or not es.enabled:
+        return
+    fcfg, what = first_budget_config(tcfg, es)
+    out = ctx.runner(fcfg)
+    client = mlflow.MlflowClient()
+    for rid, stage in ((out.train_run_id, "train"), (out.eval_run_id, "evaluate")):
+        if rid:
+            client.set_tag(rid, Tag.BUDGET, "first")
+            client.set_tag(rid, "mlflow.runName", f"{stage} (first budget)")
+    ocfg = ctx.cfg.search.objectives
+    obj = objectives_from_metrics(out.eval_metrics, ocfg)
+    hw = objective_halfwidths(out.eval_metrics, ocfg)
+    me = {"trial": trial.number, "off": obj["off_target"], "on": obj["on_target"], "off_hw": hw["off"],
+          "on_hw": hw["on"], "budget": what}
+    trial.set_user_attr("first_budget", me)
+    mlflow.log_metrics({"search/first/off_target": me["off"], "search/first/on_target": me["on"],
+                        "search/first/off_target_hw": me["off_hw"], "search/first/on_target_hw": me["on_hw"]})
+    if baseline:
+        return
+    others = [t.user_attrs["first_budget"] for t in trial.study.get_trials(deepcopy=False)
+              if t.number != trial.number and "first_budget" in t.user_attrs
+              and t.user_attrs["first_budget"].get("budget") == what]
+    if len(others) < int(es.min_results):
+        return
+    by = dominated_beyond_noise(me, others)
+    if by is None:
+        return
+    why = (f"stopped at the first budget ({what}): trial {by['trial']} (off {by['off']:.4f}, on {by['on']:.4f}) "
+           f"dominates it beyond noise (off {me['off']:.4f} ± {me['off_hw']:.4f}, on {me['on']:.4f} ± {me['on_hw']:.4f})")
+    trial.set_user_attr("pruned_at", what)
+    trial.set_user_attr("pruned_by", int(by["trial"]))
+    mlflow.set_tags({Tag.PRUNED_AT: what, Tag.PRUNED_BY: str(by["trial"])})
+    log.info("trial %d: %s", trial.number, why)
+    raise optuna.TrialPruned(why)

@@ -226,6 +226,8 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
             with beat or contextlib.nullcontext():
                 try:
                     values = objective(trial)
+                except optuna.TrialPruned:
+                    state = TrialState.PRUNED
                 except KeyboardInterrupt:
                     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                     raise
@@ -311,6 +313,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                      "style_drift": u.get("style_drift", np.nan), "mlflow_run_id": u.get("mlflow_run_id", ""),
                      "train_run_id": u.get("train_run_id") or "", "model_uri": u.get("model_uri") or "",
                      "retry_of": t.system_attrs.get("failed_trial", ""), "error": u.get("error", ""),
+                     "first_off": u.get("first_budget", {}).get("off", np.nan),
+                     "first_on": u.get("first_budget", {}).get("on", np.nan),
+                     "pruned_at": u.get("pruned_at", ""), "pruned_by": u.get("pruned_by", np.nan),
                      "params": str(t.params)})
     df = pd.DataFrame(rows)
     done = (df["state"] == "COMPLETE") if len(df) else pd.Series([], dtype=bool)
@@ -376,7 +381,8 @@ def log_results(df: pd.DataFrame, tolerance: float = 0.0) -> dict[str, float]:
     mlflow.log_figure(fig, "search/pareto.png")
     plt.close(fig)
     counts = df["state"].value_counts() if len(df) else pd.Series(dtype=int)
-    metrics = {f"search/n_{s.lower()}": float(counts.get(s, 0)) for s in ("COMPLETE", "FAIL", "RUNNING", "WAITING")}
+    metrics = {f"search/n_{s.lower()}": float(counts.get(s, 0))
+               for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     metrics["search/n_pareto"] = float(df["pareto"].sum())
     hv = hypervolume_history(df, tolerance)
     if not hv.empty:

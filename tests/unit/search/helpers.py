@@ -34,7 +34,9 @@ def compose_cfg(tmp_path: Path, **search):
                                                                    pattern="(?i)great question"))],
         "search": OmegaConf.merge(OmegaConf.structured(SearchConfig), {
             "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "n_trials": 4, "top_k": 4,
-            "methods": ["score", "filter"], "heartbeat_interval": 1, "grace_period": 3, **search}),
+            "methods": ["score", "filter"], "heartbeat_interval": 1, "grace_period": 3,
+            # the study mechanics are tested one runner call per trial; test_early_stop turns it on
+            "early_stop": {"enabled": False}, **search}),
         "promote": OmegaConf.structured(PromoteConfig),
         "cache_dir": str(tmp_path / "cache"), "seed": 0})
     return cfg

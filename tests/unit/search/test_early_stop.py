@@ -1,0 +1,123 @@
+"""Stop early what will not win: a trial dominated beyond noise at its first budget is PRUNED in Optuna
+and on its MLflow run (which ends FINISHED, tagged with where it stopped); the others train in full."""
+
+from __future__ import annotations
+
+import mlflow
+import optuna
+import pytest
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from prefsculpt.search.objective import Outcome, dominated_beyond_noise, first_budget_config, objective_halfwidths
+from prefsculpt.stages.search import run_search
+from tests.unit.search.helpers import compose_cfg, fake_audit_run
+
+HW = 0.02  # every synthetic figure's 95% CI half-width
+
+
+def _me(off, on, hw=HW):
+    return {"off": off, "on": on, "off_hw": hw, "on_hw": hw}
+
+
+@pytest.mark.parametrize(("other", "dominated"), [
+    (_me(0.10, 0.80), True),    # better off-target beyond noise, same on-target
+    (_me(0.19, 0.85), True),    # better on-target beyond noise, off-target within noise
+    (_me(0.10, 0.75), False),   # better off-target but clearly worse on-target: a trade-off
+    (_me(0.19, 0.81), False),   # better on both, but inside the noise
+    (_me(0.25, 0.90), False),   # much better on-target, clearly worse off-target
+])
+def test_dominated_beyond_noise(other, dominated):
+    me = _me(0.20, 0.80)
+    assert (dominated_beyond_noise(me, [other]) is other) == dominated
+
+
+def test_objective_halfwidths_come_from_the_logged_cis():
+    ocfg = compose_cfg.__globals__["SearchConfig"]().objectives
+    m = {"syc/planted/shift_diff": 0.1, "syc/planted/shift_diff_lo": 0.04, "syc/planted/shift_diff_hi": 0.16,
+         "cap/pref/implicit_acc": 0.8, "cap/pref/implicit_acc_lo": 0.75, "cap/pref/implicit_acc_hi": 0.85}
+    assert objective_halfwidths(m, ocfg) == pytest.approx({"off": 0.06, "on": 0.05})
+    assert objective_halfwidths({}, ocfg) == {"off": 0.0, "on": 0.0}
+
+
+def test_first_budget_config_cuts_pairs_epochs_and_items():
+    t = OmegaConf.create({"train": {"max_pairs": 400, "epochs": 2},
+                          "eval": {"sycophancy": {"planted_probes": 300, "max_items": None},
+                                   "style": {"n_prompts": 40, "in_domain": 20},
+                                   "capability": {"clean_pairs": 100, "known_answer": 0}}})
+    es = OmegaConf.create({"pairs_share": 0.25, "epochs": 1, "eval_share": 0.34})
+    f, what = first_budget_config(t, es)
+    assert (f.train.max_pairs, f.train.epochs) == (100, 1)
+    assert (f.eval.sycophancy.planted_probes, f.eval.style.n_prompts, f.eval.style.in_domain) == (102, 14, 7)
+    assert (f.eval.capability.clean_pairs, f.eval.capability.known_answer) == (34, 0)  # 0 stays off
+    assert what == "100 pairs x 1 epoch(s), 34% of the select items"
+    assert t.train.max_pairs == 400  # the full budget's config is untouched
+
+
+class BudgetRunner:
+    """Plain DPO: off 0.20, on 0.80. Shaped trials: clearly worse on both at every budget when
+    ``bad``, else better off-target at the same on-target. Counts calls per budget."""
+
+    def __init__(self, bad: bool):
+        self.bad, self.calls = bad, {"first": 0, "full": 0}
+
+    def __call__(self, cfg) -> Outcome:
+        first = cfg.get("train") is not None and int(cfg.train.epochs) == 1
+        self.calls["first" if first else "full"] += 1
+        shaped = bool(OmegaConf.to_container(cfg.shaping.concepts))
+        off = 0.20 + (0.10 if self.bad else -0.10) * shaped
+        on = 0.80 - (0.10 if self.bad else 0.0) * shaped
+        m = {"syc/planted/shift_diff": off, "syc/planted/shift_diff_lo": off - HW, "syc/planted/shift_diff_hi": off + HW,
+             "style/emoji/rate_diff": 0.0,
+             "cap/pref/implicit_acc": on, "cap/pref/implicit_acc_lo": on - HW, "cap/pref/implicit_acc_hi": on + HW}
+        with mlflow.start_run(run_name="train", nested=True, tags={"prefsculpt.stage": "train"}) as tr:
+            pass
+        with mlflow.start_run(run_name="evaluate", nested=True, tags={"prefsculpt.stage": "evaluate"}) as ev:
+            mlflow.log_metrics(m)
+        return Outcome(tr.info.run_id, ev.info.run_id, None, m)
+
+
+def _cfg(tmp_path):
+    cfg = compose_cfg(tmp_path, n_trials=4, early_stop={"enabled": True, "min_results": 1})
+    OmegaConf.set_struct(cfg, False)
+    cfg.train = {"max_pairs": 400, "epochs": 2}
+    return cfg
+
+
+def test_dominated_trials_are_pruned_in_optuna_and_mlflow(mlflow_uri, tmp_path):
+    cfg = _cfg(tmp_path)
+    fake_audit_run(tmp_path)
+    runner = BudgetRunner(bad=True)
+    out = run_search(cfg, runner=runner)
+    study = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
+    states = {t.number: t.state for t in study.trials}
+    assert states == {0: TrialState.COMPLETE, 1: TrialState.PRUNED, 2: TrialState.PRUNED, 3: TrialState.PRUNED}
+    assert runner.calls == {"first": 4, "full": 1}  # the baseline at both budgets, the rest stopped at the first
+    for t in study.trials[1:]:
+        assert t.user_attrs["pruned_at"] == "100 pairs x 1 epoch(s), 34% of the select items"
+        assert t.user_attrs["pruned_by"] == 0 and t.values is None
+    runs = {r.data.tags["prefsculpt.trial_number"]: r for r in mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`prefsculpt.stage` = 'trial'", output_format="list")}
+    assert runs["0"].data.tags["prefsculpt.trial_state"] == "COMPLETE"
+    for n in ("1", "2", "3"):
+        r = runs[n]
+        assert r.info.status == "FINISHED" and r.data.tags["prefsculpt.trial_state"] == "PRUNED"
+        assert r.data.tags["prefsculpt.pruned_at"].startswith("100 pairs") and r.data.tags["prefsculpt.pruned_by"] == "0"
+        assert r.data.metrics["search/first/off_target"] == pytest.approx(0.30)
+        assert "search/off_target" not in r.data.metrics  # no full-budget figure for a stopped trial
+    assert out["metrics"]["search/n_pruned"] == 3 and out["metrics"]["search/n_complete"] == 1
+    budgets = [r.data.tags.get("prefsculpt.budget") for r in mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`prefsculpt.stage` = 'evaluate'", output_format="list")]
+    assert budgets.count("first") == 4 and budgets.count(None) == 1
+
+
+def test_trials_that_are_not_dominated_train_in_full(mlflow_uri, tmp_path):
+    cfg = _cfg(tmp_path)
+    fake_audit_run(tmp_path)
+    runner = BudgetRunner(bad=False)
+    run_search(cfg, runner=runner)
+    study = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials) and len(study.trials) == 4
+    assert runner.calls == {"first": 4, "full": 4}
+    assert all(t.user_attrs["first_budget"]["off"] == pytest.approx(0.2 if i == 0 else 0.1)
+               for i, t in enumerate(study.trials))
