@@ -8,8 +8,12 @@ so a rank that sees any subset of the pairs gets each pair's own reference log-p
 
 Several devices (DDP/FSDP): every rank builds the same global batches of ``batch_size × world``
 pairs (same seed and epoch: the batches one device with that batch size would see) and takes its
-contiguous slice of each, so every rank has the same number of equal-sized batches (DDP would
-hang otherwise) and the averaged gradient is the one-device gradient of the global batch.
+contiguous slice of each, so every rank has the same number of batches (DDP would hang otherwise).
+The short last global batch (the pairs do not fill a whole number of global batches, e.g. after a
+pair is dropped for its prompt filling ``train.max_length``) is split as evenly as possible, local
+sizes differing by one, never cut: ``PreferenceModule.training_step`` scales each rank's mean by its
+share of the global batch, so the averaged gradient and the logged values are the one-device ones of
+the whole global batch.
 """
 
 from __future__ import annotations
@@ -79,8 +83,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     """Shuffle, sort by length inside chunks of ``bucket_batches`` batches, shuffle the batches.
 
     Deterministic in (seed, epoch), so a restart can skip the batches it already trained on. With
-    ``world`` > 1 it yields rank ``rank``'s slice of each global batch (module doc); the last global
-    batch is cut to a multiple of ``world`` (fewer than ``world`` pairs of the epoch are left out).
+    ``world`` > 1 it yields rank ``rank``'s slice of each global batch (module doc); a short last
+    global batch is split as evenly as possible (ranks ``< len % world`` take one pair more), and left
+    out only when it has fewer pairs than ``world`` (a rank would have none).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, bucket_batches: int = 32,
@@ -114,9 +119,10 @@ class BucketBatchSampler(Sampler[list[int]]):
             return self.global_batches(epoch)
         out = []
         for b in self.global_batches(epoch):
-            k = len(b) // self.world  # the short last batch is cut to a multiple of world (or dropped)
-            if k:
-                out.append(b[self.rank * k : (self.rank + 1) * k])
+            k, extra = divmod(len(b), self.world)  # extra > 0 only in the short last batch
+            if k:  # fewer pairs than ranks: left out (every rank needs a pair in every step)
+                start = self.rank * k + min(self.rank, extra)
+                out.append(b[start : start + k + (self.rank < extra)])
         return out
 
     def __len__(self) -> int:
@@ -193,7 +199,8 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """The validation pairs in fixed length-sorted batches (epoch 0's order every time), each rank its
-        slice of each global batch as in training, so the ranks' mean is the one-device loss."""
+        slice of each global batch as in training; Lightning weights each batch's mean by its size, over the
+        ranks too, so the epoch's value is the one-device one even when the short last batch is split unevenly."""
         if self.val_dataset is None or len(self.val_dataset) == 0:
             return []  # type: ignore[return-value]  # Lightning skips validation on an empty loader
         ds = self.val_dataset

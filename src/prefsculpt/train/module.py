@@ -86,6 +86,17 @@ class PreferenceModule(L.LightningModule):
         parts["rejected_reward"] = (self.beta * (pr - ref_r)).detach()
         return loss, parts
 
+    def global_share(self, b: int) -> float:
+        """``b × world / n``: this rank's share of the global batch of ``n`` pairs, relative to an equal
+        share (1.0 on one device and whenever the local batches are equal). A rank's mean times it is
+        ``world × (its sum) / n``, so the mean over ranks (DDP's gradient average, ``sync_dist``) is the
+        global batch's mean, the one-device value, also when the short last global batch is split
+        unevenly (``datamodule.BucketBatchSampler``)."""
+        if self._trainer is None or self._trainer.world_size <= 1:
+            return 1.0
+        n = self._trainer.strategy.reduce(torch.tensor(float(b), device=self.device), reduce_op="sum")
+        return b * self._trainer.world_size / float(n)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, parts = self.step(batch)
         b = batch["weight"].shape[0]
@@ -100,11 +111,13 @@ class PreferenceModule(L.LightningModule):
         }
         for u, name in enumerate(self.term_names):  # each concept's share of the shaped margin
             m[f"train/concept/{name}"] = parts["offsets"][:, u].mean()
-        # Several devices: each logged value is the mean over ranks (equal local batches), i.e. the
-        # global batch's value, the same as one device would log.
+        # Several devices: each logged value is the mean over ranks of the local mean scaled by the rank's
+        # share (global_share), i.e. the global batch's value, the same as one device would log.
         many = self._trainer is not None and self._trainer.world_size > 1
-        self.log_dict({k: v.float() for k, v in m.items()}, on_step=True, on_epoch=False, batch_size=b, sync_dist=many)
-        return loss
+        share = self.global_share(b)
+        self.log_dict({k: (v * share).float() for k, v in m.items()}, on_step=True, on_epoch=False, batch_size=b,
+                      sync_dist=many)
+        return loss * share  # DDP averages the ranks' gradients: the global batch's mean
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The shaped loss (what training minimises; ``val/loss``, early stopping's monitor) and plain
