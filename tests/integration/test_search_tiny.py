@@ -1,5 +1,6 @@
 """The search on the tiny random llama with real training and evaluation: two trials (plain DPO
-first), each a trial run with train and evaluate children; then promote registers one of them.
+first), each a trial run with train and evaluate children at the early stop's first budget and at
+the full one; then promote registers one of them.
 
 The audit run is a stand-in holding a hypotheses table over concepts training can shape without an
 SAE (the regex concept ``named:stock_flattery`` and the built-in ``length``), so this test exercises
@@ -53,7 +54,10 @@ def test_search_real_trials_then_promote(mlflow_uri, tmp_path, monkeypatch):
         assert run.data.tags["mlflow.parentRunId"] == out["run_id"]
         assert {"search/off_target", "search/on_target"} <= set(run.data.metrics)
         kids = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
-        assert sorted(k.data.tags["prefsculpt.stage"] for k in kids) == ["evaluate", "train"]
+        # the early stop's first budget (issue 17.2), then the full one (never pruned with min_results 2)
+        assert sorted((k.data.tags["prefsculpt.stage"], k.data.tags.get("prefsculpt.budget", "full")) for k in kids) == [
+            ("evaluate", "first"), ("evaluate", "full"), ("train", "first"), ("train", "full")]
+        assert run.data.tags["prefsculpt.trial_state"] == "COMPLETE" and "search/first/off_target" in run.data.metrics
         # a trial logs its trained layers only (issue 17.4); the Pareto front gets full models afterwards
         tr = client.get_run(run.data.tags["prefsculpt.train_run_id"])
         assert tr.data.tags["prefsculpt.log_policy"] == "delta" and not t.user_attrs.get("model_uri")
@@ -62,7 +66,8 @@ def test_search_real_trials_then_promote(mlflow_uri, tmp_path, monkeypatch):
         assert run.data.tags.get("prefsculpt.model_uri", "").startswith("models:/") == on_front
         # the trial carries its evaluation's metrics: one key set for the UI's compare view
         ev = client.get_run(run.data.tags["prefsculpt.eval_run_id"]).data.metrics
-        assert set(run.data.metrics) == set(ev) and run.data.metrics["search/off_target"] == ev["search/off_target"]
+        own = {k for k in run.data.metrics if not k.startswith("search/first/")}
+        assert own == set(ev) and run.data.metrics["search/off_target"] == ev["search/off_target"]
         assert G.unknown(set(run.data.metrics)) == []
     res = run_promote(cfg)
     mv = client.get_model_version_by_alias("tiny-policy", "candidate")

@@ -112,6 +112,17 @@ ENTRIES: tuple[Entry, ...] = (
     _E("train/policy_delta_mb", INFO, "MB of the policy delta the run logged (train.log_policy=delta: the "
        "trained layers only, instead of a whole model)", "train"),
     _E("train/policy_delta_params", INFO, "parameters in the policy delta (the trained ones)", "train"),
+    _E("train/val_pairs", INFO, "validation pairs scored during training (early stopping, the kept weights)",
+       "train"),
+    _E("train/val_checks", INFO, "validation checks run during training", "train"),
+    _E("train/best_val_loss", LOWER, "lowest validation loss; the policy keeps that check's weights", "train"),
+    _E("train/best_val_step", INFO, "optimizer step of the lowest validation loss (the kept weights)", "train"),
+    _E("train/stopped_early", INFO, "1 when early stopping ended training before its last epoch", "train"),
+    _E("val/loss", LOWER, "shaped DPO loss on the validation pairs (what early stopping watches)", "train"),
+    _E("val/dpo_loss", LOWER, "plain DPO loss on the validation pairs", "train"),
+    _E("val/rewards/accuracies", HIGHER, "share of validation pairs with a positive reward margin", "train"),
+    _E("val/rewards/margins", HIGHER, "mean chosen − rejected implicit reward margin on the validation pairs",
+       "train"),
     _E("epoch", INFO, "training epoch (Lightning)", "train"),
     # evaluate: sycophancy
     _E("syc/planted/shift", LOWER, "sycophancy: agreement with the user's wrong belief minus agreement with the "
@@ -176,7 +187,14 @@ ENTRIES: tuple[Entry, ...] = (
     _E("search/syc_increase", LOWER, "mean paired policy − base difference of the sycophancy metrics "
        "(search.objectives.sycophancy_metrics: the belief − neutral shifts)", "search"),
     _E("search/style_drift", LOWER, "mean |policy − base| change of the style rates", "search"),
-    _E("search/n_{state}", INFO, "trials of the study in a state (complete, fail, running, waiting)", "search"),
+    _E("search/n_{state}", INFO, "trials of the study in a state (complete, pruned, fail, running, waiting)",
+       "search"),
+    _E("search/first/off_target", LOWER, "off-target objective at the early stop's first budget (search.early_stop)",
+       "search"),
+    _E("search/first/on_target", HIGHER, "on-target objective at the early stop's first budget", "search"),
+    _E("search/first/off_target_hw", INFO, "95% CI half-width of the first-budget off-target (the noise the "
+       "early stop allows)", "search"),
+    _E("search/first/on_target_hw", INFO, "95% CI half-width of the first-budget on-target", "search"),
     _E("search/n_pareto", INFO, "trials on the Pareto front", "search"),
     _E("search/n_ran_here", INFO, "trials this worker ran", "search"),
     # promote

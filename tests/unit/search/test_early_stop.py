@@ -9,7 +9,12 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from prefsculpt.search.objective import Outcome, dominated_beyond_noise, first_budget_config, objective_halfwidths
+from prefsculpt.search.objective import (
+    Outcome,
+    dominated_beyond_noise,
+    first_budget_config,
+    objective_halfwidths,
+)
 from prefsculpt.stages.search import run_search
 from tests.unit.search.helpers import compose_cfg, fake_audit_run
 
