@@ -214,24 +214,32 @@ def first_changed_layer(policy: Any, base: Any) -> int:
     return len(layers_p)
 
 
+def _plan(model: Any, items: Sequence[ChoiceItem], pad_id: int,
+          batch_tokens: int) -> tuple[list[list[int]], list[torch.Tensor] | None, int]:
+    """The length-bucketed batches, and the shared trunk of each (loaded or computed now) with the layer
+    it enters at when a ``shared_trunk`` covers ``model`` (else None, 0)."""
+    batches = length_buckets([len(it) for it in items], range(len(items)), batch_tokens)
+    src = _SHARED.get()
+    if src is None or not src.covers(model):
+        return batches, None, 0
+    return batches, src.load_or_compute(items, batches, pad_id, batch_tokens), src.start
+
+
 def iter_response_logits(
-    model: Any, items: Sequence[ChoiceItem], pad_id: int, batch_tokens: int = 4096, chunk: int = 2048
+    model: Any, items: Sequence[ChoiceItem], pad_id: int, batch_tokens: int = 4096, chunk: int = 2048,
+    plan: tuple[list[list[int]], list[torch.Tensor] | None, int] | None = None,
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
     """Per length-bucketed batch: (item indices, packed batch, fp32 logits (N, V) of its response
     tokens, on the model's device; the batch stays on the CPU). Deterministic in ``items`` and
     ``batch_tokens``, so two models can be walked in step."""
-    lengths = [len(it) for it in items]
+    batches, trunks, start = plan if plan is not None else _plan(model, items, pad_id, batch_tokens)
     head = model.get_output_embeddings()
     dev = model_device(model)
-    batches = length_buckets(lengths, range(len(items)), batch_tokens)
-    src = _SHARED.get()
-    trunks = src.load_or_compute(items, batches, pad_id, batch_tokens) if src is not None and src.covers(model) else None
     for j, idx in enumerate(batches):
         batch = pack_choices([items[i] for i in idx], pad_id)
         on = to_device(batch, dev)
         with torch.no_grad():
-            hidden = _final_hidden(model, on, None if trunks is None else trunks[j].to(dev),
-                                   src.start if trunks is not None else 0)
+            hidden = _final_hidden(model, on, None if trunks is None else trunks[j].to(dev), start)
             h = hidden[on["rows"], on["cols"]]  # (N, d)
             logits = torch.cat([head(h[s : s + chunk]).float() for s in range(0, h.shape[0], chunk)])  # (N, V)
         yield idx, batch, logits
@@ -242,8 +250,9 @@ def score_choices(
 ) -> list[np.ndarray]:
     """Summed log-prob of each candidate: a list (one per item) of (K_i,) float64 arrays."""
     out: list[np.ndarray | None] = [None] * len(items)
-    for idx, batch, logits in track(iter_response_logits(model, items, pad_id, batch_tokens), "scoring", "items",
-                                    total=len(items), size=lambda step: len(step[0])):
+    plan = _plan(model, items, pad_id, batch_tokens)  # a shared trunk is computed before the scoring clock starts
+    for idx, batch, logits in track(iter_response_logits(model, items, pad_id, batch_tokens, plan=plan), "scoring",
+                                    "items", total=len(items), size=lambda step: len(step[0])):
         tgt = batch["targets"].to(logits.device)[:, None]
         tok_lp = (logits.gather(1, tgt).squeeze(1) - torch.logsumexp(logits, dim=1)).cpu()  # (N,)
         per = torch.zeros(int(batch["n_candidates"]), dtype=torch.float64).index_add(0, batch["flat"], tok_lp.double())
