@@ -143,8 +143,7 @@ def first_budget_config(t: DictConfig, es: Any) -> tuple[DictConfig, str]:
         f.train.epochs = int(es.epochs)
     if "eval" in f:
         f.eval.sycophancy.planted_probes = cut(f.eval.sycophancy.planted_probes)
-        f.eval.sycophancy.max_items = cut(f.eval.sycophancy.get("max_items")) or (
-            None if f.eval.sycophancy.get("max_items") is None else f.eval.sycophancy.max_items)
+        f.eval.sycophancy.max_items = cut(f.eval.sycophancy.get("max_items"))
         f.eval.style.n_prompts = cut(f.eval.style.n_prompts)
         f.eval.style.in_domain = cut(f.eval.style.in_domain)
         f.eval.capability.clean_pairs = cut(f.eval.capability.clean_pairs)

@@ -231,7 +231,8 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     mlflow.set_tags({Tag.DEVICE: str(device), Tag.PRECISION: precision,
                      **({Tag.STRATEGY: f"{strategy} x{n_dev}"} if n_dev > 1 else {})})
     ckpt_dir = work / "ckpt"
-    val_args, _ = validation_setup(OmegaConf.to_object(tc), val_data is not None, dm.batches_per_epoch(n_dev))
+    # the DDP workers build their own callbacks from the same config (train_ddp._worker)
+    val_args, val_cbs = validation_setup(OmegaConf.to_object(tc), val_data is not None, dm.batches_per_epoch(n_dev))
     targs = {"max_epochs": tc.epochs, "accumulate_grad_batches": tc.grad_accum, "precision": precision,
              "log_every_n_steps": tc.log_every_n_steps, **val_args,
              "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(work)}
@@ -256,7 +257,6 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
         logger = MLFlowLogger(tracking_uri=resolve_tracking_uri(cfg.tracking.uri), run_id=run_id)
         bar = StepProgress("DPO", "pairs", size_of=lambda b: int(b["weight"].shape[0]),
                            total=len(dm.dataset) * tc.epochs, show=("train/loss",))
-        _, val_cbs = validation_setup(OmegaConf.to_object(tc), val_data is not None, dm.batches_per_epoch(1))
         trainer = L.Trainer(accelerator=accelerator(device), devices=[device.index] if device.index is not None else 1,
                             logger=logger, callbacks=[ckpt, bar, *val_cbs], use_distributed_sampler=False,
                             **{**targs, "enable_progress_bar": True})
