@@ -202,7 +202,7 @@ def _train(cfg, run_id, model_dir, model_fp, tok, pairs, tokenized, shaping, lay
     if val_pairs:  # the same objective on the validation pairs: their own reference, ΔA and trunk
         vctx = RefContext(model, tok, list(val_pairs), list(val_tokenized), cfg.shaping, cfg.get("named_concepts") or [],
                           ctx.layer, cfg.data.tokenize.max_prompt_tokens, tc.precompute_batch_tokens)
-        vctx.trunk_layer = ctx.trunk_layer
+        vctx.trunk_layer, vctx.label = ctx.trunk_layer, "validation"
     orient = str(cfg.shaping.get("orient", "audit"))
     with autocast(device, bf16):
         pre = run_precompute(ctx, shaping.interventions, cache, pre_fp, orient)

@@ -111,6 +111,12 @@ class RefContext:
         #: Capture the output of this layer during the reference pass (= start layer − 1), or None.
         self.trunk_layer: int | None = None
         self._trunk: dict[str, torch.Tensor] | None = None
+        #: Which pairs these are in progress lines ("" for the training pairs, e.g. "validation").
+        self.label = ""
+
+    @property
+    def _prefix(self) -> str:
+        return f"precompute ({self.label})" if self.label else "precompute"
 
     # -- log-probs ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -125,7 +131,7 @@ class RefContext:
         lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in tokenized]
         what = "reference log-probs" if hooks is None and tokenized is self.tokenized else "log-probs"
         dev = model_device(self.model)
-        for idx in track(length_batches(lengths, self.batch_tokens), f"precompute: {what}", "pairs",
+        for idx in track(length_batches(lengths, self.batch_tokens), f"{self._prefix}: {what}", "pairs",
                          total=len(tokenized), size=len):
             batch = to_device(pack_pairs([tokenized[i] for i in idx], pad), dev)
             with contextlib.ExitStack() as stack:
@@ -160,7 +166,7 @@ class RefContext:
             rows: list[torch.Tensor | None] = [None] * len(self.tokenized)
             lengths = [len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in self.tokenized]
             dev = model_device(self.model)
-            what = f"precompute: trunk (layer {self.trunk_layer}{', edited' if edits else ''})"
+            what = f"{self._prefix}: trunk (layer {self.trunk_layer}{', edited' if edits else ''})"
             for idx in track(length_batches(lengths, self.batch_tokens), what, "pairs", total=len(self.tokenized),
                              size=len):
                 b = to_device(pack_pairs([self.tokenized[i] for i in idx], pad), dev)

@@ -69,6 +69,8 @@ def test_eval_scoring_and_generation_report_items(lines, tiny_model_dir):
 
 
 def test_train_stage_reports_precompute_and_dpo_pairs_with_loss(lines, tiny_model_dir, tmp_path, mlflow_uri):
+    import mlflow
+
     from prefsculpt.stages.train import run_train
     from tests.unit.train.helpers import train_cfg
 
@@ -78,6 +80,10 @@ def test_train_stage_reports_precompute_and_dpo_pairs_with_loss(lines, tiny_mode
     n = out["optimizer_steps"] * 4  # pairs trained (batch 4, one epoch, no accumulation)
     assert n == 8
     assert_step(got, "precompute: reference log-probs", 8, "pairs")
+    # the validation pairs' own reference pass is told apart from the training pairs'
+    n_val = mlflow.get_run(out["run_id"]).data.metrics["train/val_pairs"]
+    assert n_val > 0
+    assert_step(got, "precompute (validation): reference log-probs", int(n_val), "pairs")
     assert_step(got, "DPO", 8, "pairs")
     assert any(re.search(r"^DPO: 4/8 pairs .* loss=[0-9.]+$", x) for x in got), got
     assert re.search(r"^DPO: done 8/8 pairs in .* pairs/s\), loss=[0-9.]+$", got[-1]), got
