@@ -59,7 +59,10 @@ def tiny_cfg(tmp_path: Path, experiment: str, n_trials: int):
     search.pop("defaults", None)
     cfg.search = OmegaConf.merge(OmegaConf.structured(SearchConfig), search, {
         "storage": PG, "study_name": f"pgworkers-{uuid.uuid4().hex[:8]}", "n_trials": n_trials, "top_k": 2,
-        "methods": ["score", "filter"], "sampler": "random", "heartbeat_interval": 1, "grace_period": 4})
+        "methods": ["score", "filter"], "sampler": "random", "heartbeat_interval": 1, "grace_period": 4,
+        # every slot must complete (coordination is under test): the dominance rule stops nothing on the fake
+        # runner's trade-offs; halving would stop all but one in five by design
+        "early_stop": {"rule": "dominance"}})
     cfg.tracking.experiment = experiment
     cfg.cache_dir = str(tmp_path / "cache")
     return cfg

@@ -125,9 +125,31 @@ def dominated_beyond_noise(me: Mapping[str, Any], others: Sequence[Mapping[str, 
     return None
 
 
+def dominates(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """``a`` dominates ``b`` on the point values (off minimised, on maximised)."""
+    return a["off"] <= b["off"] and a["on"] >= b["on"] and (a["off"] < b["off"] or a["on"] > b["on"])
+
+
+def halving_decision(me: Mapping[str, Any], others: Sequence[Mapping[str, Any]], n_promoted: int,
+                     n_shaped: int, eta: int) -> tuple[bool, str, Any]:
+    """Successive halving over first-budget results: (promote?, why not, by). ``others``: the other
+    trials' first-budget results (the baseline's included); ``n_promoted``: shaped trials already
+    promoted; ``n_shaped``: shaped trials measured so far, this one included. Promoted: on the
+    first-budget front (no other result dominates it) while ``n_promoted < max(1, n_shaped // eta)``."""
+    by = next((o for o in others if dominates(o, me)), None)
+    if by is not None:
+        return False, f"trial {by['trial']} (off {by['off']:.4f}, on {by['on']:.4f}) dominates it", by["trial"]
+    quota = max(1, n_shaped // eta)
+    if n_promoted >= quota:
+        return False, (f"on the first-budget front, but {n_promoted} of the {n_shaped} shaped trials measured were "
+                       f"already promoted (at most one per {eta}: search.early_stop.eta)"), "quota"
+    return True, "", None
+
+
 def first_budget_config(t: DictConfig, es: Any) -> tuple[DictConfig, str]:
     """The trial config at the early stop's first budget (fewer pairs and epochs, a share of each
-    select item set) and the budget in words."""
+    select item set) and the budget in words. Only what the objectives read is measured there: no
+    validation loss during training, no KL to the base and no known-answer probes."""
     f = copy.deepcopy(t)
     OmegaConf.set_struct(f, False)
     share = float(es.eval_share)
@@ -141,13 +163,17 @@ def first_budget_config(t: DictConfig, es: Any) -> tuple[DictConfig, str]:
         pairs = max(1, round(int(full) * float(es.pairs_share))) if full else None
         f.train.max_pairs = pairs
         f.train.epochs = int(es.epochs)
+        if "val_pairs" in f.train:
+            f.train.val_pairs = 0
     if "eval" in f:
         f.eval.sycophancy.planted_probes = cut(f.eval.sycophancy.planted_probes)
         f.eval.sycophancy.max_items = cut(f.eval.sycophancy.get("max_items"))
         f.eval.style.n_prompts = cut(f.eval.style.n_prompts)
         f.eval.style.in_domain = cut(f.eval.style.in_domain)
         f.eval.capability.clean_pairs = cut(f.eval.capability.clean_pairs)
-        f.eval.capability.known_answer = cut(f.eval.capability.known_answer)
+        f.eval.capability.known_answer = 0
+        if "kl" in f.eval.capability:
+            f.eval.capability.kl = False
     OmegaConf.set_struct(f, True)
     what = f"{pairs if pairs else 'all'} pairs x {int(es.epochs)} epoch(s), {share:.0%} of the select items"
     return f, what
@@ -312,18 +338,30 @@ def _first_budget(trial: Any, ctx: TrialContext, tcfg: DictConfig, baseline: boo
                         "search/first/off_target_hw": me["off_hw"], "search/first/on_target_hw": me["on_hw"]})
     if baseline:
         return
-    others = [t.user_attrs["first_budget"] for t in trial.study.get_trials(deepcopy=False)
-              if t.number != trial.number and "first_budget" in t.user_attrs
-              and t.user_attrs["first_budget"].get("budget") == what]
-    if len(others) < int(es.min_results):
-        return
-    by = dominated_beyond_noise(me, others)
-    if by is None:
-        return
-    why = (f"stopped at the first budget ({what}): trial {by['trial']} (off {by['off']:.4f}, on {by['on']:.4f}) "
-           f"dominates it beyond noise (off {me['off']:.4f} ± {me['off_hw']:.4f}, on {me['on']:.4f} ± {me['on_hw']:.4f})")
+    peers = [t for t in trial.study.get_trials(deepcopy=False)
+             if t.number != trial.number and "first_budget" in t.user_attrs
+             and t.user_attrs["first_budget"].get("budget") == what]
+    others = [t.user_attrs["first_budget"] for t in peers]
+    if str(es.get("rule", "dominance")) == "halving":
+        shaped = [t for t in peers if not t.user_attrs.get(BASELINE_ATTR)]
+        n_promoted = sum(bool(t.user_attrs.get("promoted")) for t in shaped)
+        go, reason, by_trial = halving_decision(me, others, n_promoted, len(shaped) + 1, int(es.eta))
+        if go:
+            trial.set_user_attr("promoted", True)
+            return
+        why = f"stopped at the first budget ({what}): {reason}"
+    else:
+        if len(others) < int(es.min_results):
+            return
+        by = dominated_beyond_noise(me, others)
+        if by is None:
+            return
+        by_trial = by["trial"]
+        why = (f"stopped at the first budget ({what}): trial {by['trial']} (off {by['off']:.4f}, on {by['on']:.4f}) "
+               f"dominates it beyond noise (off {me['off']:.4f} ± {me['off_hw']:.4f}, on {me['on']:.4f} ± "
+               f"{me['on_hw']:.4f})")
     trial.set_user_attr("pruned_at", what)
-    trial.set_user_attr("pruned_by", int(by["trial"]))
-    mlflow.set_tags({Tag.PRUNED_AT: what, Tag.PRUNED_BY: str(by["trial"])})
+    trial.set_user_attr("pruned_by", by_trial if isinstance(by_trial, str) else int(by_trial))
+    mlflow.set_tags({Tag.PRUNED_AT: what, Tag.PRUNED_BY: str(by_trial)})
     log.info("trial %d: %s", trial.number, why)
     raise optuna.TrialPruned(why)

@@ -315,7 +315,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                      "retry_of": t.system_attrs.get("failed_trial", ""), "error": u.get("error", ""),
                      "first_off": u.get("first_budget", {}).get("off", np.nan),
                      "first_on": u.get("first_budget", {}).get("on", np.nan),
-                     "pruned_at": u.get("pruned_at", ""), "pruned_by": u.get("pruned_by", np.nan),
+                     "pruned_at": u.get("pruned_at", ""),
+                     # a trial number, or "quota" (halving: on the front, but the promotions were taken)
+                     "pruned_by": "" if u.get("pruned_by") is None else str(u["pruned_by"]),
+                     "promoted": bool(u.get("promoted", False)),
                      "params": str(t.params)})
     df = pd.DataFrame(rows)
     done = (df["state"] == "COMPLETE") if len(df) else pd.Series([], dtype=bool)

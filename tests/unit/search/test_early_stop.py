@@ -13,6 +13,7 @@ from prefsculpt.search.objective import (
     Outcome,
     dominated_beyond_noise,
     first_budget_config,
+    halving_decision,
     objective_halfwidths,
 )
 from prefsculpt.stages.search import run_search
@@ -46,17 +47,38 @@ def test_objective_halfwidths_come_from_the_logged_cis():
 
 
 def test_first_budget_config_cuts_pairs_epochs_and_items():
-    t = OmegaConf.create({"train": {"max_pairs": 400, "epochs": 2},
+    t = OmegaConf.create({"train": {"max_pairs": 400, "epochs": 2, "val_pairs": 128},
                           "eval": {"sycophancy": {"planted_probes": 300, "max_items": None},
                                    "style": {"n_prompts": 40, "in_domain": 20},
-                                   "capability": {"clean_pairs": 100, "known_answer": 0}}})
+                                   "capability": {"clean_pairs": 100, "known_answer": 100, "kl": True}}})
     es = OmegaConf.create({"pairs_share": 0.25, "epochs": 1, "eval_share": 0.34})
     f, what = first_budget_config(t, es)
-    assert (f.train.max_pairs, f.train.epochs) == (100, 1)
+    assert (f.train.max_pairs, f.train.epochs, f.train.val_pairs) == (100, 1, 0)  # no validation loss there
     assert (f.eval.sycophancy.planted_probes, f.eval.style.n_prompts, f.eval.style.in_domain) == (102, 14, 7)
-    assert (f.eval.capability.clean_pairs, f.eval.capability.known_answer) == (34, 0)  # 0 stays off
+    # only what the objectives read: clean pairs (on-target), no known-answer probes, no KL
+    assert (f.eval.capability.clean_pairs, f.eval.capability.known_answer, f.eval.capability.kl) == (34, 0, False)
     assert what == "100 pairs x 1 epoch(s), 34% of the select items"
-    assert t.train.max_pairs == 400  # the full budget's config is untouched
+    assert t.train.max_pairs == 400 and t.train.val_pairs == 128  # the full budget's config is untouched
+
+
+def _r(trial, off, on):
+    return {"trial": trial, "off": off, "on": on}
+
+
+def test_halving_promotes_front_trials_up_to_one_per_eta():
+    base = _r(0, 0.20, 0.80)
+    # on the front, first shaped trial: promoted (quota max(1, 1 // 5) = 1)
+    assert halving_decision(_r(1, 0.10, 0.80), [base], 0, 1, 5)[0]
+    # dominated by the baseline: never promoted, named
+    go, why, by = halving_decision(_r(2, 0.25, 0.75), [base], 0, 1, 5)
+    assert not go and by == 0 and "trial 0" in why
+    # on the front but the quota is taken: 1 promoted of 4 measured, quota max(1, 4 // 5) = 1
+    go, why, by = halving_decision(_r(4, 0.05, 0.70), [base, _r(1, 0.10, 0.80)], 1, 4, 5)
+    assert not go and by == "quota" and "search.early_stop.eta" in why
+    # the 10th shaped trial on the front opens a second promotion
+    assert halving_decision(_r(10, 0.05, 0.70), [base, _r(1, 0.10, 0.80)], 1, 10, 5)[0]
+    # a trade-off is not dominated; equal points do not dominate each other
+    assert halving_decision(_r(3, 0.20, 0.80), [base], 0, 1, 5)[0]
 
 
 class BudgetRunner:
@@ -82,8 +104,8 @@ class BudgetRunner:
         return Outcome(tr.info.run_id, ev.info.run_id, None, m)
 
 
-def _cfg(tmp_path):
-    cfg = compose_cfg(tmp_path, n_trials=4, early_stop={"enabled": True, "min_results": 1})
+def _cfg(tmp_path, **es):
+    cfg = compose_cfg(tmp_path, n_trials=4, early_stop={"enabled": True, "rule": "dominance", "min_results": 1, **es})
     OmegaConf.set_struct(cfg, False)
     cfg.train = {"max_pairs": 400, "epochs": 2}
     return cfg
@@ -126,3 +148,31 @@ def test_trials_that_are_not_dominated_train_in_full(mlflow_uri, tmp_path):
     assert runner.calls == {"first": 4, "full": 4}
     assert all(t.user_attrs["first_budget"]["off"] == pytest.approx(0.2 if i == 0 else 0.1)
                for i, t in enumerate(study.trials))
+
+
+class GoodRunner(BudgetRunner):
+    """Every shaped trial better off-target than plain DPO at the same on-target (all on the front)."""
+
+    def __init__(self):
+        super().__init__(bad=False)
+
+
+def test_halving_trains_one_front_trial_in_full_per_eta(mlflow_uri, tmp_path):
+    cfg = _cfg(tmp_path, rule="halving", eta=5)
+    fake_audit_run(tmp_path)
+    runner = GoodRunner()
+    out = run_search(cfg, runner=runner)
+    study = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
+    states = [t.state for t in study.trials]
+    # baseline in full; trial 1 takes the one promotion of the first 4 shaped trials; 2 and 3 stop although
+    # they are on the front (they tie trial 1): the quota, named on the trial and its run
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
+    assert runner.calls == {"first": 4, "full": 2}
+    assert study.trials[1].user_attrs["promoted"] is True
+    for t in study.trials[2:]:
+        assert t.user_attrs["pruned_by"] == "quota" and "promoted" not in t.user_attrs
+    runs = {r.data.tags["prefsculpt.trial_number"]: r for r in mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`prefsculpt.stage` = 'trial'", output_format="list")}
+    assert runs["2"].data.tags["prefsculpt.pruned_by"] == "quota"
+    assert runs["2"].data.tags["prefsculpt.trial_state"] == "PRUNED"
+    assert out["metrics"]["search/n_pruned"] == 2 and out["metrics"]["search/n_complete"] == 2
