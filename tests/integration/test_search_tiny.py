@@ -30,7 +30,10 @@ def tiny_cfg(tmp_path):
     search.pop("defaults", None)
     cfg.search = OmegaConf.merge(OmegaConf.structured(SearchConfig), search,
                                  {"storage": f"sqlite:///{tmp_path / 'optuna.db'}", "top_k": 2, "n_trials": 2,
-                                  "objectives": {"style_weight": 0.0}})
+                                  "objectives": {"style_weight": 0.0},
+                                  # both budgets of both trials run: the dominance rule needs 2 other results
+                                  # first (halving could stop trial 1 should plain DPO dominate it on a random model)
+                                  "early_stop": {"rule": "dominance"}})
     cfg.promote = OmegaConf.merge(OmegaConf.structured(PromoteConfig), {"model_name": "tiny-policy"})
     cfg.cache_dir = str(tmp_path / "cache")
     return cfg
@@ -54,7 +57,7 @@ def test_search_real_trials_then_promote(mlflow_uri, tmp_path, monkeypatch):
         assert run.data.tags["mlflow.parentRunId"] == out["run_id"]
         assert {"search/off_target", "search/on_target"} <= set(run.data.metrics)
         kids = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
-        # the early stop's first budget (issue 17.2), then the full one (never pruned with min_results 2)
+        # the early stop's first budget (issue 17.2), then the full one
         assert sorted((k.data.tags["prefsculpt.stage"], k.data.tags.get("prefsculpt.budget", "full")) for k in kids) == [
             ("evaluate", "first"), ("evaluate", "full"), ("train", "first"), ("train", "full")]
         assert run.data.tags["prefsculpt.trial_state"] == "COMPLETE" and "search/first/off_target" in run.data.metrics
