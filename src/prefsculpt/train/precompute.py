@@ -302,6 +302,8 @@ def run_precompute(ctx: RefContext, interventions: Sequence[Intervention], cache
     is the training objective on other pairs."""
     base = {"model": model_fp, "tokens": tokens_fingerprint(ctx.tokenized)}
     ref = cache.get_or_compute(sha({**base, "what": "ref"}), lambda: dict(zip(("c", "r"), ctx.ref_logps(), strict=True)))
+    if ctx._ref is None:  # read from the cache: the interventions' ΔA (steer, inoculate) need it, not a second pass
+        ctx._ref = (ref["c"], ref["r"])
     cols, names, lams = [], [], []
     signs: dict[str, int] = dict(like.orientation) if like is not None else {}
     sources: dict[str, str] = dict(like.orientation_from) if like is not None else {}

@@ -30,12 +30,12 @@ def counted(monkeypatch):
     return calls
 
 
-def _train(model_dir, tmp_path, cache, top_layers=2, concepts=()):
+def _train(model_dir, tmp_path, cache, top_layers=2, concepts=(), **shaping):
     from prefsculpt.stages.train import run_train
     from tests.unit.train.helpers import train_cfg
 
     cfg = train_cfg(model_dir, tmp_path, train={"max_pairs": 8, "train_top_layers": top_layers, "val_pairs": 0},
-                    shaping={"concepts": list(concepts)}, extra={"cache_dir": str(cache)})
+                    shaping={"concepts": list(concepts), **shaping}, extra={"cache_dir": str(cache)})
     return run_train(cfg)
 
 
@@ -51,6 +51,16 @@ def test_a_second_trial_reuses_the_cache_and_a_new_base_or_layers_rebuild_it(tin
     _train(tiny_model_dir, tmp_path / "t2", cache,
            concepts=[{"concept": "length", "method": "score", "action": "suppress", "strength": 0.5}])
     assert counted == first
+    # a method whose ΔA compares hooked log-probs with the reference (steer) reads the cached reference too
+    import torch
+    from safetensors.torch import save_file
+
+    dirs = tmp_path / "dirs.safetensors"
+    save_file({"named:marker": torch.randn(32)}, str(dirs))
+    _train(tiny_model_dir, tmp_path / "t2s", cache, layer=3, directions_path=str(dirs),
+           concepts=[{"concept": "named:marker", "method": "steer", "action": "suppress", "strength": 0.5}])
+    assert counted["ref"] == first["ref"]
+    first = dict(counted)
     entries = set((cache / "precompute").glob("*.safetensors"))
     # other trained layers: the trunk (input of another layer) is rebuilt, the reference is reused
     _train(tiny_model_dir, tmp_path / "t3", cache, top_layers=1)
