@@ -149,7 +149,8 @@ def halving_decision(me: Mapping[str, Any], others: Sequence[Mapping[str, Any]],
 def first_budget_config(t: DictConfig, es: Any) -> tuple[DictConfig, str]:
     """The trial config at the early stop's first budget (fewer pairs and epochs, a share of each
     select item set) and the budget in words. Only what the objectives read is measured there: no
-    validation loss during training, no KL to the base and no known-answer probes."""
+    validation loss during training, no KL to the base and no known-answer probes; and the policy is
+    not logged (its evaluation reads the local folder; a promoted trial trains its full policy anew)."""
     f = copy.deepcopy(t)
     OmegaConf.set_struct(f, False)
     share = float(es.eval_share)
@@ -165,6 +166,8 @@ def first_budget_config(t: DictConfig, es: Any) -> tuple[DictConfig, str]:
         f.train.epochs = int(es.epochs)
         if "val_pairs" in f.train:
             f.train.val_pairs = 0
+        if "log_policy" in f.train:  # the local policy folder serves the evaluation; a promoted trial retrains
+            f.train.log_policy = "none"
     if "eval" in f:
         f.eval.sycophancy.planted_probes = cut(f.eval.sycophancy.planted_probes)
         f.eval.sycophancy.max_items = cut(f.eval.sycophancy.get("max_items"))

@@ -47,13 +47,14 @@ def test_objective_halfwidths_come_from_the_logged_cis():
 
 
 def test_first_budget_config_cuts_pairs_epochs_and_items():
-    t = OmegaConf.create({"train": {"max_pairs": 400, "epochs": 2, "val_pairs": 128},
+    t = OmegaConf.create({"train": {"max_pairs": 400, "epochs": 2, "val_pairs": 128, "log_policy": None},
                           "eval": {"sycophancy": {"planted_probes": 300, "max_items": None},
                                    "style": {"n_prompts": 40, "in_domain": 20},
                                    "capability": {"clean_pairs": 100, "known_answer": 100, "kl": True}}})
     es = OmegaConf.create({"pairs_share": 0.25, "epochs": 1, "eval_share": 0.34})
     f, what = first_budget_config(t, es)
     assert (f.train.max_pairs, f.train.epochs, f.train.val_pairs) == (100, 1, 0)  # no validation loss there
+    assert f.train.log_policy == "none"  # evaluated from the local folder; nothing logged for a first budget
     assert (f.eval.sycophancy.planted_probes, f.eval.style.n_prompts, f.eval.style.in_domain) == (102, 14, 7)
     # only what the objectives read: clean pairs (on-target), no known-answer probes, no KL
     assert (f.eval.capability.clean_pairs, f.eval.capability.known_answer, f.eval.capability.kl) == (34, 0, False)
