@@ -28,9 +28,12 @@ max (or firing share) grows with length, so on real data most raw tests restate 
 The q-values and ``significant`` therefore rest on the length-controlled test (the intercept of
 ``d = a + b·L``, :func:`length_controlled`), the raw ones stay beside them (``q_raw``,
 ``significant_raw``). Under the swap null (d, L) -> -(d, L) jointly, so the intercept's t statistic
-is symmetric about 0; the t test on sign-symmetric data errs conservative at the usual levels
-(Efron 1969), and :func:`calibrate` checks it on the very data. What carries the length gap is
-measured the other way round, by :func:`length_carried`.
+is symmetric about 0; :func:`calibrate` checks the whole procedure on the very data, and
+``bench/calibration.py`` checks the tail where BH decides: on the default run's 4,063 tests its null
+p-values match exact ones (39 below 1e-4 in 100 seeds, 40.6 expected) and every null discovery's
+exact sign-flip p (10^6 draws; the t depends on the coins only through s·d and s·L) agrees with its
+t p. A rank test on residuals is no substitute: it tests symmetry, and re-admits length (bench
+README). What carries the length gap is measured the other way round, by :func:`length_carried`.
 """
 
 from __future__ import annotations
