@@ -77,6 +77,8 @@ class Tag:
     #: On a pruned trial run: the budget it stopped at, and the trial whose result dominated it.
     PRUNED_AT = "prefsculpt.pruned_at"
     PRUNED_BY = "prefsculpt.pruned_by"
+    #: On a trial run: the trial whose parameters it trains in full (halving's late promotion).
+    PROMOTED_FROM = "prefsculpt.promoted_from"
     #: On the train and evaluate runs of a trial's first budget: "first".
     BUDGET = "prefsculpt.budget"
     # promotion (on the model version and the promote run)
@@ -137,6 +139,8 @@ class Attr:
     BASELINE = Tag.BASELINE
     INFORMED_START = "prefsculpt.informed_start"
     UNPLANNED = "prefsculpt.unplanned"
+    #: A trial enqueued to train trial n's parameters in full (halving's late promotion): n.
+    PROMOTED_FROM = Tag.PROMOTED_FROM
 
 
 class Artifact:

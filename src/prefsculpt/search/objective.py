@@ -43,12 +43,15 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from prefsculpt.core.errors import UserError
-from prefsculpt.core.names import Tag
+from prefsculpt.core.names import Attr, Tag
 from prefsculpt.core.redact import mlflow_params
 from prefsculpt.search.slots import retry_of
 from prefsculpt.search.space import BASELINE_ATTR, Candidate, SpaceBounds, describe, suggest_concepts
 from prefsculpt.shaping.config import ConceptSpec
 from prefsculpt.tracking.orphans import close_dead_run_tree, own_lineage
+
+#: Trial user attr of a late promotion: the number of the stopped trial whose parameters it trains in full.
+PROMOTED_FROM = Attr.PROMOTED_FROM
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +133,45 @@ def dominates(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return a["off"] <= b["off"] and a["on"] >= b["on"] and (a["off"] < b["off"] or a["on"] > b["on"])
 
 
-def halving_decision(me: Mapping[str, Any], others: Sequence[Mapping[str, Any]], n_promoted: int,
-                     n_shaped: int, eta: int) -> tuple[bool, str, Any]:
-    """Successive halving over first-budget results: (promote?, why not, by). ``others``: the other
-    trials' first-budget results (the baseline's included); ``n_promoted``: shaped trials already
-    promoted; ``n_shaped``: shaped trials measured so far, this one included. Promoted: on the
-    first-budget front (no other result dominates it) while ``n_promoted < max(1, n_shaped // eta)``."""
+def halving_decision(me: Mapping[str, Any], others: Sequence[Mapping[str, Any]], pending: Sequence[Mapping[str, Any]],
+                     n_promoted: int, n_shaped: int, eta: int, on_floor: float | None = None,
+                     ) -> tuple[bool, list[Mapping[str, Any]], str, Any]:
+    """Successive halving over first-budget results, with late promotion (ASHA's, for a study where
+    a stopped trial cannot resume): ``(promote me?, earlier trials to train in full now, why not me,
+    by)``.
+
+    ``others``: the other trials' first-budget results (the baseline's included); ``pending``: those of
+    shaped trials stopped earlier and not promoted since; ``n_promoted``: shaped trials promoted so far
+    (either way); ``n_shaped``: shaped trials measured, this one included. While ``n_promoted <
+    max(1, n_shaped // eta)``, the best unpromoted trial on the first-budget front (no result dominates
+    it) is promoted — this one or an earlier one the quota had stopped. Best: on-target at least
+    ``on_floor`` (the baseline's first-budget on-target less the promote gate's tolerance) first, then
+    the lowest off-target; this trial wins ties."""
+    everyone = [*others, me]
+    on_front = [r for r in (*pending, me) if not any(dominates(o, r) for o in everyone if o is not r)]
+
+    def key(r: Mapping[str, Any]) -> tuple:
+        return (on_floor is not None and r["on"] < on_floor, r["off"], r is not me, r["trial"])
+
+    later: list[Mapping[str, Any]] = []
+    quota = max(1, n_shaped // eta)
+    go = False
+    for r in sorted(on_front, key=key):
+        if n_promoted >= quota:
+            break
+        n_promoted += 1
+        if r is me:
+            go = True
+        else:
+            later.append(r)
+    if go:
+        return True, later, "", None
     by = next((o for o in others if dominates(o, me)), None)
     if by is not None:
-        return False, f"trial {by['trial']} (off {by['off']:.4f}, on {by['on']:.4f}) dominates it", by["trial"]
-    quota = max(1, n_shaped // eta)
-    if n_promoted >= quota:
-        return False, (f"on the first-budget front, but {n_promoted} of the {n_shaped} shaped trials measured were "
-                       f"already promoted (at most one per {eta}: search.early_stop.eta)"), "quota"
-    return True, "", None
+        return False, later, f"trial {by['trial']} (off {by['off']:.4f}, on {by['on']:.4f}) dominates it", by["trial"]
+    return False, later, (f"on the first-budget front, but {n_promoted} of the {n_shaped} shaped trials measured "
+                          f"were promoted, the most allowed (one per {eta}: search.early_stop.eta)"
+                          + (" and better ones were waiting" if later or n_promoted < quota else "")), "quota"
 
 
 def first_budget_config(t: DictConfig, es: Any) -> tuple[DictConfig, str]:
@@ -269,12 +297,15 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
     _close_stale_run(trial)
     specs = suggest_concepts(trial, ctx.candidates, ctx.bounds)
     baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
-    name = f"trial-{trial.number:03d}" + (" (plain DPO baseline)" if baseline else "")
+    promoted_from = trial.user_attrs.get(PROMOTED_FROM)
+    name = f"trial-{trial.number:03d}" + (" (plain DPO baseline)" if baseline else "") + (
+        f" (trial {promoted_from} in full)" if promoted_from is not None else "")
     tags = {Tag.STAGE: "trial", TRIAL_TAG: str(trial.number), STUDY_TAG: ctx.study_uid,
             BASELINE_TAG: str(baseline).lower(), Tag.SHAPING: describe(specs),
             **({Tag.DECISIONS_HASH: ctx.decisions_hash} if ctx.decisions_hash else {}),
             **({Tag.AUDIT_RUN: ctx.sources["audit_run_id"]} if ctx.sources.get("audit_run_id") else {}),
-            **({Tag.RETRY_OF: str(retry_of(trial))} if retry_of(trial) is not None else {})}
+            **({Tag.RETRY_OF: str(retry_of(trial))} if retry_of(trial) is not None else {}),
+            **({Tag.PROMOTED_FROM: str(promoted_from)} if promoted_from is not None else {})}
     with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         # Every trial param readable in the UI's params table; the shaping as JSON beside it.
@@ -282,7 +313,8 @@ def run_trial(trial: Any, ctx: TrialContext) -> tuple[float, float]:
         mlflow.log_dict({"concepts": specs}, "trial/shaping.json")
         try:
             tcfg = trial_config(ctx.cfg, specs, ctx.sources)
-            _first_budget(trial, ctx, tcfg, baseline)  # raises optuna.TrialPruned when it stops the trial
+            if promoted_from is None:  # a late promotion was decided on its original's first budget
+                _first_budget(trial, ctx, tcfg, baseline)  # raises optuna.TrialPruned when it stops the trial
             out = ctx.runner(tcfg)
             obj = objectives_from_metrics(out.eval_metrics, ctx.cfg.search.objectives)
         except optuna.TrialPruned as exc:
@@ -346,9 +378,22 @@ def _first_budget(trial: Any, ctx: TrialContext, tcfg: DictConfig, baseline: boo
              and t.user_attrs["first_budget"].get("budget") == what]
     others = [t.user_attrs["first_budget"] for t in peers]
     if str(es.get("rule", "dominance")) == "halving":
+        everyone = trial.study.get_trials(deepcopy=False)
+        requeued = {int(t.user_attrs[PROMOTED_FROM]) for t in everyone if t.user_attrs.get(PROMOTED_FROM) is not None}
         shaped = [t for t in peers if not t.user_attrs.get(BASELINE_ATTR)]
-        n_promoted = sum(bool(t.user_attrs.get("promoted")) for t in shaped)
-        go, reason, by_trial = halving_decision(me, others, n_promoted, len(shaped) + 1, int(es.eta))
+        pending = [t.user_attrs["first_budget"] for t in shaped
+                   if t.state == TrialState.PRUNED and t.number not in requeued]
+        n_promoted = sum(bool(t.user_attrs.get("promoted")) for t in shaped) + len(requeued)
+        base = next((t.user_attrs["first_budget"] for t in peers if t.user_attrs.get(BASELINE_ATTR)), None)
+        tol = float(ctx.cfg.promote.get("on_target_tolerance", 0.0)) if ctx.cfg.get("promote") is not None else 0.0
+        go, later, reason, by_trial = halving_decision(me, others, pending, n_promoted, len(shaped) + 1, int(es.eta),
+                                                       None if base is None else float(base["on"]) - tol)
+        by_number = {t.number: t for t in shaped}
+        for r in later:  # a stopped trial cannot resume: its parameters are enqueued to train in full
+            orig = by_number[int(r["trial"])]
+            trial.study.enqueue_trial(dict(orig.params), user_attrs={PROMOTED_FROM: orig.number})
+            log.info("search: trial %d (first budget off %.4f, on %.4f), stopped by the quota earlier, is promoted "
+                     "now: its parameters are enqueued to train in full", orig.number, r["off"], r["on"])
         if go:
             trial.set_user_attr("promoted", True)
             return

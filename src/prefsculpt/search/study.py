@@ -106,10 +106,12 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def n_planned(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: all, minus those a retry replaced (and unplanned ones)."""
+    """Trials that count towards ``n_trials``: all, minus those a retry replaced (and unplanned ones, and
+    halving's late promotions: extra trials)."""
     trials = [t for t in study.get_trials(deepcopy=False) if not is_unplanned(t)]
     replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return len(trials) - len(replaced)
+    late = sum(t.user_attrs.get(Attr.PROMOTED_FROM) is not None for t in trials)
+    return len(trials) - len(replaced) - late
 
 
 def _lock(path: Path | None) -> contextlib.AbstractContextManager:
@@ -245,11 +247,13 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
 
 
 def study_progress(study: optuna.Study) -> tuple[int, int]:
-    """(trials finished by any worker, trials planned), a retried trial counted once."""
+    """(trials finished by any worker, trials planned), a retried trial counted once; halving's late
+    promotions (extra trials) are added to the plan."""
     trials = [t for t in study.get_trials(deepcopy=False) if not is_unplanned(t)]
     replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     done = sum(t.state.is_finished() and t.number not in replaced for t in trials)
-    return done, int(study.user_attrs.get(PLANNED, len(trials) - len(replaced)))
+    late = sum(t.user_attrs.get(Attr.PROMOTED_FROM) is not None for t in trials)
+    return done, int(study.user_attrs.get(PLANNED, len(trials) - len(replaced) - late)) + late
 
 
 def best_so_far(study: optuna.Study) -> dict[str, Any]:
@@ -319,6 +323,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                      # a trial number, or "quota" (halving: on the front, but the promotions were taken)
                      "pruned_by": "" if u.get("pruned_by") is None else str(u["pruned_by"]),
                      "promoted": bool(u.get("promoted", False)),
+                     # halving's late promotion: this trial trains that stopped trial's parameters in full
+                     "promoted_from": "" if u.get(Attr.PROMOTED_FROM) is None else str(u[Attr.PROMOTED_FROM]),
                      "params": str(t.params)})
     df = pd.DataFrame(rows)
     done = (df["state"] == "COMPLETE") if len(df) else pd.Series([], dtype=bool)

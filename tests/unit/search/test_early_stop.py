@@ -69,17 +69,38 @@ def _r(trial, off, on):
 def test_halving_promotes_front_trials_up_to_one_per_eta():
     base = _r(0, 0.20, 0.80)
     # on the front, first shaped trial: promoted (quota max(1, 1 // 5) = 1)
-    assert halving_decision(_r(1, 0.10, 0.80), [base], 0, 1, 5)[0]
+    go, later, _, _ = halving_decision(_r(1, 0.10, 0.80), [base], [], 0, 1, 5)
+    assert go and later == []
     # dominated by the baseline: never promoted, named
-    go, why, by = halving_decision(_r(2, 0.25, 0.75), [base], 0, 1, 5)
-    assert not go and by == 0 and "trial 0" in why
+    go, later, why, by = halving_decision(_r(2, 0.25, 0.75), [base], [], 0, 1, 5)
+    assert not go and later == [] and by == 0 and "trial 0" in why
     # on the front but the quota is taken: 1 promoted of 4 measured, quota max(1, 4 // 5) = 1
-    go, why, by = halving_decision(_r(4, 0.05, 0.70), [base, _r(1, 0.10, 0.80)], 1, 4, 5)
-    assert not go and by == "quota" and "search.early_stop.eta" in why
+    go, later, why, by = halving_decision(_r(4, 0.05, 0.70), [base, _r(1, 0.10, 0.80)], [], 1, 4, 5)
+    assert not go and later == [] and by == "quota" and "search.early_stop.eta" in why
     # the 10th shaped trial on the front opens a second promotion
-    assert halving_decision(_r(10, 0.05, 0.70), [base, _r(1, 0.10, 0.80)], 1, 10, 5)[0]
+    assert halving_decision(_r(10, 0.05, 0.70), [base, _r(1, 0.10, 0.80)], [], 1, 10, 5)[0]
     # a trade-off is not dominated; equal points do not dominate each other
-    assert halving_decision(_r(3, 0.20, 0.80), [base], 0, 1, 5)[0]
+    assert halving_decision(_r(3, 0.20, 0.80), [base], [], 0, 1, 5)[0]
+
+
+def test_halving_promotes_a_waiting_front_trial_late_when_it_is_better():
+    base, t1 = _r(0, 0.20, 0.80), _r(1, 0.10, 0.80)
+    t4 = _r(4, 0.02, 0.79)  # stopped by the quota earlier, still on the front
+    # the 10th measured opens a promotion: the waiting trial 4 (lower off-target) takes it, not this one
+    me = _r(10, 0.05, 0.85)
+    go, later, why, by = halving_decision(me, [base, t1, t4], [t4], 1, 10, 5, on_floor=0.77)
+    assert not go and later == [t4] and by == "quota"
+    # one that dominates the waiting trial takes the promotion itself; trial 4 is off the front
+    me = _r(10, 0.01, 0.80)
+    go, later, _, _ = halving_decision(me, [base, t1, t4], [t4], 1, 10, 5, on_floor=0.77)
+    assert go and later == []
+    # on-target under the floor (the baseline's first-budget on-target less the gate's tolerance) ranks last
+    low = _r(4, 0.01, 0.60)
+    go, later, _, _ = halving_decision(_r(10, 0.05, 0.85), [base, t1, low], [low], 1, 10, 5, on_floor=0.77)
+    assert go and later == []
+    # two promotions free: both the waiting trial and this one
+    go, later, _, _ = halving_decision(_r(15, 0.05, 0.85), [base, t1, t4], [t4], 1, 15, 5, on_floor=0.77)
+    assert go and later == [t4]
 
 
 class BudgetRunner:
@@ -177,3 +198,54 @@ def test_halving_trains_one_front_trial_in_full_per_eta(mlflow_uri, tmp_path):
     assert runs["2"].data.tags["prefsculpt.pruned_by"] == "quota"
     assert runs["2"].data.tags["prefsculpt.trial_state"] == "PRUNED"
     assert out["metrics"]["search/n_pruned"] == 2 and out["metrics"]["search/n_complete"] == 2
+
+
+class SequenceRunner(BudgetRunner):
+    """First-budget results in the order the trials are measured; full-budget results from the same
+    list by shaping (the full budget is not under test here)."""
+
+    def __init__(self, first):
+        super().__init__(bad=False)
+        self.first, self.i = list(first), 0
+
+    def __call__(self, cfg) -> Outcome:
+        first = int(cfg.train.epochs) == 1
+        if not first:
+            self.calls["full"] += 1
+            off, on = 0.0, 0.8
+        else:
+            self.calls["first"] += 1
+            off, on = self.first[self.i]
+            self.i += 1
+        m = {"syc/planted/shift_diff": off, "syc/planted/shift_diff_lo": off - HW, "syc/planted/shift_diff_hi": off + HW,
+             "style/emoji/rate_diff": 0.0,
+             "cap/pref/implicit_acc": on, "cap/pref/implicit_acc_lo": on - HW, "cap/pref/implicit_acc_hi": on + HW}
+        with mlflow.start_run(run_name="train", nested=True, tags={"prefsculpt.stage": "train"}) as tr:
+            pass
+        with mlflow.start_run(run_name="evaluate", nested=True, tags={"prefsculpt.stage": "evaluate"}) as ev:
+            mlflow.log_metrics(m)
+        return Outcome(tr.info.run_id, ev.info.run_id, None, m)
+
+
+def test_halving_late_promotion_trains_a_stopped_front_trial_in_full(mlflow_uri, tmp_path):
+    """eta 2: trial 1 takes the first promotion; trial 2 (better off-target, on the front) is stopped by
+    the quota; trial 4 (dominated) opens the second promotion, which goes to trial 2: its parameters are
+    enqueued and train in full as trial 5, skipping the first budget."""
+    cfg = _cfg(tmp_path, rule="halving", eta=2)
+    cfg.search.n_trials = 5
+    fake_audit_run(tmp_path)
+    runner = SequenceRunner([(0.20, 0.80), (0.10, 0.80), (0.05, 0.80), (0.30, 0.70), (0.30, 0.70)])
+    run_search(cfg, runner=runner)
+    study = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED,
+                                         TrialState.PRUNED, TrialState.PRUNED, TrialState.COMPLETE]
+    assert trials[2].user_attrs["pruned_by"] == "quota"
+    late = trials[5]
+    assert late.user_attrs["prefsculpt.promoted_from"] == 2 and late.params == trials[2].params
+    assert "first_budget" not in late.user_attrs  # decided on trial 2's first budget
+    assert runner.calls == {"first": 5, "full": 3}  # baseline, trial 1, trial 2's parameters
+    runs = {r.data.tags["prefsculpt.trial_number"]: r for r in mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`prefsculpt.stage` = 'trial'", output_format="list")}
+    assert runs["5"].data.tags["prefsculpt.promoted_from"] == "2"
+    assert runs["5"].data.tags["prefsculpt.trial_state"] == "COMPLETE"
