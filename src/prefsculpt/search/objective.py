@@ -373,12 +373,12 @@ def _first_budget(trial: Any, ctx: TrialContext, tcfg: DictConfig, baseline: boo
                         "search/first/off_target_hw": me["off_hw"], "search/first/on_target_hw": me["on_hw"]})
     if baseline:
         return
-    peers = [t for t in trial.study.get_trials(deepcopy=False)
+    everyone = trial.study.get_trials(deepcopy=False)  # one storage read serves both rules
+    peers = [t for t in everyone
              if t.number != trial.number and "first_budget" in t.user_attrs
              and t.user_attrs["first_budget"].get("budget") == what]
     others = [t.user_attrs["first_budget"] for t in peers]
     if str(es.get("rule", "dominance")) == "halving":
-        everyone = trial.study.get_trials(deepcopy=False)
         requeued = {int(t.user_attrs[PROMOTED_FROM]) for t in everyone if t.user_attrs.get(PROMOTED_FROM) is not None}
         shaped = [t for t in peers if not t.user_attrs.get(BASELINE_ATTR)]
         pending = [t.user_attrs["first_budget"] for t in shaped

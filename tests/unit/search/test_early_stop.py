@@ -110,12 +110,14 @@ class BudgetRunner:
     def __init__(self, bad: bool):
         self.bad, self.calls = bad, {"first": 0, "full": 0}
 
+    def values(self, cfg, first: bool) -> tuple[float, float]:
+        shaped = bool(OmegaConf.to_container(cfg.shaping.concepts))
+        return 0.20 + (0.10 if self.bad else -0.10) * shaped, 0.80 - (0.10 if self.bad else 0.0) * shaped
+
     def __call__(self, cfg) -> Outcome:
         first = cfg.get("train") is not None and int(cfg.train.epochs) == 1
         self.calls["first" if first else "full"] += 1
-        shaped = bool(OmegaConf.to_container(cfg.shaping.concepts))
-        off = 0.20 + (0.10 if self.bad else -0.10) * shaped
-        on = 0.80 - (0.10 if self.bad else 0.0) * shaped
+        off, on = self.values(cfg, first)
         m = {"syc/planted/shift_diff": off, "syc/planted/shift_diff_lo": off - HW, "syc/planted/shift_diff_hi": off + HW,
              "style/emoji/rate_diff": 0.0,
              "cap/pref/implicit_acc": on, "cap/pref/implicit_acc_lo": on - HW, "cap/pref/implicit_acc_hi": on + HW}
@@ -172,17 +174,10 @@ def test_trials_that_are_not_dominated_train_in_full(mlflow_uri, tmp_path):
                for i, t in enumerate(study.trials))
 
 
-class GoodRunner(BudgetRunner):
-    """Every shaped trial better off-target than plain DPO at the same on-target (all on the front)."""
-
-    def __init__(self):
-        super().__init__(bad=False)
-
-
 def test_halving_trains_one_front_trial_in_full_per_eta(mlflow_uri, tmp_path):
     cfg = _cfg(tmp_path, rule="halving", eta=5)
     fake_audit_run(tmp_path)
-    runner = GoodRunner()
+    runner = BudgetRunner(bad=False)  # every shaped trial on the front (better off-target, same on-target)
     out = run_search(cfg, runner=runner)
     study = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
     states = [t.state for t in study.trials]
@@ -208,23 +203,11 @@ class SequenceRunner(BudgetRunner):
         super().__init__(bad=False)
         self.first, self.i = list(first), 0
 
-    def __call__(self, cfg) -> Outcome:
-        first = int(cfg.train.epochs) == 1
+    def values(self, cfg, first: bool) -> tuple[float, float]:
         if not first:
-            self.calls["full"] += 1
-            off, on = 0.0, 0.8
-        else:
-            self.calls["first"] += 1
-            off, on = self.first[self.i]
-            self.i += 1
-        m = {"syc/planted/shift_diff": off, "syc/planted/shift_diff_lo": off - HW, "syc/planted/shift_diff_hi": off + HW,
-             "style/emoji/rate_diff": 0.0,
-             "cap/pref/implicit_acc": on, "cap/pref/implicit_acc_lo": on - HW, "cap/pref/implicit_acc_hi": on + HW}
-        with mlflow.start_run(run_name="train", nested=True, tags={"prefsculpt.stage": "train"}) as tr:
-            pass
-        with mlflow.start_run(run_name="evaluate", nested=True, tags={"prefsculpt.stage": "evaluate"}) as ev:
-            mlflow.log_metrics(m)
-        return Outcome(tr.info.run_id, ev.info.run_id, None, m)
+            return 0.0, 0.8
+        self.i += 1
+        return self.first[self.i - 1]
 
 
 def test_halving_late_promotion_trains_a_stopped_front_trial_in_full(mlflow_uri, tmp_path):
