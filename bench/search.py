@@ -1,17 +1,25 @@
 """The default search before -> after issue 17: seconds per trial split into precompute / fit /
 evaluate (medians), and how many trials the after-version finishes (complete or pruned) in the time the
-before-version needs for its trials.
+before-version needs for its trials; and, on the same clock, which early-stop rule and which sampler
+find the better front per minute.
 
-- before: ``eval.shared_trunk=false search.early_stop.enabled=false`` (every trial trains in full and
-  scores with the whole model, as before issue 17);
-- after: the defaults (evaluations share the base's trunk; every trial first trains on a small budget
-  and goes on to full training only when successive halving promotes it).
+Arms (``--arms``, run one after the other on the same machine, each with a fresh cache and its own study,
+all over one finished audit run of the default configuration: SmolLM2, planted data):
 
-Both run the ``search`` stage of the default configuration (SmolLM2, planted data) over one finished
-audit run, each with a fresh cache and its own study, one after the other on the same machine.
+- ``before``: ``eval.shared_trunk=false search.early_stop.enabled=false`` (every trial trains in full and
+  scores with the whole model, as before issue 17), ``--trials`` trials;
+- ``after``: the defaults (evaluations share the base's trunk; successive halving), ``--after-trials``;
+- ``dominance``: the defaults but ``search.early_stop.rule=dominance``;
+- ``nsga2``: the defaults but ``search.sampler=nsga2``.
+
+Every arm but ``before`` stops claiming trials when the before-arm's wall time is spent
+(``search.time_budget_s``; ``--budget-s`` sets it when ``before`` is not among the arms). Per arm: the
+Pareto front's hypervolume against plain DPO's point (its off-target; its on-target − the promote
+tolerance) at fixed clock times, the same reference for all arms (plain DPO trains alike in each).
+``--json`` keeps each arm's result as it finishes; arms already in it are not run again.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 python bench/search.py --tracking-uri sqlite:////path/mlflow.db \\
-        --audit-run-id <id> [--trials 5] [--after-trials 12] [--json out.json]
+        --audit-run-id <id> [--arms before,after] [--trials 5] [--after-trials 20] [--json out.json]
     PYTHONPATH=src python bench/search.py --tracking-uri sqlite:////path/mlflow.db --summarise <study_uid>
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -27,23 +36,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BEFORE = ["eval.shared_trunk=false", "search.early_stop.enabled=false"]
+ARMS = {"before": ["eval.shared_trunk=false", "search.early_stop.enabled=false"], "after": [],
+        "dominance": ["search.early_stop.rule=dominance"], "nsga2": ["search.sampler=nsga2"]}
+TOLERANCE = 0.03  # promote.on_target_tolerance's default: the hypervolume's reference on-target margin
 
 
-def run(label: str, overrides: list[str], uri: str, audit: str, trials: int, cache: Path) -> dict:
+def run(label: str, overrides: list[str], uri: str, audit: str, trials: int, cache: Path,
+        budget_s: float | None) -> dict:
     from prefsculpt.config import compose
     from prefsculpt.stages.search import run_search
 
     cfg = compose(" ".join([f"tracking.uri={uri}", f"search.audit_run_id={audit}", f"search.n_trials={trials}",
                             f"search.study_name=bench-{label}-{int(time.time())}",
-                            f"search.storage=sqlite:///{cache / 'optuna.db'}", f"cache_dir={cache}", *overrides]))
+                            f"search.storage=sqlite:///{cache / 'optuna.db'}", f"cache_dir={cache}",
+                            *([f"search.time_budget_s={budget_s}"] if budget_s else []), *overrides]))
     t0 = time.perf_counter()
     out = run_search(cfg)
     total = time.perf_counter() - t0
     res = summarise(uri, out["study_uid"])
-    off = [x for x in out.get("pareto", [])]
-    best = min((p["off_target"] for p in off if not p.get("baseline")), default=float("nan"))
-    return {"label": label, "total_s": total, **res, "best_shaped_off_target": best}
+    best = min((p["off_target"] for p in out.get("pareto", []) if not p.get("baseline")), default=float("nan"))
+    return {"label": label, "overrides": overrides, "total_s": total, "budget_s": budget_s,
+            "study_uid": out["study_uid"], **res, "best_shaped_off_target": best}
+
+
+def hypervolume_at(trials: list[dict], t: float, ref: tuple[float, float]) -> float:
+    """The front's hypervolume over the trials complete by clock time ``t`` (s from the first start)."""
+    from prefsculpt.search.study import hypervolume
+
+    done = [x for x in trials if x["state"] == "COMPLETE" and x["done_at_s"] <= t and x["off_target"] is not None]
+    return hypervolume([x["off_target"] for x in done], [x["on_target"] for x in done], ref)
+
+
+def best_in_gate(trials: list[dict], t: float, ref: tuple[float, float]) -> float:
+    """Lowest off-target by time ``t`` among complete shaped trials with on-target ≥ ref's."""
+    ok = [x["off_target"] for x in trials if x["state"] == "COMPLETE" and not x.get("baseline")
+          and x["done_at_s"] <= t and x["on_target"] is not None and x["on_target"] >= ref[1]]
+    return min(ok, default=math.nan)
 
 
 def summarise(uri: str, study_uid: str) -> dict:
@@ -64,7 +92,8 @@ def summarise(uri: str, study_uid: str) -> dict:
                      "precompute_s": pre, "fit_s": fit, "evaluate_s": ev,
                      "end_s": (r.info.end_time - r.info.start_time) / 1000.0, "start": r.info.start_time,
                      "end": r.info.end_time, "off_target": r.data.metrics.get("search/off_target"),
-                     "on_target": r.data.metrics.get("search/on_target")})
+                     "on_target": r.data.metrics.get("search/on_target"),
+                     "baseline": r.data.tags.get("prefsculpt.baseline") == "true"})
     rows.sort(key=lambda x: x["trial"])
     start = min(x["start"] for x in rows)
     for x in rows:
@@ -95,32 +124,64 @@ def main() -> int:
     ap.add_argument("--audit-run-id")
     ap.add_argument("--summarise", metavar="STUDY_UID", help="print the per-trial split of a finished study "
                     "(tag prefsculpt.study_uid of its search run) and stop: no search is run")
-    ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--after-trials", type=int, default=12)
-    ap.add_argument("--json")
+    ap.add_argument("--arms", default="before,after", help=f"comma-separated, of {sorted(ARMS)}")
+    ap.add_argument("--trials", type=int, default=5, help="the before arm's trials")
+    ap.add_argument("--after-trials", type=int, default=20, help="every other arm's trials (planned)")
+    ap.add_argument("--budget-s", type=float, help="the other arms' time budget (default: the before arm's wall)")
+    ap.add_argument("--json", help="results file: written after each arm; arms already in it are not rerun")
     a = ap.parse_args()
     if a.summarise:
         print_summary(a.summarise, summarise(a.tracking_uri, a.summarise))
         return 0
     if not a.audit_run_id:
         ap.error("--audit-run-id is required to run the searches")
-    res = {}
-    for label, over, n in (("before", BEFORE, a.trials), ("after", [], a.after_trials)):
+    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    if unknown := set(arms) - set(ARMS):
+        ap.error(f"unknown arms {sorted(unknown)}; known: {sorted(ARMS)}")
+    res = json.loads(Path(a.json).read_text()) if a.json and Path(a.json).exists() else {}
+    for label in arms:
+        if label in res:
+            print(f"{label}: kept from {a.json}")
+            continue
+        budget = None if label == "before" else (a.budget_s or (res["before"]["total_s"] if "before" in res else None))
         with tempfile.TemporaryDirectory(prefix=f"bench-search-{label}-") as d:
-            res[label] = run(label, over, a.tracking_uri, a.audit_run_id, n, Path(d))
-    b, f = res["before"], res["after"]
-    within = sum(x["done_at_s"] <= b["total_s"] for x in f["trials"])
-    print(f"{'':10}{'trials':>8}{'precompute':>12}{'fit':>9}{'evaluate':>10}{'per trial':>11}{'total':>9}  (medians, s)")
-    for r in (b, f):
-        m = r["median"]
-        print(f"{r['label']:10}{len(r['trials']):8d}{m['precompute_s']:12.1f}{m['fit_s']:9.1f}{m['evaluate_s']:10.1f}"
-              f"{m['end_s']:11.1f}{r['total_s']:9.1f}")
-    print(f"after: {within} trials finished (complete or pruned) within the before-version's {b['total_s']:.0f} s "
-          f"for {len(b['trials'])}; pruned {sum(x['state'] == 'PRUNED' for x in f['trials'])}")
-    print(f"best shaped off-target on select: before {b['best_shaped_off_target']:.4f}, after {f['best_shaped_off_target']:.4f}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2, default=str))
+            res[label] = run(label, ARMS[label], a.tracking_uri, a.audit_run_id,
+                             a.trials if label == "before" else a.after_trials, Path(d), budget)
+        print_summary(label, res[label])
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2, default=str))
+    report(res, arms)
     return 0
+
+
+def report(res: dict, arms: list[str]) -> None:
+    print(f"{'':10}{'trials':>8}{'pruned':>8}{'precompute':>12}{'fit':>9}{'evaluate':>10}{'per trial':>11}{'total':>9}"
+          "  (medians, s)")
+    for label in arms:
+        r, m = res[label], res[label]["median"]
+        print(f"{label:10}{len(r['trials']):8d}{sum(x['state'] == 'PRUNED' for x in r['trials']):8d}"
+              f"{m['precompute_s']:12.1f}{m['fit_s']:9.1f}{m['evaluate_s']:10.1f}{m['end_s']:11.1f}{r['total_s']:9.1f}")
+    if "before" in res:
+        b = res["before"]
+        for label in arms:
+            if label != "before":
+                within = sum(x["done_at_s"] <= b["total_s"] for x in res[label]["trials"])
+                print(f"{label}: {within} trials finished (complete or pruned) within the before-arm's "
+                      f"{b['total_s']:.0f} s for {len(b['trials'])}")
+    # one reference for all arms: the first arm's plain-DPO baseline (each arm trains it alike)
+    base = next((x for label in arms for x in res[label]["trials"] if x.get("baseline") and x["state"] == "COMPLETE"), None)
+    if base is None:
+        print("no arm finished its plain-DPO baseline: no hypervolume")
+        return
+    ref = (base["off_target"], base["on_target"] - TOLERANCE)
+    horizon = max(res[label]["span_s"] for label in arms)
+    marks = [round(horizon * f) for f in (0.25, 0.5, 0.75, 1.0)]
+    print(f"hypervolume vs plain DPO (off {ref[0]:.4f}, on {ref[1]:.3f}) by clock time (s):")
+    print(f"{'':10}" + "".join(f"{t:>10d}" for t in marks) + f"{'best off in gate':>18}")
+    for label in arms:
+        tr = res[label]["trials"]
+        print(f"{label:10}" + "".join(f"{hypervolume_at(tr, t, ref):10.4f}" for t in marks)
+              + f"{best_in_gate(tr, horizon, ref):18.4f}")
 
 
 if __name__ == "__main__":

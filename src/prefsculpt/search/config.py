@@ -128,6 +128,9 @@ class SearchConfig:
     #: Trials in the study, all workers together (the plain-DPO baseline is one of them). With the
     #: early stop's halving, most stop at the first budget: 20 trials train about 4 in full.
     n_trials: int = 20
+    #: Wall-clock seconds after which a worker claims no new trial (null = none): the trial running then
+    #: finishes and the trials left stay planned in the study (a later run of it goes on with them).
+    time_budget_s: float | None = None
     #: Optuna storage: ``sqlite:///path.db`` (null = ``sqlite:///<cwd>/optuna.db``), ``journal:///path.log``
     #: (a lock-protected append-only file), ``postgresql://user@host/db`` (many workers; heartbeats).
     storage: str | None = None

@@ -200,7 +200,8 @@ def _fail_stale(study: optuna.Study) -> None:
 
 def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], poll_s: float | None = None,
                storage: Any = None, lock: Path | None = None,
-               after_trial: Callable[[optuna.Study], Any] | None = None) -> list[int]:
+               after_trial: Callable[[optuna.Study], Any] | None = None,
+               time_budget_s: float | None = None) -> list[int]:
     """Pop and run slots until none is left; returns the trial numbers this worker ran.
 
     ``poll_s``: when nothing is left but others still run, look again every ``poll_s`` s (so a dead
@@ -208,11 +209,20 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
     ``storage``: the study's storage, whose heartbeat is beaten while a trial runs (None = none).
     ``lock``: a file lock serialising claims (SQLite has no row locks, so two processes can both see
     a slot WAITING and both take it; ``open_storage`` returns it for file-based storages).
-    ``after_trial``: called with the study after each trial this worker ran is told (per-trial logs)."""
+    ``after_trial``: called with the study after each trial this worker ran is told (per-trial logs).
+    ``time_budget_s``: claim no new trial once this many seconds have passed since the worker started
+    (the trial running then finishes; the slots left stay WAITING for a later worker of the study)."""
     ran: list[int] = []
+    started = time.monotonic()
     with progress(study_progress(study)[1], "search", "trials") as bar:
         while True:
             bar.update(*study_progress(study), **best_so_far(study))
+            if time_budget_s is not None and time.monotonic() - started >= time_budget_s:
+                done, planned = study_progress(study)
+                log.info("search: time budget of %.0f s spent after %d of %d trials; this worker claims no more "
+                         "(the %d left stay planned: run the study again to go on)", time_budget_s, done, planned,
+                         max(planned - done, 0))
+                return ran
             _fail_stale(study)
             with _lock(None if lock is None else Path(f"{lock}.claim")):  # not the journal's own lock file
                 trial = claim(study)

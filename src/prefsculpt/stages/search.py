@@ -126,7 +126,8 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
 
         tol = cfg.promote.on_target_tolerance
         ran = run_worker(study, objective, poll_s=poll, storage=storage, lock=lock,
-                         after_trial=lambda st: log_hypervolume(trials_table(st), tol))
+                         after_trial=lambda st: log_hypervolume(trials_table(st), tol),
+                         time_budget_s=sc.get("time_budget_s"))
         O.close_dead_trials(study)
         df = trials_table(study)
         metrics = log_results(df, tol)

@@ -183,3 +183,18 @@ def test_claim_never_creates_trials(tmp_path):
     study, _ = open_study(sc(url, 1), storage, lock, [], {})
     assert claim(study) is not None
     assert claim(study) is None and len(study.get_trials()) == 1
+
+
+def test_time_budget_stops_claiming_and_leaves_the_rest_planned(tmp_path):
+    url, n = f"sqlite:///{tmp_path / 'o.db'}", 5
+    storage, lock = open_storage(url, sc(url, n))
+    study, _ = open_study(sc(url, n), storage, lock, [], {})
+    log_path = str(tmp_path / "calls.txt")
+    # each trial takes 0.4 s; the budget runs out during the second one, which still finishes
+    ran = run_worker(study, slow_objective(log_path, 0.4), storage=storage, lock=lock, time_budget_s=0.6)
+    assert ran == [0, 1]
+    states = [t.state for t in study.get_trials()]
+    assert states[:2] == [TrialState.COMPLETE] * 2 and states[2:] == [TrialState.WAITING] * (n - 2)
+    # a later worker of the same study goes on with the planned slots
+    assert run_worker(study, slow_objective(log_path, 0.0), storage=storage, lock=lock) == [2, 3, 4]
+    assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
