@@ -95,10 +95,14 @@ def _info_text(info: dict[str, Any]) -> str:
 class Progress:
     """One step's count: ``advance(n, **info)``; ``total`` may be None (unknown) or changed later."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, done: int = 0):
-        self.total, self.desc, self.unit = total, desc, unit
+    def __init__(self, total: int | None, desc: str, unit: str, done: int = 0, clock: Clock = time.monotonic):
+        self.total, self.desc, self.unit, self.clock = total, desc, unit, clock
         self.done = self.start_done = done
         self.info: dict[str, Any] = {}
+        #: The caller's own estimate of the seconds left, and the clock time it was given at (None: the
+        #: ETA is the remaining count at the average rate so far). A step whose units differ in cost,
+        #: e.g. a search whose stopped trials take a fifth of a full one, knows better than the rate.
+        self.eta: tuple[float, float] | None = None
         self._sink: _LogSink | _BarSink | None = None
 
     def advance(self, n: int = 1, **info: Any) -> None:
@@ -107,10 +111,14 @@ class Progress:
         if self._sink is not None:
             self._sink.update(self)
 
-    def update(self, done: int | None = None, total: int | None = None, **info: Any) -> None:
-        """Set the count (and total) outright, e.g. trials finished by every worker of a study."""
+    def update(self, done: int | None = None, total: int | None = None, eta_s: float | None = None,
+               **info: Any) -> None:
+        """Set the count (and total) outright, e.g. trials finished by every worker of a study;
+        ``eta_s``: the seconds left as the caller estimates them (kept until the next estimate)."""
         if total is not None:
             self.total = total
+        if eta_s is not None:
+            self.eta = (float(eta_s), self.clock())
         self.advance((done - self.done) if done is not None else 0, **info)
 
 
@@ -130,7 +138,9 @@ class _LogSink:
         if p.total:
             count += f" ({100 * p.done / p.total:.0f}%)"
         eta = "?"
-        if p.total is not None and rate > 0:
+        if p.eta is not None:
+            eta = duration(max(p.eta[0] - (now - p.eta[1]), 0.0))
+        elif p.total is not None and rate > 0:
             eta = duration(max(p.total - p.done, 0) / rate)
         text = f"{p.desc}: {count}, {rate_text(rate, p.unit)}, elapsed {duration(elapsed)}, ETA {eta}"
         return f"{text}, {_info_text(p.info)}" if p.info else text
@@ -161,6 +171,17 @@ class _Rate(ProgressColumn):
         return Text(f"{speed:.3g} {task.fields['unit']}/s" if speed else "", style="progress.data.speed")
 
 
+class _Remaining(TimeRemainingColumn):
+    """rich's time remaining, unless the step gave its own estimate (``Progress.update(eta_s=…)``)."""
+
+    def render(self, task: Task) -> Text:
+        eta = task.fields.get("eta")
+        if eta is None:
+            return super().render(task)
+        left, at, clock = eta
+        return Text(duration(max(left - (clock() - at), 0.0)), style="progress.remaining")
+
+
 _live: RichProgress | None = None
 _live_users = 0
 
@@ -179,7 +200,7 @@ def _acquire_live() -> RichProgress:
     if _live is None:
         _live = RichProgress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-            _Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            _Rate(), TimeElapsedColumn(), TextColumn("ETA"), _Remaining(), TextColumn("{task.fields[info]}"),
             console=_console(),
         )
         _live.start()
@@ -198,10 +219,11 @@ def _release_live() -> None:
 class _BarSink:
     def __init__(self, p: Progress, clock: Clock):
         self.live, self.clock, self.t0 = _acquire_live(), clock, clock()
-        self.task = self.live.add_task(p.desc, total=p.total, completed=p.done, unit=p.unit, info="")
+        self.task = self.live.add_task(p.desc, total=p.total, completed=p.done, unit=p.unit, info="", eta=None)
 
     def update(self, p: Progress) -> None:
-        self.live.update(self.task, total=p.total, completed=p.done, info=_info_text(p.info))
+        self.live.update(self.task, total=p.total, completed=p.done, info=_info_text(p.info),
+                         eta=None if p.eta is None else (*p.eta, p.clock))
 
     def close(self, p: Progress, failed: bool) -> None:
         elapsed = self.clock() - self.t0
@@ -253,7 +275,7 @@ def quiet_library_bars() -> None:
 def progress(total: int | None, desc: str, unit: str = "it", done: int = 0,
              clock: Clock = time.monotonic) -> Iterator[Progress]:
     """Report a step's progress while the block runs (see the module docstring for where to)."""
-    p = Progress(total, ": ".join((*_scope.get(), desc)), unit, done)
+    p = Progress(total, ": ".join((*_scope.get(), desc)), unit, done, clock)
     sink: _LogSink | _BarSink = _BarSink(p, clock) if interactive() else _LogSink(clock, interval_s())
     p._sink = sink
     failed = True

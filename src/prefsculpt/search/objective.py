@@ -32,6 +32,7 @@ import copy
 import logging
 import math
 import re
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -357,7 +358,9 @@ def _first_budget(trial: Any, ctx: TrialContext, tcfg: DictConfig, baseline: boo
     if es is None or not es.enabled:
         return
     fcfg, what = first_budget_config(tcfg, es)
+    t0 = time.monotonic()
     out = ctx.runner(fcfg)
+    seconds = time.monotonic() - t0
     client = mlflow.MlflowClient()
     for rid, stage in ((out.train_run_id, "train"), (out.eval_run_id, "evaluate")):
         if rid:
@@ -367,7 +370,7 @@ def _first_budget(trial: Any, ctx: TrialContext, tcfg: DictConfig, baseline: boo
     obj = objectives_from_metrics(out.eval_metrics, ocfg)
     hw = objective_halfwidths(out.eval_metrics, ocfg)
     me = {"trial": trial.number, "off": obj["off_target"], "on": obj["on_target"], "off_hw": hw["off"],
-          "on_hw": hw["on"], "budget": what}
+          "on_hw": hw["on"], "budget": what, "seconds": seconds}
     trial.set_user_attr("first_budget", me)
     mlflow.log_metrics({"search/first/off_target": me["off"], "search/first/on_target": me["on"],
                         "search/first/off_target_hw": me["off_hw"], "search/first/on_target_hw": me["on_hw"]})

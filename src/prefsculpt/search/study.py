@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import threading
 import time
 import uuid
@@ -201,7 +202,8 @@ def _fail_stale(study: optuna.Study) -> None:
 def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], poll_s: float | None = None,
                storage: Any = None, lock: Path | None = None,
                after_trial: Callable[[optuna.Study], Any] | None = None,
-               time_budget_s: float | None = None) -> list[int]:
+               time_budget_s: float | None = None,
+               eta: Callable[[optuna.Study], float | None] | None = None) -> list[int]:
     """Pop and run slots until none is left; returns the trial numbers this worker ran.
 
     ``poll_s``: when nothing is left but others still run, look again every ``poll_s`` s (so a dead
@@ -211,12 +213,14 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
     a slot WAITING and both take it; ``open_storage`` returns it for file-based storages).
     ``after_trial``: called with the study after each trial this worker ran is told (per-trial logs).
     ``time_budget_s``: claim no new trial once this many seconds have passed since the worker started
-    (the trial running then finishes; the slots left stay WAITING for a later worker of the study)."""
+    (the trial running then finishes; the slots left stay WAITING for a later worker of the study).
+    ``eta``: the study's seconds left (e.g. :func:`remaining_seconds`) for the progress line; None or a
+    None answer: the remaining count at the average rate so far."""
     ran: list[int] = []
     started = time.monotonic()
     with progress(study_progress(study)[1], "search", "trials") as bar:
         while True:
-            bar.update(*study_progress(study), **best_so_far(study))
+            bar.update(*study_progress(study), eta_s=eta(study) if eta is not None else None, **best_so_far(study))
             if time_budget_s is not None and time.monotonic() - started >= time_budget_s:
                 done, planned = study_progress(study)
                 log.info("search: time budget of %.0f s spent after %d of %d trials; this worker claims no more "
@@ -264,6 +268,44 @@ def study_progress(study: optuna.Study) -> tuple[int, int]:
     done = sum(t.state.is_finished() and t.number not in replaced for t in trials)
     late = sum(t.user_attrs.get(Attr.PROMOTED_FROM) is not None for t in trials)
     return done, int(study.user_attrs.get(PLANNED, len(trials) - len(replaced) - late)) + late
+
+
+def remaining_seconds(study: optuna.Study, early_stop: Any = None) -> float | None:
+    """The study's seconds left, from what its finished trials cost (their median, by kind), for a
+    progress ETA that means something when trials differ tenfold: with ``early_stop`` on, a trial
+    stopped at the first budget costs about a fifth of one trained in full, and halving trains only
+    one in ``eta`` of the shaped trials (at least one) in full, plus the baseline. Before any shaped
+    trial has finished, the baseline's first budget stands for a stopped trial and its whole time
+    for a full one (both pessimistic). None until a trial has finished (the caller's rate-based ETA)."""
+    done, planned = study_progress(study)
+    left = planned - done
+    if left <= 0:
+        return 0.0
+    trials = [t for t in study.get_trials(deepcopy=False) if not is_unplanned(t) and t.duration is not None
+              and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    if not trials:
+        return None
+    secs = {t.number: t.duration.total_seconds() for t in trials}
+    if early_stop is None or not early_stop.get("enabled", False):
+        return left * statistics.median(secs.values())
+    shaped = [t for t in trials if not t.user_attrs.get(BASELINE_ATTR)]
+    full = [secs[t.number] for t in shaped if t.state == TrialState.COMPLETE]
+    stopped = [secs[t.number] for t in shaped if t.state == TrialState.PRUNED]
+    base = next((t for t in trials if t.user_attrs.get(BASELINE_ATTR)), None)
+    base_first = (base.user_attrs.get("first_budget") or {}).get("seconds") if base is not None else None
+    cost_stop = statistics.median(stopped) if stopped else base_first
+    cost_full = statistics.median(full) if full else (secs[base.number] if base is not None else None)
+    if cost_stop is None or cost_full is None:
+        return left * statistics.median(secs.values())
+    if str(early_stop.get("rule", "halving")) == "halving":
+        has_base = any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False))
+        n_shaped = planned - int(has_base)
+        full_left = max(max(1, n_shaped // max(int(early_stop.get("eta", 1)), 1)) - len(full), 0)
+    else:  # dominance: the share of shaped trials that went on so far (all, before any finished)
+        share = len(full) / len(shaped) if shaped else 1.0
+        full_left = round(left * share)
+    full_left = min(full_left, left)
+    return full_left * cost_full + (left - full_left) * cost_stop
 
 
 def best_so_far(study: optuna.Study) -> dict[str, Any]:

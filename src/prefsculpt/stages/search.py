@@ -27,6 +27,7 @@ from prefsculpt.search.study import (
     log_results,
     open_storage,
     open_study,
+    remaining_seconds,
     run_worker,
     storage_url,
     trials_table,
@@ -127,7 +128,8 @@ def run_search(cfg: DictConfig, runner: O.Runner | None = None) -> dict[str, Any
         tol = cfg.promote.on_target_tolerance
         ran = run_worker(study, objective, poll_s=poll, storage=storage, lock=lock,
                          after_trial=lambda st: log_hypervolume(trials_table(st), tol),
-                         time_budget_s=sc.get("time_budget_s"))
+                         time_budget_s=sc.get("time_budget_s"),
+                         eta=lambda st: remaining_seconds(st, sc.get("early_stop")))
         O.close_dead_trials(study)
         df = trials_table(study)
         metrics = log_results(df, tol)

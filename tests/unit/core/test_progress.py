@@ -101,6 +101,18 @@ def test_update_sets_the_count_and_total(piped, monkeypatch, caplog):
     assert records(caplog)[0] == "search: 2/5 trials (40%), 0.2 trials/s, elapsed 0:00:10, ETA 0:00:15, best=#1"
 
 
+def test_a_given_eta_replaces_the_rate_and_counts_down(piped, monkeypatch, caplog):
+    monkeypatch.setenv(P.INTERVAL_ENV, "1")
+    caplog.set_level(logging.INFO, logger="prefsculpt.progress")
+    clock = Clock()
+    with P.progress(20, "search", "trials", clock=clock) as p:
+        clock.t += 500
+        p.update(done=1, eta_s=1200)  # the rate would say 19 x 500 s
+        clock.t += 60
+        p.update(done=1)  # no new estimate: the last one, 60 s later
+    assert [r.split(", ")[-1] for r in records(caplog)[:2]] == ["ETA 0:20:00", "ETA 0:19:00"]
+
+
 def test_track_passes_items_through_and_scope_prefixes(piped, monkeypatch, caplog):
     monkeypatch.setenv(P.INTERVAL_ENV, "1e-9")
     caplog.set_level(logging.INFO, logger="prefsculpt.progress")

@@ -5,6 +5,7 @@ search run logs the trials, the Pareto table and plot."""
 import multiprocessing as mp
 import os
 import signal
+import statistics
 import time
 
 import mlflow
@@ -198,3 +199,39 @@ def test_time_budget_stops_claiming_and_leaves_the_rest_planned(tmp_path):
     # a later worker of the same study goes on with the planned slots
     assert run_worker(study, slow_objective(log_path, 0.0), storage=storage, lock=lock) == [2, 3, 4]
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
+
+
+def _finished(number, state, seconds, **attrs):
+    import datetime as dt
+
+    from optuna.distributions import FloatDistribution
+
+    start = dt.datetime(2026, 1, 1)
+    return optuna.trial.FrozenTrial(
+        number=number, state=state, value=None, values=[0.0, 0.5] if state == TrialState.COMPLETE else None,
+        datetime_start=start, datetime_complete=start + dt.timedelta(seconds=seconds),
+        params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, user_attrs=attrs, system_attrs={},
+        intermediate_values={}, trial_id=number)
+
+
+def test_remaining_seconds_prices_stopped_and_full_trials_apart():
+    from prefsculpt.search.space import BASELINE_ATTR
+    from prefsculpt.search.study import PLANNED, remaining_seconds
+
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    study.set_user_attr(PLANNED, 20)
+    halving = {"enabled": True, "rule": "halving", "eta": 5}
+    assert remaining_seconds(study, halving) is None  # nothing finished: the caller's rate ETA
+    study.add_trial(_finished(0, TrialState.COMPLETE, 500, **{BASELINE_ATTR: True, "first_budget": {"seconds": 100}}))
+    # only the baseline: its first budget prices a stopped trial, its whole time a full one;
+    # halving trains 19 // 5 = 3 shaped trials in full, so 3 x 500 + 16 x 100 (the rate would say 19 x 500)
+    assert remaining_seconds(study, halving) == pytest.approx(3 * 500 + 16 * 100)
+    study.add_trial(_finished(1, TrialState.COMPLETE, 250))
+    study.add_trial(_finished(2, TrialState.PRUNED, 50))
+    study.add_trial(_finished(3, TrialState.PRUNED, 70))
+    # 16 left: 2 more in full at the shaped median 250, 14 stopped at the median 60
+    assert remaining_seconds(study, halving) == pytest.approx(2 * 250 + 14 * 60)
+    # dominance: the share of shaped trials that went on (1 of 3) prices the rest
+    assert remaining_seconds(study, {"enabled": True, "rule": "dominance"}) == pytest.approx(5 * 250 + 11 * 60)
+    # no early stop: every trial alike, at the median of all
+    assert remaining_seconds(study, {"enabled": False}) == pytest.approx(16 * statistics.median([500, 250, 50, 70]))
