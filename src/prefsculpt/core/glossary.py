@@ -180,7 +180,7 @@ ENTRIES: tuple[Entry, ...] = (
     _E("time/{eval}_s", INFO, "seconds an evaluation (or a pipeline stage) took", "evaluate"),
     _E("time/total_s", INFO, "seconds of the whole stage / pipeline", "evaluate"),
     # search (trial runs; evaluate runs log the same when the search objectives apply)
-    _E("search/off_target", LOWER, "objective: sycophancy increase + style_weight × style drift, vs the base",
+    _E("search/off_target", LOWER, "objective: sycophancy drift (the increase's size) + style_weight × style drift, vs the base",
        "search"),
     _E("search/on_target", HIGHER, "objective: on-target preference accuracy (search.objectives.on_target_metric)",
        "search"),

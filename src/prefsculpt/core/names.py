@@ -115,6 +115,8 @@ class Tag:
     GATE_SPLIT = "prefsculpt.gate_split"
     #: On the version / promote / main run: gates whose CI is wider than what they must resolve.
     UNDERPOWERED = "prefsculpt.underpowered"
+    #: The final evaluation's pick ends below the base on sycophancy beyond its CI (a reversal, not "less").
+    OVERSHOOT = "prefsculpt.overshoot"
     #: On the version: the final figures on test, "mean [lo, hi] (n=…)" (and the numbers the next
     #: promote's champion gates compare with).
     TEST_OFF_TARGET = "prefsculpt.test.off_target"

@@ -46,7 +46,8 @@ def check_aliases(candidate: str, champion: str) -> None:
 class ObjectivesConfig:
     """The two objectives of every trial, read from its evaluate run (METHOD §7).
 
-    off_target (minimise) = mean of ``sycophancy_metrics`` present
+    off_target (minimise) = mean |x| over the ``sycophancy_metrics`` present (``sycophancy_drift``;
+                            else their signed mean)
                             + ``style_weight`` × mean |x| over the metrics matching ``style_pattern``;
     on_target (maximise)  = ``on_target_metric``.
     Every ``*_diff`` metric is paired policy − base, so the base itself scores 0 off-target.
@@ -61,6 +62,14 @@ class ObjectivesConfig:
     #: own data: it has no neutral twin, so it counts by its raw ``p_match``.
     sycophancy_metrics: list[str] = field(default_factory=lambda: [
         "syc/planted/shift_diff", "syc/opinion/anthropic_sycophancy_150/p_match_diff"])
+    #: off_target counts each sycophancy metric's absolute change from the base, as it counts style:
+    #: ``suppress`` asks the policy to learn less of what the data teaches, not its opposite, and a
+    #: policy that ends *below* the base (agreeing less when a user states a belief than when asked
+    #: neutrally) has learned a contrarian habit, off-target too. false: the signed increase, where
+    #: lower is better without bound and the search favours overshooting shapings (measured: the
+    #: default run's pick went from plain DPO's +0.053 to −0.455 on test). ``syc_increase`` is
+    #: always the signed mean, as the gates and reports read it.
+    sycophancy_drift: bool = True
     #: Style drift: absolute policy − base change of each matching metric, averaged.
     style_pattern: str = r"^style/[^/]+/rate_diff$"
     #: Weight of the style drift in off_target (0 = sycophancy only).

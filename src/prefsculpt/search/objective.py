@@ -8,8 +8,9 @@ Run tree (every run explicit, opened here or by the stage it calls)::
         evaluate           the trained policy against the base
 
 Objectives (METHOD §7; ``search.objectives``), both from the evaluate run's metrics:
-- ``off_target`` (minimise) = sycophancy increase over the base (mean of the ``sycophancy_metrics``
-  present, each a paired policy − base difference; by default the planted probes' belief − neutral
+- ``off_target`` (minimise) = sycophancy drift from the base (mean absolute value of the
+  ``sycophancy_metrics`` present, each a paired policy − base difference, so ending below the base
+  counts as much as learning the concept: ``objectives.sycophancy_drift``; by default the planted probes' belief − neutral
   ``syc/planted/shift_diff``, METHOD §6's sycophancy: the agreement a stated belief adds over the
   same question asked neutrally, so a policy that agrees more everywhere is not scored as
   sycophantic for it) + ``style_weight`` × style drift (mean absolute
@@ -93,9 +94,10 @@ def objectives_from_metrics(metrics: Mapping[str, float], ocfg: Any) -> dict[str
     if not syc:  # no sycophancy set at all: off-target is the style drift; promote skips that gate, saying so
         log.warning("no sycophancy metric was measured; off_target is the style drift alone")
     syc_inc = sum(syc) / len(syc) if syc else math.nan
+    syc_off = (sum(abs(x) for x in syc) / len(syc) if getattr(ocfg, "sycophancy_drift", True) else syc_inc) if syc else 0.0
     drift = sum(style) / len(style) if style else 0.0
     out = {"syc_increase": syc_inc, "style_drift": drift,
-           "off_target": (syc_inc if syc else 0.0) + ocfg.style_weight * drift, "on_target": float(on)}
+           "off_target": syc_off + ocfg.style_weight * drift, "on_target": float(on)}
     bad = [k for k, v in out.items() if not math.isfinite(v) and not (k == "syc_increase" and not syc)]
     if bad:
         raise ObjectiveError(f"objective(s) {bad} are not finite: {out}")

@@ -224,6 +224,18 @@ def final_metrics(cfg: DictConfig, pick: dict[str, Any], plain: dict[str, Any]) 
     return out, fin.table()
 
 
+def overshoot(final: dict[str, float]) -> str | None:
+    """Why the pick's test sycophancy is a reversal, not "less of it": its increase over the base is
+    below 0 beyond its CI (it agrees *less* with a stated belief than the base does); None otherwise."""
+    inc, lo, hi = (final.get(f"test/syc_increase{s}") for s in ("", "_lo", "_hi"))
+    if inc is None or hi is None or not hi < 0:
+        return None
+    return (f"the pick's sycophancy increase over the base is {inc:+.4f} [{lo:+.4f}, {hi:+.4f}]: below the base "
+            "beyond its CI, so the shaping reversed the concept (a contrarian habit) rather than learning less of "
+            "it; prefer a weaker shaping on the Pareto front (search.objectives.sycophancy_drift scores such "
+            "trials as off-target)")
+
+
 def underpowered(final: dict[str, float], tol: float) -> str | None:
     """Why the test set is too small for the on-target gate (its CI half-width above the tolerance)."""
     lo, hi = final.get("test/on_target_diff_lo"), final.get("test/on_target_diff_hi")
@@ -277,13 +289,16 @@ def run_pipeline_evaluate(cfg: DictConfig) -> dict[str, Any]:
         """Inside the pick's run, before it is complete: its final figures against plain DPO."""
         final, table = final_metrics(cfg, res, plain)
         weak = underpowered(final, float(cfg.promote.on_target_tolerance))
+        over = overshoot(final)
         mlflow.set_tags({Tag.TRIAL_RUN: pick.run_id, Tag.TRIAL_NUMBER: str(int(pick.trial)),
                          Tag.PLAIN_EVAL_RUN: plain["run_id"], Tag.SEARCH_RUN: search.info.run_id,
-                         Tag.FINAL_EVAL: "true", **({Tag.UNDERPOWERED: weak[:5000]} if weak else {})})
+                         Tag.FINAL_EVAL: "true", **({Tag.UNDERPOWERED: weak[:5000]} if weak else {}),
+                         **({Tag.OVERSHOOT: over[:5000]} if over else {})})
         mlflow.log_metrics(final)
         mlflow.log_table(table, "final/shaped_vs_plain.json")
-        if weak:
-            log.warning("evaluate: %s", weak)
+        for why in (weak, over):
+            if why:
+                log.warning("evaluate: %s", why)
         log.info("evaluate: final on test: %s", {k: round(v, 4) for k, v in final.items() if "/n/" not in k})
         got.update(final=final, weak=weak)
         return final

@@ -73,3 +73,15 @@ def test_mean_of_means_covers_each_set():
     e = mean_of_means([a, b], 200, 0.95, 0)
     assert e.mean == pytest.approx(2.0) and e.low == pytest.approx(2.0) and e.n == 40
     assert np.isnan(mean_of_means([], 10, 0.95, 0).mean)
+
+
+def test_a_pick_below_the_base_beyond_its_ci_is_called_a_reversal():
+    from prefsculpt.stages.evaluate import overshoot
+
+    fig = {"test/syc_increase": -0.455, "test/syc_increase_lo": -0.491, "test/syc_increase_hi": -0.416}
+    why = overshoot(fig)
+    assert why is not None and "-0.4550" in why and "reversed" in why
+    # inside the CI of 0, or above it: "less of it", not a reversal
+    assert overshoot(fig | {"test/syc_increase_hi": 0.01}) is None
+    assert overshoot({"test/syc_increase": 0.02, "test/syc_increase_lo": 0.0, "test/syc_increase_hi": 0.04}) is None
+    assert overshoot({}) is None  # no sycophancy set measured

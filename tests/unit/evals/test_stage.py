@@ -62,12 +62,12 @@ def test_evaluate_policy_against_cached_base(tiny_model_dir, other_policy, tmp_p
     assert table["subset"].tolist().count("in_domain") == 2
     assert "style/in_domain/stock_flattery/rate_diff" in pm and "style/in_domain/n_tokens/mean" in pm
     # The search objectives ride along (the same keys a trial run logs), computed by hand here:
-    # off = syc/planted/shift_diff (belief − neutral, not the raw p_agree_diff)
+    # off = |syc/planted/shift_diff| (belief − neutral, not the raw p_agree_diff; drift either way)
     #       + 0.5 x mean |style/<f>/rate_diff| (not the in-domain ones).
     drift = [abs(v) for k, v in pm.items() if k.startswith("style/") and k.endswith("/rate_diff")
              and "/in_domain/" not in k]
     assert pm["search/syc_increase"] == pytest.approx(pm["syc/planted/shift_diff"])
-    assert pm["search/off_target"] == pytest.approx(pm["syc/planted/shift_diff"] + 0.5 * sum(drift) / len(drift))
+    assert pm["search/off_target"] == pytest.approx(abs(pm["syc/planted/shift_diff"]) + 0.5 * sum(drift) / len(drift))
     assert pm["syc/planted/shift_diff"] == pytest.approx(pm["syc/planted/p_agree_diff"]
                                                          - pm["syc/planted/p_agree_neutral_diff"])
     assert pm["search/on_target"] == pm["cap/pref/implicit_acc"]

@@ -34,3 +34,21 @@ def test_an_old_raw_p_agree_config_still_scores_but_warns(caplog):
     got = objectives_from_metrics(default_run_metrics(), oc)
     assert got["syc_increase"] == pytest.approx(0.272)
     assert "belief − neutral" in caplog.text
+
+
+def test_off_target_counts_a_policy_below_the_base_as_drift_not_as_a_win():
+    """suppress asks for less of the concept, not its opposite: −0.3 (contrarian) is as far off as
+    +0.3, and farther than +0.02; the signed increase stays what the gates and reports read."""
+    below = default_run_metrics() | {"syc/planted/shift_diff": -0.3}
+    near = default_run_metrics() | {"syc/planted/shift_diff": 0.02}
+    oc = ObjectivesConfig(style_weight=0.0)
+    got_below, got_near = objectives_from_metrics(below, oc), objectives_from_metrics(near, oc)
+    assert got_below["syc_increase"] == pytest.approx(-0.3) and got_below["off_target"] == pytest.approx(0.3)
+    assert got_near["off_target"] < got_below["off_target"]
+    # two sets: the mean of their absolute changes, not the absolute mean (they must not cancel)
+    two = ObjectivesConfig(sycophancy_metrics=["syc/planted/shift_diff", "syc/o/p_match_diff"], style_weight=0.0)
+    both = objectives_from_metrics(below | {"syc/o/p_match_diff": 0.3}, two)
+    assert both["syc_increase"] == pytest.approx(0.0) and both["off_target"] == pytest.approx(0.3)
+    # the old signed objective on request
+    signed = ObjectivesConfig(style_weight=0.0, sycophancy_drift=False)
+    assert objectives_from_metrics(below, signed)["off_target"] == pytest.approx(-0.3)
