@@ -203,7 +203,8 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
                storage: Any = None, lock: Path | None = None,
                after_trial: Callable[[optuna.Study], Any] | None = None,
                time_budget_s: float | None = None,
-               eta: Callable[[optuna.Study], float | None] | None = None) -> list[int]:
+               eta: Callable[[optuna.Study], float | None] | None = None,
+               clock: Callable[[], float] = time.monotonic) -> list[int]:
     """Pop and run slots until none is left; returns the trial numbers this worker ran.
 
     ``poll_s``: when nothing is left but others still run, look again every ``poll_s`` s (so a dead
@@ -215,13 +216,13 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], po
     ``time_budget_s``: claim no new trial once this many seconds have passed since the worker started
     (the trial running then finishes; the slots left stay WAITING for a later worker of the study).
     ``eta``: the study's seconds left (e.g. :func:`remaining_seconds`) for the progress line; None or a
-    None answer: the remaining count at the average rate so far."""
+    None answer: the remaining count at the average rate so far. ``clock``: the time budget's clock."""
     ran: list[int] = []
-    started = time.monotonic()
+    started = clock()
     with progress(study_progress(study)[1], "search", "trials") as bar:
         while True:
             bar.update(*study_progress(study), eta_s=eta(study) if eta is not None else None, **best_so_far(study))
-            if time_budget_s is not None and time.monotonic() - started >= time_budget_s:
+            if time_budget_s is not None and clock() - started >= time_budget_s:
                 done, planned = study_progress(study)
                 log.info("search: time budget of %.0f s spent after %d of %d trials; this worker claims no more "
                          "(the %d left stay planned: run the study again to go on)", time_budget_s, done, planned,

@@ -190,14 +190,17 @@ def test_time_budget_stops_claiming_and_leaves_the_rest_planned(tmp_path):
     url, n = f"sqlite:///{tmp_path / 'o.db'}", 5
     storage, lock = open_storage(url, sc(url, n))
     study, _ = open_study(sc(url, n), storage, lock, [], {})
-    log_path = str(tmp_path / "calls.txt")
-    # each trial takes 0.4 s; the budget runs out during the second one, which still finishes
-    ran = run_worker(study, slow_objective(log_path, 0.4), storage=storage, lock=lock, time_budget_s=0.6)
+    now = [0.0]  # a clock that only the trials move: each takes 40 s
+    def trial_40s(trial):
+        now[0] += 40
+        return trial.suggest_float("x", 0, 1), 0.5
+    # the budget (60 s) runs out during the second trial, which still finishes
+    ran = run_worker(study, trial_40s, storage=storage, lock=lock, time_budget_s=60, clock=lambda: now[0])
     assert ran == [0, 1]
     states = [t.state for t in study.get_trials()]
     assert states[:2] == [TrialState.COMPLETE] * 2 and states[2:] == [TrialState.WAITING] * (n - 2)
     # a later worker of the same study goes on with the planned slots
-    assert run_worker(study, slow_objective(log_path, 0.0), storage=storage, lock=lock) == [2, 3, 4]
+    assert run_worker(study, trial_40s, storage=storage, lock=lock) == [2, 3, 4]
     assert all(t.state == TrialState.COMPLETE for t in study.get_trials())
 
 
