@@ -282,8 +282,8 @@ def remaining_seconds(study: optuna.Study, early_stop: Any = None) -> float | No
     left = planned - done
     if left <= 0:
         return 0.0
-    trials = [t for t in study.get_trials(deepcopy=False) if not is_unplanned(t) and t.duration is not None
-              and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    planned_trials = [t for t in study.get_trials(deepcopy=False) if not is_unplanned(t)]
+    trials = [t for t in planned_trials if t.duration is not None and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     if not trials:
         return None
     secs = {t.number: t.duration.total_seconds() for t in trials}
@@ -299,8 +299,7 @@ def remaining_seconds(study: optuna.Study, early_stop: Any = None) -> float | No
     if cost_stop is None or cost_full is None:
         return left * statistics.median(secs.values())
     if str(early_stop.get("rule", "halving")) == "halving":
-        has_base = any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False))
-        n_shaped = planned - int(has_base)
+        n_shaped = planned - int(any(t.user_attrs.get(BASELINE_ATTR) for t in planned_trials))
         full_left = max(max(1, n_shaped // max(int(early_stop.get("eta", 1)), 1)) - len(full), 0)
     else:  # dominance: the share of shaped trials that went on so far (all, before any finished)
         share = len(full) / len(shaped) if shaped else 1.0
