@@ -121,6 +121,10 @@ class Progress:
             self.eta = (float(eta_s), self.clock())
         self.advance((done - self.done) if done is not None else 0, **info)
 
+    def eta_left(self) -> float | None:
+        """The caller's estimate counted down to now (None: it gave none)."""
+        return None if self.eta is None else max(self.eta[0] - (self.clock() - self.eta[1]), 0.0)
+
 
 class _LogSink:
     """Periodic ``prefsculpt.progress`` records; no output for a step shorter than the first line."""
@@ -138,8 +142,8 @@ class _LogSink:
         if p.total:
             count += f" ({100 * p.done / p.total:.0f}%)"
         eta = "?"
-        if p.eta is not None:
-            eta = duration(max(p.eta[0] - (now - p.eta[1]), 0.0))
+        if (left := p.eta_left()) is not None:
+            eta = duration(left)
         elif p.total is not None and rate > 0:
             eta = duration(max(p.total - p.done, 0) / rate)
         text = f"{p.desc}: {count}, {rate_text(rate, p.unit)}, elapsed {duration(elapsed)}, ETA {eta}"
@@ -175,11 +179,10 @@ class _Remaining(TimeRemainingColumn):
     """rich's time remaining, unless the step gave its own estimate (``Progress.update(eta_s=…)``)."""
 
     def render(self, task: Task) -> Text:
-        eta = task.fields.get("eta")
-        if eta is None:
+        left = task.fields["eta_left"]() if task.fields.get("eta_left") else None
+        if left is None:
             return super().render(task)
-        left, at, clock = eta
-        return Text(duration(max(left - (clock() - at), 0.0)), style="progress.remaining")
+        return Text(duration(left), style="progress.remaining")
 
 
 _live: RichProgress | None = None
@@ -219,11 +222,10 @@ def _release_live() -> None:
 class _BarSink:
     def __init__(self, p: Progress, clock: Clock):
         self.live, self.clock, self.t0 = _acquire_live(), clock, clock()
-        self.task = self.live.add_task(p.desc, total=p.total, completed=p.done, unit=p.unit, info="", eta=None)
+        self.task = self.live.add_task(p.desc, total=p.total, completed=p.done, unit=p.unit, info="", eta_left=p.eta_left)
 
     def update(self, p: Progress) -> None:
-        self.live.update(self.task, total=p.total, completed=p.done, info=_info_text(p.info),
-                         eta=None if p.eta is None else (*p.eta, p.clock))
+        self.live.update(self.task, total=p.total, completed=p.done, info=_info_text(p.info))
 
     def close(self, p: Progress, failed: bool) -> None:
         elapsed = self.clock() - self.t0
