@@ -10,7 +10,9 @@ all over one finished audit run of the default configuration: SmolLM2, planted d
   scores with the whole model, as before issue 17), ``--trials`` trials;
 - ``after``: the defaults (evaluations share the base's trunk; successive halving), ``--after-trials``;
 - ``dominance``: the defaults but ``search.early_stop.rule=dominance``;
-- ``nsga2``: the defaults but ``search.sampler=nsga2``.
+- ``nsga2``: the defaults but ``search.sampler=nsga2``;
+- ``shaped_front``: the defaults but ``search.early_stop.baseline_dominates=false`` (plain DPO's first
+  budget stops no shaped trial; it only sets halving's on-target floor).
 
 Every arm but ``before`` stops claiming trials when the before-arm's wall time is spent
 (``search.time_budget_s``; ``--budget-s`` sets it when ``before`` is not among the arms). Per arm: the
@@ -37,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARMS = {"before": ["eval.shared_trunk=false", "search.early_stop.enabled=false"], "after": [],
-        "dominance": ["search.early_stop.rule=dominance"], "nsga2": ["search.sampler=nsga2"]}
+        "dominance": ["search.early_stop.rule=dominance"], "nsga2": ["search.sampler=nsga2"],
+        "shaped_front": ["search.early_stop.baseline_dominates=false"]}
 TOLERANCE = 0.03  # promote.on_target_tolerance's default: the hypervolume's reference on-target margin
 
 

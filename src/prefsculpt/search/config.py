@@ -101,6 +101,14 @@ class EarlyStopConfig:
     eval_share: float = 0.34
     #: ``dominance``: other trials' first-budget results needed before a trial can be stopped.
     min_results: int = 2
+    #: Plain DPO's first-budget result can stop a shaped trial (it dominates it), as any trial's can.
+    #: false: it only sets ``halving``'s on-target floor, and shaped trials compete among themselves.
+    #: Plain DPO is never a candidate for the pick, and at the first budget it has barely moved from
+    #: the base: under the drift objective (``objectives.sycophancy_drift``) its small drift there
+    #: dominates most shaped first budgets, though where it ends is far from the base (measured in
+    #: the default run of 2026-12-03: drift 0.014 at the first budget, 0.115 in full; 15 of 19 shaped
+    #: trials stopped "by trial 0"). bench/README.md, "search.py", compares the two on one clock.
+    baseline_dominates: bool = True
 
     def __post_init__(self) -> None:
         if self.eta < 1:

@@ -174,6 +174,26 @@ def test_trials_that_are_not_dominated_train_in_full(mlflow_uri, tmp_path):
                for i, t in enumerate(study.trials))
 
 
+@pytest.mark.parametrize("rule", ["dominance", "halving"])
+def test_a_baseline_that_may_not_dominate_stops_no_shaped_trial(mlflow_uri, tmp_path, rule):
+    """``baseline_dominates=false``: plain DPO's first budget (better on both here) stops nobody; the
+    shaped trials compete among themselves (all equal: none dominated; halving's quota still binds),
+    and halving's on-target floor still comes from it. The default (it may dominate) stops all three:
+    test_dominated_trials_are_pruned_in_optuna_and_mlflow."""
+    cfg = _cfg(tmp_path, rule=rule, eta=5, baseline_dominates=False)
+    fake_audit_run(tmp_path)
+    runner = BudgetRunner(bad=True)
+    run_search(cfg, runner=runner)
+    study = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
+    by = [t.user_attrs.get("pruned_by") for t in study.trials[1:]]
+    assert 0 not in by
+    if rule == "dominance":  # no shaped result dominates another: all three train in full
+        assert all(t.state == TrialState.COMPLETE for t in study.trials) and runner.calls == {"first": 4, "full": 4}
+    else:  # trial 1 takes the one promotion of the first 4; 2 and 3 wait for the quota
+        assert [t.state for t in study.trials[1:]] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
+        assert by == [None, "quota", "quota"] and runner.calls == {"first": 4, "full": 2}
+
+
 def test_halving_trains_one_front_trial_in_full_per_eta(mlflow_uri, tmp_path):
     cfg = _cfg(tmp_path, rule="halving", eta=5)
     fake_audit_run(tmp_path)
