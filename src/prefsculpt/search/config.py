@@ -152,7 +152,9 @@ class SearchConfig:
     #: (a lock-protected append-only file), ``postgresql://user@host/db`` (many workers; heartbeats).
     storage: str | None = None
     study_name: str = "prefsculpt"
-    #: tpe (multivariate, grouped: the space is conditional) | nsga2 | random.
+    #: tpe (multivariate, grouped: the space is conditional) | nsga2 | random. TPE learns from pruned trials
+    #: (its "worse" group); NSGA-II counts only complete ones into a generation, so under halving a 20-trial
+    #: study never leaves its random first generation (bench/README.md, "search.py").
     sampler: SamplerName = SamplerName.tpe
     seed: int = 0
     #: RDB storages: a trial whose worker stops beating for ``grace_period`` s is failed and retried.
