@@ -107,7 +107,8 @@ class EarlyStopConfig:
     #: the base: under the drift objective (``objectives.sycophancy_drift``) its small drift there
     #: dominates most shaped first budgets, though where it ends is far from the base (measured in
     #: the default run of 2026-12-03: drift 0.014 at the first budget, 0.115 in full; 15 of 19 shaped
-    #: trials stopped "by trial 0"). bench/README.md, "search.py", compares the two on one clock.
+    #: trials stopped "by trial 0"). bench/README.md, "search.py", compares the two on one clock: in its one
+    #: run false did worse (the informed start took the quota's promotion and ended above plain DPO).
     baseline_dominates: bool = True
 
     def __post_init__(self) -> None:
