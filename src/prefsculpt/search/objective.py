@@ -382,12 +382,11 @@ def _first_budget(trial: Any, ctx: TrialContext, tcfg: DictConfig, baseline: boo
     peers = [t for t in everyone
              if t.number != trial.number and "first_budget" in t.user_attrs
              and t.user_attrs["first_budget"].get("budget") == what]
+    shaped = [t for t in peers if not t.user_attrs.get(BASELINE_ATTR)]
     # plain DPO's result sets halving's on-target floor; it stops shaped trials only when it may dominate
-    rivals = peers if bool(es.get("baseline_dominates", True)) else [t for t in peers if not t.user_attrs.get(BASELINE_ATTR)]
-    others = [t.user_attrs["first_budget"] for t in rivals]
+    others = [t.user_attrs["first_budget"] for t in (peers if bool(es.get("baseline_dominates", True)) else shaped)]
     if str(es.get("rule", "dominance")) == "halving":
         requeued = {int(t.user_attrs[PROMOTED_FROM]) for t in everyone if t.user_attrs.get(PROMOTED_FROM) is not None}
-        shaped = [t for t in peers if not t.user_attrs.get(BASELINE_ATTR)]
         pending = [t.user_attrs["first_budget"] for t in shaped
                    if t.state == TrialState.PRUNED and t.number not in requeued]
         n_promoted = sum(bool(t.user_attrs.get("promoted")) for t in shaped) + len(requeued)
