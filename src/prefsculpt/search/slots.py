@@ -1,4 +1,4 @@
-"""Taking the study's enqueued slots with public Optuna APIs only.
+"""Taking the study's enqueued slots with Optuna's own steps (``ask()``, the storage's atomic WAITING -> RUNNING).
 
 The worker that creates a study enqueues every trial as a WAITING slot (``space.enqueue_plan``);
 workers only ever run slots. ``Study.ask()`` pops a WAITING trial atomically (only one worker's
@@ -6,6 +6,13 @@ WAITING -> RUNNING update succeeds), but when none is left it creates a new tria
 :func:`claim` asks only when it saw a slot, and when another worker took the last one in between,
 the trial ``ask()`` created is closed at once as FAIL with the user attr :data:`UNPLANNED`; such a
 trial never ran and does not count (``study.n_planned``, ``study.trials_table`` skip it).
+
+A late promotion (halving: a stopped front trial enqueued to train in full, user attr
+:data:`PROMOTED_FROM`) is claimed before the planned slots: ``ask()`` pops the oldest WAITING trial,
+which would put the promotion behind every planned slot, where a time budget or the end of the study
+can leave it unrun. :func:`claim` takes it with the storage's own atomic step, the one ``ask()`` uses
+(``set_trial_state_values(..., RUNNING)`` succeeds for one worker only), then opens it as
+``optuna.Trial``; a worker that loses that race falls back to the planned slots.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from prefsculpt.core.names import Attr
 
 #: User attr of a trial ``ask()`` created although the plan had no slot left (never run).
 UNPLANNED = Attr.UNPLANNED
+#: User attr of a late promotion's slot (the stopped trial whose parameters it trains in full).
+PROMOTED_FROM = Attr.PROMOTED_FROM
 
 
 def frozen_trial(study: optuna.Study, number: int) -> FrozenTrial:
@@ -33,9 +42,31 @@ def _enqueued(t: FrozenTrial) -> bool:
     return "fixed_params" in t.system_attrs
 
 
+def _claim_promoted(study: optuna.Study, storage: Any, waiting: list[FrozenTrial]) -> optuna.Trial | None:
+    """The oldest WAITING late promotion as a running trial, or None (none waits, or others won them)."""
+    for t in waiting:
+        if t.user_attrs.get(PROMOTED_FROM) is None:
+            continue
+        trial_id = storage_trial_id(storage, study, t.number)
+        try:
+            won = storage.set_trial_state_values(trial_id, state=TrialState.RUNNING)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker ran it to the end meanwhile
+            won = False
+        if won:
+            return optuna.Trial(study, trial_id)
+    return None
+
+
 def claim(study: optuna.Study) -> optuna.Trial | None:
-    """Pop one WAITING slot as a running trial, or None when there is none (never creates a trial)."""
-    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    """Pop one WAITING slot as a running trial, late promotions first, or None when there is none
+    (never creates a trial)."""
+    # the study's own storage object, as ask() uses it (for an RDB storage, Optuna's caching wrapper:
+    # the raw storage would leave that cache believing the slot still WAITING); Study has no public accessor
+    storage = study._storage  # noqa: SLF001
+    while waiting := study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        promoted = _claim_promoted(study, storage, waiting)
+        if promoted is not None:
+            return promoted
         with warnings.catch_warnings():
             # ask() warns that heartbeats are meant for optimize(); run_worker beats them itself.
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")

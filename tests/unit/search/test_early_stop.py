@@ -252,3 +252,21 @@ def test_halving_late_promotion_trains_a_stopped_front_trial_in_full(mlflow_uri,
         search_all_experiments=True, filter_string="tags.`prefsculpt.stage` = 'trial'", output_format="list")}
     assert runs["5"].data.tags["prefsculpt.promoted_from"] == "2"
     assert runs["5"].data.tags["prefsculpt.trial_state"] == "COMPLETE"
+
+
+def test_a_late_promotion_trains_before_the_planned_slots_left(mlflow_uri, tmp_path):
+    """The same study as above with one more planned slot (6): the promotion decided at trial 4 is
+    enqueued as trial 6 and trains right after trial 4, before planned slot 5, so a time budget or
+    the study's end cannot leave it behind the plan unrun."""
+    cfg = _cfg(tmp_path, rule="halving", eta=2)
+    cfg.search.n_trials = 6
+    fake_audit_run(tmp_path)
+    runner = SequenceRunner([(0.20, 0.80), (0.10, 0.80), (0.05, 0.80), (0.30, 0.70), (0.30, 0.70), (0.30, 0.70)])
+    run_search(cfg, runner=runner)
+    study = optuna.load_study(study_name=cfg.search.study_name, storage=cfg.search.storage)
+    trials = study.trials
+    assert len(trials) == 7 and trials[6].user_attrs["prefsculpt.promoted_from"] == 2
+    order = [t.number for t in sorted(trials, key=lambda t: t.datetime_start)]
+    assert order == [0, 1, 2, 3, 4, 6, 5]
+    assert trials[6].state == TrialState.COMPLETE and trials[6].params == trials[2].params
+    assert trials[5].state == TrialState.PRUNED and runner.calls == {"first": 6, "full": 3}
