@@ -40,7 +40,7 @@ class StyleEvalConfig:
     max_new_tokens: int = 64
     #: Prompts per generate() call (left padding). Small-batch greedy decoding pays per step, not per
     #: prompt: on 2 CPU cores 21 prompts x 64 tokens take 13.5 s in one call and 22.5 s in two (43: 21.1 s
-    #: vs 37.1 s in three; bench/generate.py, bench/README "Style generation"), so one call serves the
+    #: vs 37.1 s in three; bench/generate.py, bench/README "generate.py"), so one call serves the
     #: default's prompt counts.
     #: Lower it when a large model's KV cache (prompts x (prompt + new tokens)) does not fit.
     batch_size: int = 64
