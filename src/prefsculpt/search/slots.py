@@ -8,7 +8,7 @@ the trial ``ask()`` created is closed at once as FAIL with the user attr :data:`
 trial never ran and does not count (``study.n_planned``, ``study.trials_table`` skip it).
 
 A late promotion (halving: a stopped front trial enqueued to train in full, user attr
-:data:`PROMOTED_FROM`) is claimed before the planned slots: ``ask()`` pops the oldest WAITING trial,
+``Attr.PROMOTED_FROM``) is claimed before the planned slots: ``ask()`` pops the oldest WAITING trial,
 which would put the promotion behind every planned slot, where a time budget or the end of the study
 can leave it unrun. :func:`claim` takes it with the storage's own atomic step, the one ``ask()`` uses
 (``set_trial_state_values(..., RUNNING)`` succeeds for one worker only), then opens it as
@@ -27,8 +27,6 @@ from prefsculpt.core.names import Attr
 
 #: User attr of a trial ``ask()`` created although the plan had no slot left (never run).
 UNPLANNED = Attr.UNPLANNED
-#: User attr of a late promotion's slot (the stopped trial whose parameters it trains in full).
-PROMOTED_FROM = Attr.PROMOTED_FROM
 
 
 def frozen_trial(study: optuna.Study, number: int) -> FrozenTrial:
@@ -45,7 +43,7 @@ def _enqueued(t: FrozenTrial) -> bool:
 def _claim_promoted(study: optuna.Study, storage: Any, waiting: list[FrozenTrial]) -> optuna.Trial | None:
     """The oldest WAITING late promotion as a running trial, or None (none waits, or others won them)."""
     for t in waiting:
-        if t.user_attrs.get(PROMOTED_FROM) is None:
+        if t.user_attrs.get(Attr.PROMOTED_FROM) is None:
             continue
         trial_id = storage_trial_id(storage, study, t.number)
         try:
