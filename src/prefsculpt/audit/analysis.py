@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,19 +134,47 @@ def describe_clusters(labels: np.ndarray, sym: np.ndarray, pairs: list[Preferenc
     return out
 
 
-def where_family(d: np.ndarray, labels: np.ndarray, half: np.ndarray, min_size: int) -> pd.DataFrame:
-    """Every (concept column of ``d``, data cluster) test of "where it holds" with its BH q over the
-    whole family (``clusters.where_it_holds``'s Welch p, two-sided)."""
-    wh = C.where_it_holds(d, labels, half, min_size)
-    return wh.assign(q=bh_qvalues(wh["p"].to_numpy(dtype=float))) if len(wh) else wh.assign(q=[])
+def where_family(d: np.ndarray, labels: np.ndarray, half: np.ndarray, min_size: int, selected_share: float = 1.0,
+                 concept_index: Sequence[int] | None = None) -> pd.DataFrame:
+    """Every (concept column of ``d``, data cluster) test of "where it holds" (``clusters.where_it_holds``'s
+    Welch p, two-sided) with its q: BH over that concept's own clusters, divided by ``selected_share``.
+
+    "Where it holds" is asked of hypotheses only: a concept is a family of cluster tests, selected by
+    the concept test, and a selected family is tested at level fdr·R/m (R selected of m tested
+    concepts; Benjamini & Bogomolov 2014, *Selective inference on multiple families of hypotheses*).
+    Dividing the within-family q by ``selected_share`` = R/m keeps the rule ``q < fdr``. On null data
+    no concept is selected, so no data-cluster claim can be made either: the whole report's chance of
+    any false discovery stays the concept test's (a second BH family at level fdr beside it would
+    roughly double it)."""
+    if not 0 < selected_share <= 1:
+        raise ValueError(f"where_family: selected_share must be in (0, 1], got {selected_share}")
+    wh = C.where_it_holds(d, labels, half, min_size, concept_index=concept_index)
+    if not len(wh):
+        return wh.assign(q=[])
+    p = wh["p"].to_numpy(dtype=float)
+    q = np.empty_like(p)
+    for rows in wh.groupby("concept_index", sort=False).indices.values():
+        q[rows] = bh_qvalues(p[rows])
+    return wh.assign(q=np.minimum(1.0, q / selected_share))
+
+
+def selected_share(table: pd.DataFrame) -> float:
+    """R/m of :func:`where_family`: the share of tested concepts that are significant (0 when none are)."""
+    m = int(table["tested"].sum())
+    return float(table["significant"].sum()) / m if m else 0.0
 
 
 def where_rows(d: np.ndarray, dirs: np.ndarray, labels: np.ndarray, half: np.ndarray, a: AuditConfig,
-               about: dict[int, str]) -> list[list[dict[str, Any]]]:
-    """Per hypothesis column of ``d``, the data clusters where its effect is stronger, in its direction,
-    than in the rest: BH q < fdr over all (concept, cluster) tests and the same sign in both halves."""
-    wh = where_family(d, labels, half, a.min_cluster_size)
+               about: dict[int, str], selected: np.ndarray | None = None, share: float = 1.0
+               ) -> list[list[dict[str, Any]]]:
+    """Per column of ``d``, the data clusters where its effect is stronger, in its direction, than in
+    the rest: q < fdr (:func:`where_family`; ``share`` = R/m) and the same sign in both halves. Only
+    the ``selected`` columns (the significant hypotheses; default all) are tested; the rest get []."""
     out: list[list[dict[str, Any]]] = [[] for _ in range(d.shape[1])]
+    cols = np.arange(d.shape[1]) if selected is None else np.flatnonzero(selected)
+    if not len(cols) or share <= 0:
+        return out
+    wh = where_family(d[:, cols], labels, half, a.min_cluster_size, share, concept_index=cols)
     if wh.empty:
         return out
     wh = wh.assign(z_dir=wh["welch_z"] * dirs[wh["concept_index"].to_numpy()])
@@ -157,19 +186,25 @@ def where_rows(d: np.ndarray, dirs: np.ndarray, labels: np.ndarray, half: np.nda
     return out
 
 
-def where_null_rows(d: np.ndarray, labels: np.ndarray | None, half: np.ndarray, min_size: int, fdr: float,
-                    flips: list[np.ndarray]) -> list[dict[str, int]]:
-    """The data-cluster family under each swap-null coin vector of ``flips``: per seed, how many
-    (concept, cluster) tests reach q < fdr (``n_where_q_below_fdr``) and how many of those also agree
-    in both halves (``n_where_significant``). The data clusters are built from symmetric activity,
-    which a swap leaves unchanged, so the same ``labels`` serve every seed; None (no data clusters):
-    zeros."""
+def where_null_rows(diffs: Callable[[list[str]], np.ndarray], nulls: Sequence[pd.DataFrame],
+                    labels: np.ndarray | None, half: np.ndarray, min_size: int, fdr: float,
+                    flips: Sequence[np.ndarray], top_k: int) -> list[dict[str, int]]:
+    """The data-cluster family under each swap-null coin vector of ``flips``, as the audit makes it:
+    on the seed's own significant concepts (``nulls[s]``, the concept table of that null; the first
+    ``top_k`` by rank, like the hypotheses) at the seed's own R/m. ``diffs(names)``: those concepts'
+    (n, len(names)) chosen - rejected on the real pairs (the coins are applied here). Per seed, how
+    many (concept, cluster) tests reach q < fdr (``n_where_q_below_fdr``) and how many of those also
+    agree in both halves (``n_where_significant``). The data clusters are built from symmetric
+    activity, which a swap leaves unchanged, so the same ``labels`` serve every seed; None (no data
+    clusters) or no significant concept in the seed: zeros."""
     out = []
-    for flip in flips:
-        if labels is None or d.shape[1] == 0:
+    for nt, flip in zip(nulls, flips, strict=True):
+        sig = nt[nt["significant"].astype(bool)]
+        if labels is None or sig.empty:
             out.append({"n_where_q_below_fdr": 0, "n_where_significant": 0})
             continue
-        wh = where_family(d * np.where(flip, -1.0, 1.0)[:, None], labels, half, min_size)
+        d = diffs(sig["concept"].head(top_k).tolist()) * np.where(flip, -1.0, 1.0)[:, None]
+        wh = where_family(d, labels, half, min_size, selected_share(nt))
         hit = wh["q"].to_numpy(dtype=float) < fdr if len(wh) else np.zeros(0, bool)
         out.append({"n_where_q_below_fdr": int(hit.sum()),
                     "n_where_significant": int((hit & wh["agree_halves"].to_numpy(dtype=bool)).sum())})

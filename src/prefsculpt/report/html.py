@@ -210,8 +210,9 @@ TABLE_COLUMNS = (
     ("half_b", "half B", "d_z on the other half"),
     ("length_effect", "length-ctrl", "effect at equal response length (d regressed on length difference)"),
     ("support", "support", "share of pairs where it fires on either side"),
-    ("where", "concentrates in", "data clusters where its d is stronger than in the rest (Welch z; BH q < fdr over "
-     "every hypothesis x cluster test, same sign in both halves)"),
+    ("where", "concentrates in", "data clusters where its d is stronger than in the rest (Welch z; asked of "
+     "significant hypotheses only: BH over its clusters at level fdr x R/m, R significant of m tested concepts "
+     "(Benjamini-Bogomolov), same sign in both halves)"),
 )
 
 

@@ -35,6 +35,7 @@ from prefsculpt.audit.analysis import (
     length_carriers,
     planted_check,
     select_hypotheses,
+    selected_share,
     where_null_rows,
     where_rows,
     write_outputs,
@@ -159,11 +160,14 @@ def run_audit(cfg: DictConfig) -> dict[str, Any]:
         dl = None
         if k >= 2:
             dl = C.data_clusters(sym, k, seed)
-            where = where_rows(d, dirs, dl, half, a, describe_clusters(dl, sym, pairs))
+            # asked of the significant hypotheses only, at BH level fdr·R/m (analysis.where_family)
+            where = where_rows(d, dirs, dl, half, a, describe_clusters(dl, sym, pairs),
+                               selected=shown["significant"].to_numpy(dtype=bool), share=selected_share(table))
         verdict, cal = None, None
         if flips:
             cal = pd.DataFrame([{**calibration_row(sd, nt, a.fdr), **wr} for sd, (nt, wr) in enumerate(
-                zip(nulls, where_null_rows(d, dl, half, a.min_cluster_size, a.fdr, flips), strict=True))])
+                zip(nulls, where_null_rows(lambda cs: SS.concept_diffs(scores, cs, stat, group_cols), nulls, dl, half,
+                                           a.min_cluster_size, a.fdr, flips, a.top_k), strict=True))])
             verdict = calibration_verdict(cal, a.fdr, a.calibration_alpha)
             log_calibration(cal, verdict)
         summary = [", ".join(f"cluster {w['cluster']} (z {w['welch_z']:.1f})" for w in ws) for ws in where]

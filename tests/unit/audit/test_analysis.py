@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from prefsculpt.audit.analysis import (
@@ -14,11 +15,13 @@ from prefsculpt.audit.analysis import (
     cluster_key,
     length_carriers,
     select_hypotheses,
+    where_family,
     where_null_rows,
+    where_rows,
     write_outputs,
 )
 from prefsculpt.audit.config import AuditConfig
-from prefsculpt.audit.stats import half_assignment, swap_flips, test_concepts
+from prefsculpt.audit.stats import bh_qvalues, half_assignment, swap_flips, test_concepts
 from prefsculpt.concepts.scores import ConceptScores
 from prefsculpt.report.html import HypothesisView
 from prefsculpt.shaping.decisions import load_decisions
@@ -87,19 +90,73 @@ def test_calibration_fails_beyond_two_of_twenty_seeds_in_any_family():
     assert calibration_verdict(_calibration_table([0, 2], n_seeds=3), 0.05).failed is True
 
 
-def test_where_family_null_counts_per_seed():
-    rng = np.random.default_rng(0)
-    n = 600
+def _where_world(n=600, seed=0):
+    """Three data clusters; concept 0's d is concentrated in cluster 0 (the swap destroys that)."""
+    rng = np.random.default_rng(seed)
     labels = rng.integers(3, size=n)
     d = rng.normal(size=(n, 4))
-    d[labels == 0, 0] += 1.5  # real heterogeneity: concentrated in cluster 0 (the swap destroys it)
-    half = half_assignment(_keys(n))
-    rows = where_null_rows(d, labels, half, 30, 0.05, swap_flips(n, 20))
+    d[labels == 0, 0] += 1.5
+    return d, labels, half_assignment(_keys(n))
+
+
+def _null_table(significant=(), tested=4):
+    return pd.DataFrame({"concept": [f"c{j}" for j in range(tested)], "tested": True,
+                         "significant": [f"c{j}" in significant for j in range(tested)]})
+
+
+def test_where_family_is_bh_within_each_concept_at_the_level_the_selection_leaves():
+    d, labels, half = _where_world()
+    one = where_family(d[:, :1], labels, half, 30)
+    # hand-computed: BH over concept 0's own three cluster tests, then divided by R/m
+    assert np.allclose(one["q"], bh_qvalues(one["p"].to_numpy()))
+    share = 0.25
+    scaled = where_family(d[:, :1], labels, half, 30, selected_share=share)
+    assert np.allclose(scaled["q"], np.minimum(1.0, bh_qvalues(one["p"].to_numpy()) / share))
+    # a concept's q does not depend on the other concepts tested beside it (one family each)
+    both = where_family(d, labels, half, 30, concept_index=[7, 8, 9, 10])
+    assert np.allclose(both[both["concept_index"] == 7]["q"], one["q"])
+    with pytest.raises(ValueError, match="selected_share"):
+        where_family(d, labels, half, 30, selected_share=0.0)
+
+
+def test_where_rows_are_asked_of_the_selected_hypotheses_only():
+    d, labels, half = _where_world()
+    a = AuditConfig()
+    dirs = np.ones(4)
+    every = where_rows(d, dirs, labels, half, a, {})
+    assert every[0] and every[0][0]["cluster"] == 0  # the concentrated effect is found when asked
+    none_for_0 = where_rows(d, dirs, labels, half, a, {}, selected=np.array([False, True, True, True]))
+    assert none_for_0[0] == []  # not a hypothesis: no data-cluster claim, however strong
+    assert where_rows(d, dirs, labels, half, a, {}, selected=np.zeros(4, bool), share=0.5) == [[]] * 4
+
+
+def test_where_family_null_counts_per_seed():
+    d, labels, half = _where_world()
+    n = len(d)
+
+    def diffs(names):
+        return d[:, [int(c[1:]) for c in names]]
+
+    no_swap = [np.zeros(n, bool)]
+    # what the null would look like had the flips not erased the effect: found, so it counts
+    assert where_null_rows(diffs, [_null_table({"c0"})], labels, half, 30, 0.05, no_swap, 50)[0][
+        "n_where_q_below_fdr"] > 0
+    # ... but only when the seed made concept 0 a hypothesis: without one, no data-cluster claim at all
+    assert where_null_rows(diffs, [_null_table()], labels, half, 30, 0.05, no_swap, 50) == [
+        {"n_where_q_below_fdr": 0, "n_where_significant": 0}]
+    # at a small R/m the same effect must be stronger to count (1 of 400 concepts selected)
+    weak = d.copy()
+    weak[labels == 0, 0] -= 1.05  # +0.45 left: within-concept q ~ 1e-3
+    rows = where_null_rows(lambda names: weak[:, [0]], [_null_table({"c0"}, tested=400)], labels, half, 30, 0.05,
+                           no_swap, 50)
+    assert rows[0]["n_where_q_below_fdr"] == 0
+    assert where_null_rows(lambda names: weak[:, [0]], [_null_table({"c0"}, tested=1)], labels, half, 30, 0.05,
+                           no_swap, 50)[0]["n_where_q_below_fdr"] > 0
+    flips = swap_flips(n, 20)
+    rows = where_null_rows(diffs, [_null_table({"c0", "c1"})] * 20, labels, half, 30, 0.05, flips, 50)
     assert len(rows) == 20 and sum(r["n_where_q_below_fdr"] > 0 for r in rows) <= 2
     assert all(r["n_where_significant"] <= r["n_where_q_below_fdr"] for r in rows)
-    # what the null would look like had the flips not erased the effect: it is found, so it counts
-    assert where_null_rows(d, labels, half, 30, 0.05, [np.zeros(n, bool)])[0]["n_where_q_below_fdr"] > 0
-    assert where_null_rows(d, None, half, 30, 0.05, [np.zeros(n, bool)]) == [
+    assert where_null_rows(diffs, [_null_table({"c0"})], None, half, 30, 0.05, no_swap, 50) == [
         {"n_where_q_below_fdr": 0, "n_where_significant": 0}]
 
 
