@@ -24,14 +24,13 @@ stage's two where-functions wrapped to keep what they saw: the shown hypotheses'
 from __future__ import annotations
 
 import argparse
-import logging
 
 import numpy as np
 from scipy import stats as sps
 
 import prefsculpt.stages.audit as stage
-from prefsculpt.audit.analysis import where_family
-from prefsculpt.audit.stats import bh_qvalues, swap_flips
+from prefsculpt.audit.clusters import where_it_holds
+from prefsculpt.audit.stats import bh_qvalues, calibration_row, swap_flips
 from prefsculpt.cli import run_stage, setup_logging
 
 
@@ -55,17 +54,18 @@ def main() -> None:
         return out
 
     stage.where_rows, stage.where_null_rows = keep_rows, keep_nulls
-    logging.getLogger("prefsculpt").setLevel(logging.WARNING)
     run_stage("audit", a.overrides)
     if "nulls" not in seen or seen.get("labels") is None:
         raise SystemExit("the audit made no data clusters or ran no calibration: nothing to measure")
+    nulls = seen["nulls"]
+    if a.seeds < len(nulls):
+        raise SystemExit(f"--seeds must be at least the audit's {len(nulls)} null seeds")
     d, labels, half = seen["d"], seen["labels"], seen["half"]
     n = len(d)
     old = []  # per seed: discoveries of the where family as a second BH family at fdr
     below3 = below4 = m = 0
     for flip in swap_flips(n, a.seeds):
-        wh = where_family(d * np.where(flip, -1.0, 1.0)[:, None], labels, half, seen["min_size"])
-        p = wh["p"].to_numpy(dtype=float)
+        p = where_it_holds(d * np.where(flip, -1.0, 1.0)[:, None], labels, half, seen["min_size"])["p"].to_numpy(float)
         old.append(int((bh_qvalues(p) < a.fdr).sum()))
         below3, below4, m = below3 + int((p < 1e-3).sum()), below4 + int((p < 1e-4).sum()), len(p)
     old = np.array(old)
@@ -76,10 +76,7 @@ def main() -> None:
     print(f"where family alone as a second BH family at fdr {a.fdr}: {k} of {a.seeds} null seeds with a discovery "
           f"({k / a.seeds:.1%}, 95% CI {ci.low:.1%}-{ci.high:.1%}; exact p-values: at most {a.fdr:.0%}); "
           f"null p < 1e-3: {below3} (exact {a.seeds * m * 1e-3:.1f}), p < 1e-4: {below4} (exact {a.seeds * m * 1e-4:.1f})")
-    nulls = seen["nulls"]
-    if a.seeds < len(nulls):
-        raise SystemExit(f"--seeds must be at least the audit's {len(nulls)} null seeds")
-    concept = np.array([int((nt["q"][nt["tested"].astype(bool)] < a.fdr).sum()) > 0 for nt in nulls])
+    concept = np.array([calibration_row(sd, nt, a.fdr)["n_q_below_fdr"] > 0 for sd, nt in enumerate(nulls)])
     new_where = np.array([r["n_where_q_below_fdr"] > 0 for r in seen["new_where"]])
     s = len(nulls)
     old_s = old[:s] > 0
